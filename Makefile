@@ -1,0 +1,23 @@
+# The project's two commands: `make test` (the README's first) and, later, `make demo`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A stamp records that the editable install matches pyproject.toml, so a second
+# `make test` skips pip entirely.
+STAMP := $(VENV)/.installed
+
+.PHONY: test install clean
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
