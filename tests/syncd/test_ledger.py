@@ -1,0 +1,552 @@
+"""Tests for syncd.ledger against a real SQLite file in tmp_path (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from syncd import ledger as ledger_module
+from syncd.errors import LedgerError
+from syncd.ledger import SCHEMA_VERSION, Ledger, Task
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START = datetime(2026, 11, 24, 19, 40, 5, 123456, tzinfo=UTC)
+SEEDED_EMAIL = "alice.ledgertest@example.com"
+
+
+class FakeClock:
+    """A clock the test moves by hand, so nothing ever sleeps."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.sqlite3"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ledger(path: Path, clock: FakeClock) -> Iterator[Ledger]:
+    with Ledger.open(path, clock=clock) as opened:
+        yield opened
+
+
+def raw(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """Inspect the file with a plain sqlite3 connection, as an operator would."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def stored(ledger: Ledger, task_id: int) -> Task:
+    task = ledger.task(task_id)
+    assert task is not None, f"task {task_id} is missing"
+    return task
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+# -- opening, file mode, schema versions ------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277], ids=["000", "022", "277"])
+def test_new_file_is_private_in_wal_mode_at_the_current_version(path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with Ledger.open(path) as ledger:
+            ledger.set_cursor("probe", "1")  # a write, so the -wal and -shm files exist
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            for sidecar in ("-wal", "-shm"):
+                assert stat.S_IMODE(Path(f"{path}{sidecar}").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert raw(path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_existing_file_keeps_its_mode(path: Path) -> None:
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    Ledger.open(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_missing_directory_is_a_one_line_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "absent" / "ledger.sqlite3"
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(path)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    assert not path.parent.exists()
+
+
+def test_a_file_that_is_not_a_database_is_a_one_line_ledger_error(path: Path) -> None:
+    path.write_bytes(b"these are not the pages you are looking for\n" * 200)
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(path)
+    message = str(caught.value)
+    assert str(path) in message and "not a database" in message and "\n" not in message
+
+
+def test_a_newer_schema_is_refused_naming_the_path_and_both_versions(path: Path) -> None:
+    Ledger.open(path).close()
+    raw(path, f"PRAGMA user_version = {SCHEMA_VERSION + 3}")
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(path)
+    assert str(caught.value) == (
+        f"{path}: ledger schema version {SCHEMA_VERSION + 3} is newer than this syncd "
+        f"understands ({SCHEMA_VERSION}); upgrade syncd"
+    )
+
+
+@pytest.mark.parametrize("start", range(1, SCHEMA_VERSION + 1))
+def test_opening_an_older_file_migrates_it_and_keeps_its_data(
+    path: Path, monkeypatch: pytest.MonkeyPatch, start: int
+) -> None:
+    full = ledger_module.MIGRATIONS
+    extended = (*full, "CREATE TABLE later (id INTEGER PRIMARY KEY, note TEXT);")
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", full[:start])
+    with Ledger.open(path) as old:
+        task_id = old.add_task("s1", "mailchimp", "unsubscribe", "opt_out", payload={"k": "v"})
+        old.suppress("id1", "erasure")
+    assert raw(path, "PRAGMA user_version") == [(start,)]
+
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", extended)
+    with Ledger.open(path) as new:
+        task = new.task(task_id)
+        assert task is not None and task.payload == {"k": "v"}
+        assert new.is_suppressed("id1")
+    assert raw(path, "PRAGMA user_version") == [(len(extended),)]
+    assert raw(path, "SELECT COUNT(*) FROM later") == [(0,)]
+
+
+def test_an_appended_migration_is_applied_once_and_never_again(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Ledger.open(path).close()
+    added = (
+        "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;\n"
+        "-- a second statement; with a semicolon in this comment\n"
+        "INSERT INTO cursors (name, value, updated_at) VALUES ('migrated', 'x;y', 'then');"
+    )
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", (*ledger_module.MIGRATIONS, added))
+    for _ in range(3):  # re-applying would fail: duplicate column, duplicate cursor
+        with Ledger.open(path) as ledger:
+            assert ledger.get_cursor("migrated") == "x;y"
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
+    assert ("priority",) in raw(path, "SELECT name FROM pragma_table_info('tasks')")
+
+
+def test_a_failing_migration_leaves_the_old_version_and_no_partial_change(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Ledger.open(path).close()
+    broken = "CREATE TABLE half (id INTEGER);\nINSERT INTO no_such_table VALUES (1);"
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", (*ledger_module.MIGRATIONS, broken))
+    with pytest.raises(LedgerError, match=f"schema version {SCHEMA_VERSION + 1} failed"):
+        Ledger.open(path)
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw(path, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
+
+
+def test_threads_opening_a_new_file_at_once_all_succeed(path: Path) -> None:
+    barrier, errors = threading.Barrier(4, timeout=30), []
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            Ledger.open(path).close()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+# -- tasks --------------------------------------------------------------------
+
+
+def test_claim_lets_exactly_one_of_two_threads_win(path: Path) -> None:
+    rounds = 50
+    with Ledger.open(path) as ledger:
+        task_ids = [ledger.add_task(f"s{n}", "mailchimp", "unsubscribe", "opt_out")
+                    for n in range(rounds)]  # fmt: skip
+    barrier = threading.Barrier(2, timeout=30)
+    wins: dict[str, list[bool]] = {}
+
+    def worker(name: str) -> None:
+        with Ledger.open(path) as own:  # one connection per thread
+            results = []
+            for task_id in task_ids:
+                barrier.wait()
+                results.append(own.claim(task_id))
+            wins[name] = results
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a + b for a, b in zip(wins["a"], wins["b"], strict=True)] == [1] * rounds
+    with Ledger.open(path) as ledger:
+        assert {stored(ledger, t).attempts for t in task_ids} == {1}
+
+
+def test_claim_is_refused_once_the_task_left_the_expected_state(ledger: Ledger) -> None:
+    task_id = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out")
+    assert ledger.claim(task_id) is True
+    assert ledger.claim(task_id) is False
+    assert ledger.claim(999) is False
+
+
+def test_finish_scrubs_the_payload_and_writes_an_audit_row(ledger: Ledger) -> None:
+    task_id = ledger.add_task(
+        "s1", "mailchimp", "delete_permanent", "erasure",
+        payload={"email": SEEDED_EMAIL}, dedupe_key="erase:s1:mailchimp",
+    )  # fmt: skip
+    ledger.claim(task_id)
+    assert ledger.finish(task_id, "done", vendor_request_id="req-42") is True
+
+    task = ledger.task(task_id)
+    assert task is not None
+    assert (task.state, task.payload, task.dedupe_key) == ("done", None, None)
+    [event] = ledger.audit_events(subject_key="s1")
+    assert (event.task_id, event.processor, event.action, event.reason, event.outcome) == (
+        task_id, "mailchimp", "delete_permanent", "erasure", "done",
+    )  # fmt: skip
+    assert event.vendor_request_id == "req-42" and event.at == START
+
+
+def test_finishing_a_final_task_again_changes_nothing(ledger: Ledger) -> None:
+    task_id = ledger.add_task("s1", "ga4", "delete_user", "erasure")
+    assert ledger.finish(task_id, "failed", error="HTTP 400 invalid user id") is True
+    assert ledger.finish(task_id, "done") is False
+    assert stored(ledger, task_id).state == "failed"
+    assert len(ledger.audit_events()) == 1
+    with pytest.raises(ValueError):
+        ledger.finish(task_id, "pending")
+    with pytest.raises(LedgerError, match="no task 999"):
+        ledger.finish(999, "done")
+
+
+def test_the_schema_refuses_a_payload_on_a_final_task(path: Path, ledger: Ledger) -> None:
+    task_id = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", payload={"e": "x"})
+    with pytest.raises(sqlite3.IntegrityError):
+        raw(path, f"UPDATE tasks SET state = 'done' WHERE id = {task_id}")
+
+
+def test_retry_later_persists_attempts_and_next_attempt_across_a_reopen(
+    path: Path, clock: FakeClock
+) -> None:
+    later = START + timedelta(minutes=5)
+    with Ledger.open(path, clock=clock) as ledger:
+        task_id = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", payload={"a": 1})
+        ledger.claim(task_id)
+        assert ledger.retry_later(task_id, later, "HTTP 503") is True
+    with Ledger.open(path, clock=clock) as ledger:
+        task = ledger.task(task_id)
+        assert task is not None
+        assert (task.state, task.attempts, task.next_attempt_at) == ("pending", 1, later)
+        assert (task.last_error, task.payload) == ("HTTP 503", {"a": 1})
+        assert ledger.due_tasks(10) == []
+        clock.advance(minutes=5)
+        assert [t.id for t in ledger.due_tasks(10)] == [task_id]
+        assert ledger.claim(task_id)
+        assert stored(ledger, task_id).attempts == 2
+
+
+def test_due_tasks_respects_next_attempt_at_order_limit_and_processor(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    soon = ledger.add_task(
+        "s1", "mailchimp", "a", "r", next_attempt_at=START + timedelta(seconds=1)
+    )
+    now_mc = ledger.add_task("s2", "mailchimp", "a", "r")
+    now_ga = ledger.add_task("s3", "ga4", "a", "r")
+    # 20:40:06 at +01:00 is 19:40:06.000000Z: stored as UTC with a fixed width,
+    # it sorts before `soon` (19:40:06.123456Z) although it has no fraction.
+    plus_one = timezone(timedelta(hours=1))
+    whole = ledger.add_task(
+        "s4", "mailchimp", "a", "r",
+        next_attempt_at=datetime(2026, 11, 24, 20, 40, 6, tzinfo=plus_one),
+    )
+    assert [t.id for t in ledger.due_tasks(10)] == [now_mc, now_ga]
+    clock.advance(seconds=1)
+    assert [t.id for t in ledger.due_tasks(10)] == [now_mc, now_ga, whole, soon]
+    assert [t.id for t in ledger.due_tasks(1)] == [now_mc]
+    assert [t.id for t in ledger.due_tasks(10, processor="ga4")] == [now_ga]
+    assert stored(ledger, whole).next_attempt_at == START.replace(second=6, microsecond=0)
+    ledger.claim(now_mc)
+    assert now_mc not in [t.id for t in ledger.due_tasks(10)]
+    with pytest.raises(ValueError, match="naive"):
+        ledger.add_task("s5", "ga4", "a", "r", next_attempt_at=datetime(2026, 1, 1))
+
+
+def test_dedupe_key_prevents_duplicates_while_open_and_allows_requeue_after_final(
+    ledger: Ledger,
+) -> None:
+    first = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", dedupe_key="k")
+    assert ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", dedupe_key="k") == first
+    ledger.claim(first)
+    assert ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", dedupe_key="k") == first
+    assert sum(ledger.count_tasks_by_state().values()) == 1
+
+    ledger.finish(first, "done")
+    second = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", dedupe_key="k")
+    assert second != first
+    assert ledger.count_tasks_by_state() == {
+        "pending": 1, "in_flight": 0, "done": 1, "failed": 0, "needs_person": 0, "cancelled": 0,
+    }  # fmt: skip
+
+
+def test_release_stale_in_flight_returns_only_old_claims_to_pending(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    old, recent, idle = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    ledger.claim(old)
+    clock.advance(minutes=9)
+    ledger.claim(recent)
+    clock.advance(minutes=2)
+    assert ledger.release_stale_in_flight(timedelta(minutes=10)) == 1
+    assert [stored(ledger, t).state for t in (old, recent, idle)] == [
+        "pending", "in_flight", "pending",
+    ]  # fmt: skip
+    assert ledger.claim(old) is True
+    assert ledger.count_tasks_by_state(processor="mailchimp")["in_flight"] == 2
+    assert ledger.count_tasks_by_state(processor="ga4")["in_flight"] == 0
+
+
+def test_long_error_text_is_cut_to_the_limit(ledger: Ledger) -> None:
+    task_id = ledger.add_task("s1", "ga4", "a", "r")
+    ledger.retry_later(task_id, START, "x" * 10_000)
+    assert stored(ledger, task_id).last_error == "x" * ledger_module.ERROR_TEXT_LIMIT_CHARS
+
+
+# -- transactions and crashes -------------------------------------------------
+
+
+def test_a_failed_transaction_leaves_nothing_behind(ledger: Ledger) -> None:
+    with pytest.raises(RuntimeError):
+        with ledger.transaction():
+            task_id = ledger.add_task("s1", "mailchimp", "a", "r", dedupe_key="k")
+            ledger.finish(task_id, "done")  # itself a transaction: must nest, not BEGIN again
+            raise RuntimeError("boom")
+    assert ledger.task(task_id) is None
+    assert ledger.audit_events() == []
+
+
+def test_a_caught_failure_in_a_nested_transaction_undoes_only_the_inner_block(
+    ledger: Ledger,
+) -> None:
+    with ledger.transaction():
+        ledger.set_cursor("outer", "1")
+        with pytest.raises(RuntimeError), ledger.transaction():
+            ledger.set_cursor("inner", "1")
+            raise RuntimeError("boom")
+    assert (ledger.get_cursor("outer"), ledger.get_cursor("inner")) == ("1", None)
+
+
+def test_a_crash_before_commit_leaves_neither_row_and_a_sound_file(path: Path) -> None:
+    result = run_python(
+        """
+        import os, signal, sys
+        from syncd.ledger import Ledger
+        ledger = Ledger.open(sys.argv[1])
+        with ledger.transaction():
+            task_id = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out")
+            ledger.add_audit("s1", "mailchimp", "unsubscribe", "opt_out", "queued", task_id=task_id)
+            print(task_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        str(path),
+    )
+    assert result.returncode == -9, result.stderr
+    assert result.stdout.strip() == "1"
+    with Ledger.open(path) as ledger:
+        assert ledger.task(1) is None
+        assert ledger.audit_events() == []
+        assert sum(ledger.count_tasks_by_state().values()) == 0
+        assert ledger.integrity_problems() == []
+
+
+def test_committed_work_survives_a_kill_right_after_commit(path: Path) -> None:
+    result = run_python(
+        """
+        import os, signal, sys
+        from syncd.ledger import Ledger
+        ledger = Ledger.open(sys.argv[1])
+        task_id = ledger.add_task("s1", "mailchimp", "unsubscribe", "opt_out", payload={"n": 1})
+        ledger.claim(task_id)
+        ledger.set_cursor("phorest", "2026-11-24T19:40:05Z")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        str(path),
+    )
+    assert result.returncode == -9, result.stderr
+    with Ledger.open(path) as ledger:
+        task = ledger.task(1)
+        assert task is not None and (task.state, task.payload) == ("in_flight", {"n": 1})
+        assert ledger.get_cursor("phorest") == "2026-11-24T19:40:05Z"
+        assert ledger.integrity_problems() == []
+
+
+def test_a_finished_payload_leaves_no_trace_in_the_file_bytes(path: Path) -> None:
+    def file_bytes() -> bytes:
+        return b"".join(p.read_bytes() for p in path.parent.glob(f"{path.name}*"))
+
+    with Ledger.open(path) as ledger:
+        ledger.link_identifier("hmac-e", "email", "s1")
+        task_id = ledger.add_task(
+            "s1", "mailchimp", "delete_permanent", "erasure",
+            payload={"email": SEEDED_EMAIL, "subscriber_hash": "0" * 32, "list_id": "a1b2c3d4e5"},
+        )  # fmt: skip
+        # Later rows on the same page keep the freed cell from simply being
+        # overwritten by its replacement: only zeroing removes the old bytes.
+        others = [ledger.add_task(f"s{n}", "ga4", "delete_user", "erasure") for n in range(5)]
+        ledger.checkpoint()
+        assert SEEDED_EMAIL.encode() in file_bytes()  # the check below can see it
+        ledger.claim(task_id)
+        ledger.finish(task_id, "done")
+        ledger.finish(others[0], "done")
+        assert ledger.checkpoint() is True
+        assert SEEDED_EMAIL.encode() not in file_bytes()
+    assert SEEDED_EMAIL.encode() not in file_bytes()
+
+
+# -- subjects, suppression, cursors, alerts, requests -------------------------
+
+
+def test_upsert_subject_changes_only_the_fields_given(ledger: Ledger, clock: FakeClock) -> None:
+    assert ledger.subject("s1") is None
+    ledger.upsert_subject("s1", consent=True, consent_at=START - timedelta(days=1))
+    clock.advance(hours=1)
+    ledger.upsert_subject("s1", restricted=True)
+    subject = ledger.subject("s1")
+    assert subject is not None
+    assert (subject.consent, subject.consent_at, subject.restricted) == (
+        True, START - timedelta(days=1), True,
+    )  # fmt: skip
+    assert (subject.created_at, subject.updated_at) == (START, clock.now)
+    ledger.upsert_subject("s1", consent=None, consent_at=None)
+    subject = ledger.subject("s1")
+    assert subject is not None and (subject.consent, subject.restricted) == (None, True)
+
+
+def test_identifiers_map_to_one_subject_and_relinking_reports_the_old_one(ledger: Ledger) -> None:
+    assert ledger.link_identifier("hmac-email", "email", "s1") is None
+    assert ledger.link_identifier("hmac-phone", "phone", "s1") is None
+    assert ledger.link_identifier("hmac-phone", "phone", "s1") is None
+    assert ledger.subject_for("hmac-email") == ledger.subject_for("hmac-phone") == "s1"
+    assert ledger.subject("s1") is not None
+    assert ledger.link_identifier("hmac-email", "email", "s2") == "s1"
+    assert ledger.subject_for("hmac-email") == "s2"
+    assert ledger.subject_for("unknown") is None
+    with pytest.raises(ValueError):
+        ledger.link_identifier("hmac-x", "postcode", "s1")
+
+
+def test_digests_round_trip_per_processor(ledger: Ledger) -> None:
+    ledger.upsert_subject("s1")
+    ledger.set_digest("s1", "mailchimp", "d1")
+    ledger.set_digest("s1", "mailchimp", "d2")
+    assert (ledger.digest("s1", "mailchimp"), ledger.digest("s1", "ga4")) == ("d2", None)
+    with pytest.raises(LedgerError, match="FOREIGN KEY"):
+        ledger.set_digest("nobody", "mailchimp", "d")
+
+
+def test_suppression_is_idempotent_and_checked_over_several_keys(ledger: Ledger) -> None:
+    request_id = ledger.add_request("erase", "s1", "cli", START + timedelta(days=30))
+    assert ledger.suppress("k-email", "erasure", request_id) is True
+    assert ledger.suppress("k-email", "retention") is False
+    assert ledger.is_suppressed("k-phone", "k-email") is True
+    assert ledger.is_suppressed("k-phone", "k-other") is False
+    assert ledger.is_suppressed() is False
+    many = [f"k{n}" for n in range(1200)] + ["k-email"]  # more than one query's worth
+    assert ledger.is_suppressed(*many) is True
+
+
+def test_cursors_round_trip_and_survive_a_reopen(path: Path) -> None:
+    with Ledger.open(path) as ledger:
+        assert ledger.get_cursor("phorest") is None
+        ledger.set_cursor("phorest", "a")
+        ledger.set_cursor("phorest", "b")
+    with Ledger.open(path) as ledger:
+        assert ledger.get_cursor("phorest") == "b"
+
+
+def test_alerts_dedupe_per_problem_and_reopen_after_resolve(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    first = ledger.raise_alert("down:mailchimp", "processor_down", "Mailchimp unreachable")
+    again = ledger.raise_alert("down:mailchimp", "processor_down", "still unreachable")
+    other = ledger.raise_alert("down:ga4", "processor_down", "GA4 unreachable")
+    assert again == first and other.id != first.id
+    assert [a.id for a in ledger.open_alerts()] == [first.id, other.id]
+
+    clock.advance(minutes=1)
+    ledger.mark_notified(first.id)
+    ledger.mark_notified(first.id)
+    notified = ledger.raise_alert("down:mailchimp", "processor_down", "x")
+    assert (notified.notify_count, notified.last_notified_at) == (2, clock.now)
+
+    assert ledger.resolve_alert("down:mailchimp") is True
+    assert ledger.resolve_alert("down:mailchimp") is False
+    assert [a.id for a in ledger.open_alerts()] == [other.id]
+    reopened = ledger.raise_alert("down:mailchimp", "processor_down", "down again")
+    assert reopened.id != first.id and reopened.notify_count == 0
+
+
+def test_requests_open_close_and_link_to_tasks(ledger: Ledger) -> None:
+    late = ledger.add_request("erase", "s1", "cli", START + timedelta(days=30))
+    soon = ledger.add_request("export", "s2", "webhook", START + timedelta(days=3))
+    assert [r.id for r in ledger.open_requests()] == [soon, late]
+    task_id = ledger.add_task("s1", "mailchimp", "delete_permanent", "erasure", request_id=late)
+    assert stored(ledger, task_id).request_id == late
+    with pytest.raises(LedgerError, match="FOREIGN KEY"):
+        ledger.add_task("s1", "mailchimp", "delete_permanent", "erasure", request_id=999)
+
+    assert ledger.close_request(soon, "done", note="sent") is True
+    assert ledger.close_request(soon, "cancelled") is False
+    closed = ledger.request(soon)
+    assert closed is not None and (closed.state, closed.closed_at, closed.note) == (
+        "done", START, "sent",
+    )  # fmt: skip
+    assert [r.id for r in ledger.open_requests()] == [late]
+    with pytest.raises(ValueError):
+        ledger.add_request("delete", "s1", "cli", START)
