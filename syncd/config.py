@@ -1,0 +1,707 @@
+"""Configuration: one schema drives validation, the sample file and ``config show``.
+
+The pipeline is TOML file → ``SYNCD_<SECTION>__<KEY>`` environment overrides →
+secrets (``<key>``, ``<key>_file`` or ``$CREDENTIALS_DIRECTORY/<section>_<key>``)
+→ validation that collects *every* error with its key path → frozen typed
+objects, one per section, handed to the modules that need them.
+
+The models below are the single source of truth: each field has a description
+and a default (or an example for keys that have none), and
+:func:`render_example` turns them into ``config/syncd.example.toml``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from syncd.errors import ConfigError, IdentifierError
+from syncd.identity import normalise_email
+
+DEFAULT_CONFIG_PATH = Path("/etc/syncd/syncd.toml")
+CONFIG_PATH_ENV = "SYNCD_CONFIG"
+ENV_PREFIX = "SYNCD_"
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
+MIN_HMAC_KEY_BYTES = 16
+REDACTED = "***"
+
+# Whether a missing required secret is an error. `syncd config validate` run
+# from an admin's shell cannot see systemd's $CREDENTIALS_DIRECTORY, so it
+# reports missing secrets as warnings unless asked to be strict; the daemon
+# always loads strictly.
+_require_secrets: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "syncd_require_secrets", default=True
+)
+
+_HH_MM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+def _secret(description: str, *, required: bool = False) -> Any:
+    """A secret field: never printed, and never required to be in the file."""
+    return Field(
+        default=None,
+        description=description,
+        json_schema_extra={"secret": True, "required_secret": required},
+    )
+
+
+def _secret_file(key: str) -> Any:
+    return Field(
+        default=None,
+        description=f"Path to a file holding {key} (trailing newline ignored).",
+        examples=[f"/etc/syncd/{key}"],
+    )
+
+
+class Section(BaseModel):
+    """Base of every ``[section]``: unknown keys are errors, values are frozen.
+
+    Secret fields (marked with ``json_schema_extra={"secret": True}``) are
+    resolved after validation: the value itself (from the file or the
+    environment), else ``<key>_file``, else ``$CREDENTIALS_DIRECTORY/<section>_<key>``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def secret_fields(cls) -> list[str]:
+        """Names of this section's secret fields."""
+        return [
+            name
+            for name, field in cls.model_fields.items()
+            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("secret")
+        ]
+
+    @classmethod
+    def required_secret_fields(cls) -> list[str]:
+        """Names of the secret fields this section cannot run without."""
+        return [
+            name
+            for name in cls.secret_fields()
+            if cls.model_fields[name].json_schema_extra.get("required_secret")  # type: ignore[union-attr]
+        ]
+
+    def is_active(self) -> bool:
+        """Whether the section is switched on (sections with ``enabled = false`` are not)."""
+        return bool(getattr(self, "enabled", True))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_secrets(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in cls.secret_fields():
+            file_key = f"{name}_file"
+            given = data.get(name) not in (None, "")
+            path = data.get(file_key)
+            if given and path:
+                raise PydanticCustomError(
+                    "secret_twice", "give either {key} or {key}_file, not both", {"key": name}
+                )
+            if given:
+                continue
+            data.pop(name, None)
+            if path:
+                data[name] = _read_secret_file(Path(str(path)), file_key)
+                continue
+            creds = os.environ.get(CREDENTIALS_DIRECTORY_ENV)
+            candidate = Path(creds) / f"{cls.section}_{name}" if creds else None
+            if candidate is not None and candidate.is_file():
+                data[name] = _read_secret_file(candidate, name)
+        return data
+
+    @model_validator(mode="after")
+    def _require_secrets(self) -> Section:
+        if not _require_secrets.get() or not self.is_active():
+            return self
+        missing = [n for n in self.required_secret_fields() if getattr(self, n) is None]
+        if missing:
+            raise PydanticCustomError(
+                "missing_secret",
+                "missing secret {key}: {hint}",
+                {"key": missing[0], "hint": secret_hint(self.section, missing[0])},
+            )
+        return self
+
+
+def secret_hint(section: str, key: str) -> str:
+    """Where a secret may be supplied, as one phrase for error messages."""
+    return (
+        f"set {ENV_PREFIX}{section.upper()}__{key.upper()}, {key}_file, "
+        f"or $CREDENTIALS_DIRECTORY/{section}_{key}"
+    )
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise PydanticCustomError(
+            "secret_file",
+            "cannot read {path}: {reason}",
+            {"key": key, "path": str(path), "reason": exc.strerror or type(exc).__name__},
+        ) from None
+    except UnicodeDecodeError:
+        raise PydanticCustomError(
+            "secret_file", "{path} is not UTF-8 text", {"key": key, "path": str(path)}
+        ) from None
+    if not value:
+        raise PydanticCustomError(
+            "secret_file", "{path} is empty", {"key": key, "path": str(path)}
+        )
+    return value
+
+
+class LedgerSettings(Section):
+    """Where syncd keeps its durable state."""
+
+    section: ClassVar[str] = "ledger"
+    path: Path = Field(
+        default=Path("/var/lib/syncd/ledger.sqlite3"),
+        description="SQLite ledger file (tasks, suppression list, audit trail). Created 0600.",
+    )
+
+
+class IdentitySettings(Section):
+    """How people are keyed without storing who they are."""
+
+    section: ClassVar[str] = "identity"
+    hmac_key: SecretStr | None = _secret(
+        "Keys the subject HMAC (at least 16 bytes). Losing it orphans the suppression list.",
+        required=True,
+    )
+    hmac_key_file: Path | None = _secret_file("hmac_key")
+    default_phone_region: str = Field(
+        default="GB", description="Region assumed for phone numbers written without +country code."
+    )
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_KEY_BYTES:
+            raise ValueError(f"must be at least {MIN_HMAC_KEY_BYTES} bytes")
+        return value
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        import phonenumbers
+
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("not a known ISO 3166 region code (e.g. GB, IE, US)")
+        return region
+
+
+class PhorestSettings(Section):
+    """The controller's system of record."""
+
+    section: ClassVar[str] = "phorest"
+    base_url: str = Field(
+        default="https://api-gateway-eu.phorest.com/third-party-api-server",
+        description="API root up to and including /third-party-api-server (EU, US or a sandbox).",
+    )
+    business_id: str = Field(
+        min_length=1, description="Phorest business id.", examples=["your-business-id"]
+    )
+    username: str = Field(
+        description="API user, global/<email> as issued by Phorest support.",
+        examples=["global/manager@example.com"],
+    )
+    password: SecretStr | None = _secret("API password issued by Phorest.", required=True)
+    password_file: Path | None = _secret_file("password")
+    page_size: int = Field(
+        default=100, ge=1, le=200, description="Clients per page when scanning (Phorest max 200)."
+    )
+    max_requests_per_second: float = Field(
+        default=20, gt=0, le=100, description="Client-side rate limit (Phorest allows 100/s)."
+    )
+    poll_interval_seconds: int = Field(
+        default=60, ge=5, description="How often the daemon asks Phorest for changes."
+    )
+    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _check_http_url(value)
+
+    @field_validator("username")
+    @classmethod
+    def _global_user(cls, value: str) -> str:
+        if not value.startswith("global/") or len(value) <= len("global/"):
+            raise ValueError("must look like global/<email>")
+        return value
+
+
+class MailchimpSettings(Section):
+    """The marketing audience (a processor)."""
+
+    section: ClassVar[str] = "mailchimp"
+    api_key: SecretStr | None = _secret(
+        "Marketing API key; its -usN suffix names the data centre.", required=True
+    )
+    api_key_file: Path | None = _secret_file("api_key")
+    list_id: str = Field(min_length=1, description="Audience (list) id.", examples=["a1b2c3d4e5"])
+    base_url: str = Field(
+        default="",
+        description="API root. Empty: https://<dc>.api.mailchimp.com from the key; set for a sandbox.",
+    )
+    max_connections: int = Field(
+        default=4, ge=1, le=10, description="Simultaneous connections (Mailchimp allows 10)."
+    )
+    webhook_secret: SecretStr | None = _secret(
+        "Last path segment of the audience webhook URL; unset disables the webhook route."
+    )
+    webhook_secret_file: Path | None = _secret_file("webhook_secret")
+    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url_or_empty(cls, value: str) -> str:
+        return _check_http_url(value) if value else value
+
+    @model_validator(mode="after")
+    def _data_centre(self) -> MailchimpSettings:
+        if not self.base_url and self.api_key is not None and self.data_centre is None:
+            raise PydanticCustomError(
+                "mailchimp_dc",
+                "api_key has no -<dc> suffix (e.g. -us6) and base_url is empty",
+            )
+        return self
+
+    @property
+    def data_centre(self) -> str | None:
+        """The data centre named by the key's suffix, e.g. ``us6``."""
+        if self.api_key is None:
+            return None
+        match = re.search(r"-([a-z]{2}\d+)$", self.api_key.get_secret_value())
+        return match.group(1) if match else None
+
+    @property
+    def api_root(self) -> str:
+        """The URL the SDK talks to, ending in ``/3.0``."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        return f"https://{self.data_centre}.api.mailchimp.com/3.0"
+
+
+RetentionDuration = Literal[
+    "TWO_MONTHS", "FOURTEEN_MONTHS", "TWENTY_SIX_MONTHS", "THIRTY_EIGHT_MONTHS", "FIFTY_MONTHS"
+]
+
+
+class GoogleAnalyticsSettings(Section):
+    """The website's GA4 property (a processor)."""
+
+    section: ClassVar[str] = "google_analytics"
+    enabled: bool = Field(default=True, description="Set false to keep the section but skip GA.")
+    property_id: str = Field(
+        pattern=r"^\d+$", description="Numeric GA4 property id.", examples=["123456789"]
+    )
+    credentials: SecretStr | None = _secret(
+        "Service-account key JSON (usually given as credentials_file).", required=True
+    )
+    credentials_file: Path | None = _secret_file("credentials")
+    admin_base_url: str = Field(
+        default="https://analyticsadmin.googleapis.com", description="Admin API root."
+    )
+    identity: Literal["user_id", "client_id", "email"] = Field(
+        default="user_id", description="How a client is known to GA: user_id | client_id | email."
+    )
+    max_event_retention: RetentionDuration = Field(
+        default="FOURTEEN_MONTHS", description="Longest event-data retention the policy allows."
+    )
+    enforce_retention: bool = Field(
+        default=False, description="Correct a longer retention setting instead of only reporting it."
+    )
+    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+
+    @field_validator("admin_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _check_http_url(value)
+
+    @field_validator("credentials")
+    @classmethod
+    def _service_account(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        try:
+            info = json.loads(value.get_secret_value())
+        except ValueError:
+            raise ValueError("is not JSON (expected a service-account key file)") from None
+        if not isinstance(info, dict) or info.get("type") != "service_account":
+            raise ValueError('is not a service-account key (need "type": "service_account")')
+        absent = [k for k in ("client_email", "private_key", "token_uri") if not info.get(k)]
+        if absent:
+            raise ValueError(f"service-account key lacks {', '.join(absent)}")
+        return value
+
+
+class PolicySettings(Section):
+    """The privacy policy's numbers."""
+
+    section: ClassVar[str] = "policy"
+    retention_months: int = Field(
+        default=24, ge=1, le=240, description="Purge clients with no visit for this many months."
+    )
+    purge_guard_percent: float = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="Stop and alert if one purge would erase more than this share of clients.",
+    )
+    request_deadline_months: int = Field(
+        default=1, ge=1, le=3, description="Statutory deadline for a data-subject request."
+    )
+
+
+def _check_address(value: str) -> str:
+    try:
+        return normalise_email(value)
+    except IdentifierError:
+        raise ValueError("is not a valid email address") from None
+
+
+EmailAddress = Annotated[str, AfterValidator(_check_address)]
+
+
+class AlertsSettings(Section):
+    """How the manager is told when something needs a person."""
+
+    section: ClassVar[str] = "alerts"
+    to: list[EmailAddress] = Field(
+        min_length=1, description="Who receives alerts.", examples=[["manager@example.com"]]
+    )
+    from_: EmailAddress = Field(
+        alias="from", description="Sender address of alerts.", examples=["syncd@example.com"]
+    )
+    smtp_host: str = Field(default="localhost", description="SMTP server.")
+    smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port.")
+    smtp_security: Literal["starttls", "ssl", "none"] = Field(
+        default="starttls", description="starttls | ssl | none."
+    )
+    smtp_username: str = Field(default="", description="SMTP login; empty: no authentication.")
+    smtp_password: SecretStr | None = _secret("SMTP password.")
+    smtp_password_file: Path | None = _secret_file("smtp_password")
+    webhook_url: SecretStr | None = _secret("Optional JSON webhook (Slack/Teams/ntfy).")
+    webhook_url_file: Path | None = _secret_file("webhook_url")
+    remind_every_hours: float = Field(
+        default=24, gt=0, description="Repeat an unresolved alert this often, no more."
+    )
+    processor_down_minutes: float = Field(
+        default=30, gt=0, description="Alert when a processor has been unreachable this long."
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DaemonSettings(Section):
+    """The long-running service."""
+
+    section: ClassVar[str] = "daemon"
+    listen: str = Field(
+        default="127.0.0.1:8787", description="host:port for /healthz, /metrics and webhooks."
+    )
+    nightly_resync_at: str = Field(default="02:30", description="Local time (HH:MM) of the full resync.")
+    retention_purge_at: str = Field(
+        default="03:30", description="Local time (HH:MM) of the retention purge."
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8787")
+        return value
+
+    @field_validator("nightly_resync_at", "retention_purge_at")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        if not _HH_MM.match(value):
+            raise ValueError("must be a 24-hour time HH:MM, e.g. 02:30")
+        return value
+
+    @property
+    def host(self) -> str:
+        """The listen host, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The listen port."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class LoggingSettings(Section):
+    """What syncd writes to stderr (journald under systemd)."""
+
+    section: ClassVar[str] = "logging"
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug | info | warning | error (--log-level overrides)."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON lines unless stderr is a terminal."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Absent processor sections mean "not used"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    ledger: LedgerSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    identity: IdentitySettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    phorest: PhorestSettings
+    mailchimp: MailchimpSettings | None = None
+    google_analytics: GoogleAnalyticsSettings | None = None
+    policy: PolicySettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    alerts: AlertsSettings | None = None
+    daemon: DaemonSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    logging: LoggingSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(  # noqa: D102
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # type: ignore[no-untyped-def]
+        # Environment beats the file; no .env files, no /run/secrets guessing.
+        return (env_settings, init_settings)
+
+    def sections(self) -> Iterator[tuple[str, Section]]:
+        """The configured sections, in schema order."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+
+def _section_model(annotation: Any) -> type[Section]:
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    raise TypeError(f"{annotation!r} is not a Section")
+
+
+SECTION_MODELS: dict[str, type[Section]] = {
+    name: _section_model(field.annotation) for name, field in Settings.model_fields.items()
+}
+
+
+def _check_http_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """The config file to read: ``--config``, else ``$SYNCD_CONFIG``, else the default."""
+    if path:
+        return Path(path)
+    from_env = os.environ.get(CONFIG_PATH_ENV)
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse the file, turning every failure into a one-line ConfigError.
+
+    Raises:
+        ConfigError: missing, unreadable or malformed file.
+    """
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (give --config PATH or set {CONFIG_PATH_ENV})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+
+
+def load(
+    path: str | os.PathLike[str] | None = None, *, require_secrets: bool = True
+) -> Settings:
+    """Read, override, resolve and validate the configuration.
+
+    Args:
+        path: the TOML file; see :func:`resolve_path` for the fallbacks.
+        require_secrets: when False, required secrets that cannot be found are
+            left as None (see :func:`missing_secrets`) instead of being errors.
+
+    Raises:
+        ConfigError: with one line per problem found, all of them at once.
+    """
+    file = resolve_path(path)
+    data = read_toml(file)
+    token = _require_secrets.set(require_secrets)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, file)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"environment: {_one_line(str(exc))}") from None
+    finally:
+        _require_secrets.reset(token)
+
+
+def missing_secrets(settings: Settings) -> list[str]:
+    """Required secrets of active sections that were not found, with a hint each."""
+    return [
+        f"{name}.{key}: missing secret ({secret_hint(name, key)})"
+        for name, section in settings.sections()
+        if section.is_active()
+        for key in section.required_secret_fields()
+        if getattr(section, key) is None
+    ]
+
+
+def _describe(exc: ValidationError, file: Path) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        ctx = error.get("ctx") or {}
+        if error["type"] in ("missing_secret", "secret_twice", "secret_file") and "key" in ctx:
+            loc.append(str(ctx["key"]))
+        key_path = ".".join("from" if p == "from_" else p for p in loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing_secret":
+            message = f"missing secret ({ctx['hint']})"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        value = error.get("input")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_secret(loc):
+            message = f"{message} (got {value})"
+        lines.append(f"{_origin(loc, file)}: {key_path}: {_one_line(message)}")
+    return lines
+
+
+def _is_secret(loc: list[str]) -> bool:
+    model = SECTION_MODELS.get(loc[0]) if loc else None
+    return bool(model and len(loc) > 1 and loc[1] in model.secret_fields())
+
+
+def _origin(loc: list[str], file: Path) -> str:
+    if len(loc) >= 2:
+        var = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
+        if any(name.upper() == var for name in os.environ):
+            return f"environment {var}"
+    return str(file)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data with every secret as ``***``."""
+    out: dict[str, Any] = {}
+    for name, section in settings.sections():
+        values = section.model_dump(mode="json", by_alias=True)
+        for key in section.secret_fields():
+            values[key] = REDACTED if getattr(section, key) is not None else None
+        out[name] = values
+    return out
+
+
+# --- the sample configuration, generated from the models -------------------
+
+
+def render_example() -> str:
+    """``config/syncd.example.toml``: every key, its description and its default.
+
+    Keys with no default show an example value; secrets and their ``_file``
+    twins are commented out, because secrets never need to be in the file.
+    """
+    out = [
+        "# syncd configuration. Generated by `syncd config example` from the schema in",
+        "# syncd/config.py; every key is shown with its default (or an example where",
+        "# there is none). Any key can be overridden by SYNCD_<SECTION>__<KEY>.",
+        "# Secrets are commented out: give them by environment variable, by <key>_file,",
+        "# or as systemd credentials named <section>_<key>.",
+        "# Sections for processors you do not use (mailchimp, google_analytics, alerts)",
+        "# can simply be deleted.",
+    ]
+    for name, model in SECTION_MODELS.items():
+        out += ["", f"# {model.__doc__.strip()}", f"[{name}]"]
+        secrets = model.secret_fields()
+        secret_files = {f"{s}_file" for s in secrets}
+        for key, field in model.model_fields.items():
+            toml_key = field.alias or key
+            if key in secrets:
+                kind = "required secret" if key in model.required_secret_fields() else "secret"
+                out.append(f"# {field.description} ({kind}: {secret_hint(name, key)})")
+                out.append(f'# {toml_key} = "…"')
+                continue
+            if field.is_required():
+                value = field.examples[0]
+                note = " (required; example value)"
+            else:
+                value = field.get_default(call_default_factory=True)
+                note = ""
+            if key in secret_files:
+                out.append(f"# {field.description}")
+                out.append(f"# {toml_key} = {toml_value(value)}")
+                continue
+            out.append(f"# {field.description}{note}")
+            out.append(f"{toml_key} = {toml_value(value)}")
+    return "\n".join(out) + "\n"
+
+
+def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
+    """Sections of plain values as TOML; None values become a comment."""
+    out = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            out.append(f"# {key} is not set" if value is None else f"{key} = {toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (strings JSON-quoted, which TOML accepts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        raise TypeError("nested tables are not used in the syncd schema")
+    return json.dumps(str(value))

@@ -1,0 +1,163 @@
+"""The command line: exit codes, one-line errors, no tracebacks, no secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from syncd import __version__
+from syncd.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "syncd.example.toml"
+SYNCD = Path(sys.executable).with_name("syncd")
+
+VALID = """
+[identity]
+hmac_key = "0123456789abcdef-test-hmac-key"
+[phorest]
+business_id = "biz-1"
+username = "global/manager@example.com"
+password = "phorest-password-value"
+[mailchimp]
+list_id = "abc"
+api_key = "mailchimp-key-value-us6"
+"""
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SYNCD), *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_installed_console_script_validates_the_example_config() -> None:
+    result = run("config", "validate", "--config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"syncd {__version__}"
+
+
+def test_help_lists_the_config_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "config" in capsys.readouterr().out
+
+
+def test_no_command_shows_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: syncd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["config", "validate", "--bogus"], ["--log-level", "loud", "config"]],
+    ids=["unknown-command", "unknown-option", "bad-choice"],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("syncd")
+
+
+def test_validate_reports_three_mistakes_as_three_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        VALID + "page_size = 9999\n[daemon]\nlisten = 'x'\n[policy]\nretention_month = 24\n"
+    )
+    assert main(["config", "validate", "--config", str(path)]) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert {line.split(": ")[1] for line in lines} == {
+        "mailchimp.page_size",
+        "daemon.listen",
+        "policy.retention_month",
+    }
+    assert out.out == ""
+
+
+def test_validate_warns_about_missing_secrets_unless_required(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID.replace('password = "phorest-password-value"\n', ""))
+    assert main(["config", "validate", "--config", str(path)]) == 0
+    assert "warning: phorest.password: missing secret" in capsys.readouterr().err
+    assert main(["config", "validate", "--require-secrets", "--config", str(path)]) == 2
+    assert "phorest.password: missing secret" in capsys.readouterr().err
+
+
+def test_config_path_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    monkeypatch.setenv("SYNCD_CONFIG", str(path))
+    assert main(["config", "validate"]) == 0
+    assert str(path) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(None, "config file not found"), ("[[[", "invalid TOML"), ("x = 1\n", "x: unknown key")],
+    ids=["missing-file", "invalid-toml", "unknown-top-level-key"],
+)
+def test_unusable_files_give_one_line_without_traceback(
+    tmp_path: Path, content: str | None, fragment: str
+) -> None:
+    path = tmp_path / "c.toml"
+    if content is not None:
+        path.write_text(content)
+    for command in (["config", "validate"], ["config", "show"]):
+        result = run("--config", str(path), *command)
+        assert result.returncode == 2
+        assert fragment in result.stderr
+        assert "Traceback" not in result.stderr
+        if content != "x = 1\n":  # that file has a second error: [phorest] is missing
+            assert result.stderr.count("\n") == 1
+
+
+def test_show_redacts_secrets_and_prints_loadable_toml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    assert main(["config", "show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("phorest-password-value", "mailchimp-key-value", "test-hmac-key"):
+        assert secret not in out
+    shown = tomllib.loads(out)
+    assert shown["phorest"]["password"] == "***"
+    assert shown["phorest"]["page_size"] == 100
+    assert shown["mailchimp"]["api_key"] == "***"
+
+
+def test_show_json_redacts_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    assert main(["config", "show", "--json", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert '"password": "***"' in out and "phorest-password-value" not in out
+
+
+def test_example_command_prints_the_sample_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "example"]) == 0
+    assert capsys.readouterr().out == EXAMPLE.read_text()
