@@ -173,6 +173,18 @@ def _read_secret_file(path: Path, key: str) -> str:
     return value
 
 
+def _check_http_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+# An http(s) URL, kept as a string without the trailing slash.
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+# The same, or empty for "not set".
+OptionalHttpUrl = Annotated[str, AfterValidator(lambda v: _check_http_url(v) if v else v)]
+
+
 class LedgerSettings(Section):
     """Where syncd keeps its durable state."""
 
@@ -218,7 +230,7 @@ class PhorestSettings(Section):
     """The controller's system of record."""
 
     section: ClassVar[str] = "phorest"
-    base_url: str = Field(
+    base_url: HttpUrl = Field(
         default="https://api-gateway-eu.phorest.com/third-party-api-server",
         description="API root up to and including /third-party-api-server (EU, US or a sandbox).",
     )
@@ -242,11 +254,6 @@ class PhorestSettings(Section):
     )
     timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _check_http_url(value)
-
     @field_validator("username")
     @classmethod
     def _global_user(cls, value: str) -> str:
@@ -264,7 +271,7 @@ class MailchimpSettings(Section):
     )
     api_key_file: Path | None = _secret_file("api_key")
     list_id: str = Field(min_length=1, description="Audience (list) id.", examples=["a1b2c3d4e5"])
-    base_url: str = Field(
+    base_url: OptionalHttpUrl = Field(
         default="",
         description="API root. Empty: https://<dc>.api.mailchimp.com from the key; set for a sandbox.",
     )
@@ -276,11 +283,6 @@ class MailchimpSettings(Section):
     )
     webhook_secret_file: Path | None = _secret_file("webhook_secret")
     timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url_or_empty(cls, value: str) -> str:
-        return _check_http_url(value) if value else value
 
     @model_validator(mode="after")
     def _data_centre(self) -> MailchimpSettings:
@@ -324,7 +326,7 @@ class GoogleAnalyticsSettings(Section):
         "Service-account key JSON (usually given as credentials_file).", required=True
     )
     credentials_file: Path | None = _secret_file("credentials")
-    admin_base_url: str = Field(
+    admin_base_url: HttpUrl = Field(
         default="https://analyticsadmin.googleapis.com", description="Admin API root."
     )
     identity: Literal["user_id", "client_id", "email"] = Field(
@@ -337,11 +339,6 @@ class GoogleAnalyticsSettings(Section):
         default=False, description="Correct a longer retention setting instead of only reporting it."
     )
     timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
-
-    @field_validator("admin_base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _check_http_url(value)
 
     @field_validator("credentials")
     @classmethod
@@ -513,12 +510,6 @@ def _section_model(annotation: Any) -> type[Section]:
 SECTION_MODELS: dict[str, type[Section]] = {
     name: _section_model(field.annotation) for name, field in Settings.model_fields.items()
 }
-
-
-def _check_http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError("must be an http:// or https:// URL")
-    return value.rstrip("/")
 
 
 

@@ -403,6 +403,12 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
 
+    def _row(self, cls: type[_Row], table: str, key_column: str, key: Any) -> _Row | None:
+        # Table and column names are literals from this module, never input.
+        sql = f"SELECT {_columns(cls)} FROM {table} WHERE {key_column} = ?"
+        row = self._run(sql, (key,)).fetchone()
+        return None if row is None else _from_row(cls, row)
+
     def _now(self) -> str:
         return _to_text(self._clock())
 
@@ -615,8 +621,7 @@ class Ledger:
         Raises:
             LedgerError: SQLite failed.
         """
-        row = self._run(f"SELECT {_columns(Task)} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return None if row is None else _from_row(Task, row)
+        return self._row(Task, "tasks", "id", task_id)
 
     def count_tasks_by_state(self, processor: str | None = None) -> dict[str, int]:
         """Number of tasks in every state (zeros included), optionally for one processor.
@@ -711,9 +716,7 @@ class Ledger:
         Raises:
             LedgerError: SQLite failed.
         """
-        sql = f"SELECT {_columns(Subject)} FROM subjects WHERE subject_key = ?"
-        row = self._run(sql, (subject_key,)).fetchone()
-        return None if row is None else _from_row(Subject, row)
+        return self._row(Subject, "subjects", "subject_key", subject_key)
 
     def link_identifier(self, identifier_key: str, kind: str, subject_key: str) -> str | None:
         """Point an identifier key at a subject, creating the subject if needed.
@@ -944,9 +947,7 @@ class Ledger:
         Raises:
             LedgerError: SQLite failed.
         """
-        sql = f"SELECT {_columns(Request)} FROM requests WHERE id = ?"
-        row = self._run(sql, (request_id,)).fetchone()
-        return None if row is None else _from_row(Request, row)
+        return self._row(Request, "requests", "id", request_id)
 
     def open_requests(self) -> list[Request]:
         """Every open request, soonest due first.

@@ -327,3 +327,19 @@ def test_every_model_field_appears_in_the_example_with_its_default() -> None:
                 assert str(shown) == str(default), f"{name}.{toml_key}: example {shown!r} != {default!r}"
         for key in model.secret_fields():
             assert key not in parsed[name], f"secret {name}.{key} must not be set in the example"
+
+
+@pytest.mark.parametrize(
+    ("section", "extra"),
+    [("phorest", ""), ("mailchimp", "[mailchimp]\nlist_id = 'l'\napi_key = 'k-us1'\n")],
+    ids=["phorest", "mailchimp"],
+)
+def test_a_non_http_base_url_is_one_error(tmp_path: Path, section: str, extra: str) -> None:
+    text = MINIMAL + extra + "base_url = 'ftp://example.com'\n"
+    (line,) = errors_of(write(tmp_path, text))
+    assert line.endswith(f": {section}.base_url: must be an http:// or https:// URL")
+
+
+def test_phorest_base_url_cannot_be_empty(tmp_path: Path) -> None:
+    (line,) = errors_of(write(tmp_path, MINIMAL + "base_url = ''\n"))
+    assert ": phorest.base_url: " in line
