@@ -6,10 +6,14 @@ BIN := $(VENV)/bin
 # `make test` skips pip entirely.
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test bench install clean
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Speed and memory are measured here, never by timed assertions in tests.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sandbox_scale.py
 
 install: $(STAMP)
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 import structlog
 
 from syncd import __version__, config, log
@@ -74,6 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     example.set_defaults(handler=cmd_config_example)
     cfg.set_defaults(handler=_help_for(cfg))
+
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run local emulators of Phorest, Mailchimp, Google Analytics and SMTP",
+        description="Start faithful local emulators of every vendor syncd talks to, seeded with "
+        "synthetic clients, on loopback only. Runs until interrupted (Ctrl-C or SIGTERM).",
+        parents=[common],
+    )
+    sandbox.add_argument("--clients", type=_non_negative_int, default=200, metavar="N",
+                         help="synthetic clients to seed (default: 200)")
+    sandbox.add_argument("--members", type=_non_negative_int, default=None, metavar="M",
+                         help="top the audience up to M members with newsletter-only "
+                         "subscribers (default: only what the clients produce)")
+    sandbox.add_argument("--seed", type=int, default=0, metavar="S",
+                         help="seed for the synthetic data (default: 0)")
+    sandbox.add_argument("--host", default="127.0.0.1", help="loopback address (default: 127.0.0.1)")
+    sandbox.add_argument("--port", type=_port, default=8900, metavar="P",
+                         help="HTTP port for every emulator (default: 8900; 0 picks a free one)")
+    sandbox.add_argument("--smtp-port", type=_port, default=8925, metavar="P",
+                         help="SMTP sink port (default: 8925; 0 picks a free one)")
+    sandbox.add_argument("--latency-ms", type=_non_negative_float, default=0.0, metavar="X",
+                         help="latency added to every vendor request (default: 0)")
+    sandbox.add_argument("--drift", type=_share, default=0.2, metavar="SHARE",
+                         help="share of the Mailchimp audience that disagrees with Phorest "
+                         "(default: 0.2)")
+    sandbox.add_argument("--write-config", type=Path, metavar="PATH",
+                         help="write a syncd config pointing at the sandbox (secrets beside it)")
+    sandbox.set_defaults(handler=cmd_sandbox)
 
     parser.set_defaults(handler=_help_for(parser))
     return parser
@@ -145,6 +177,105 @@ def cmd_config_example(_: argparse.Namespace) -> int:
     """``syncd config example``: the sample configuration generated from the schema."""
     print(config.render_example(), end="")
     return EXIT_OK
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """``syncd sandbox``: serve the emulators until interrupted."""
+    # Imported here, not at the top: the sandbox is a development tool and the
+    # daemon's own code paths never load it.
+    from syncd.sandbox.app import Sandbox
+
+    log.configure(args.log_level or "info")
+    try:
+        sandbox = Sandbox(
+            clients=args.clients,
+            seed=args.seed,
+            host=args.host,
+            port=args.port,
+            smtp_port=args.smtp_port,
+            latency_ms=args.latency_ms,
+            drift=args.drift,
+            members=args.members,
+        )
+    except ValueError as exc:
+        print(f"syncd sandbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"syncd sandbox: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with sandbox:
+        if args.write_config:
+            sandbox.write_config(args.write_config)
+        _print_sandbox(sandbox, args.write_config)
+        stop.wait()
+    print("sandbox stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_sandbox(sandbox: Any, config_path: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = sandbox.base_url
+    table = Table(title="syncd sandbox", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("Phorest", f"{base}/third-party-api-server/api/business/"
+                  f"{sandbox.credentials.phorest_business_id}")
+    table.add_row("Mailchimp", f"{base}/3.0")
+    table.add_row("Google token", f"{base}/token")
+    table.add_row("Google Admin API", f"{base}/v1alpha, {base}/v1beta")
+    if sandbox.smtp is not None:
+        table.add_row("SMTP sink", f"{sandbox.smtp.host}:{sandbox.smtp.port}")
+    table.add_row("Control API", f"{base}/_sandbox/")
+    seeded = sandbox.report
+    table.add_row("Seeded", f"{seeded.clients.get('total', 0)} clients, "
+                  f"{seeded.members.get('total', 0)} members")
+    if config_path is not None:
+        table.add_row("Config", str(config_path))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print("Ctrl-C stops the sandbox.")
+    sys.stderr.flush()
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number 0-65535")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+# argparse names the type in its messages ("invalid port value: 'x'").
+_non_negative_int.__name__ = "count"
+_non_negative_float.__name__ = "number"
+_port.__name__ = "port"
+_share.__name__ = "share"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
