@@ -113,3 +113,12 @@ def test_keep_alive_serves_several_requests_on_one_connection(serve: Serve) -> N
     for _ in range(5):
         assert session.post(f"{server.base_url}/echo/a", data=b"x" * 10, timeout=5).ok
     assert server.traffic.summary()["phorest"]["total"] == 5
+
+
+def test_timeout_fault_holds_the_request_until_the_client_gives_up(serve: Serve) -> None:
+    server = serve(EchoEmulator())
+    server.traffic.faults["phorest"].rate_timeout = 1.0
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(f"{server.base_url}/echo/a", timeout=0.3)
+    server.traffic.faults["phorest"].rate_timeout = 0.0
+    assert requests.get(f"{server.base_url}/echo/a", timeout=5).status_code == 200
