@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from support import FakeClock
 from syncd import ledger as ledger_module
 from syncd.errors import LedgerError
 from syncd.ledger import SCHEMA_VERSION, Ledger, Task
@@ -24,19 +25,6 @@ START = datetime(2026, 11, 24, 19, 40, 5, 123456, tzinfo=UTC)
 SEEDED_EMAIL = "alice.ledgertest@example.com"
 
 
-class FakeClock:
-    """A clock the test moves by hand, so nothing ever sleeps."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
-
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
@@ -45,7 +33,7 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture

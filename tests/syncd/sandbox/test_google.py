@@ -19,6 +19,7 @@ from google.auth.exceptions import RefreshError
 from google.auth.transport.requests import AuthorizedSession
 from google.oauth2 import service_account
 
+from support import FakeClock
 from syncd.sandbox.google import SCOPE_EDIT, SCOPE_READONLY, GoogleEmulator
 from syncd.sandbox.http import SandboxServer
 
@@ -36,19 +37,6 @@ TIMEFRAME = (
 Serve = Callable[..., SandboxServer]  # the conftest's ``serve`` fixture
 Connect = Callable[..., AuthorizedSession]
 
-
-class FakeClock:
-    """A clock the test moves by hand, so nothing ever sleeps."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
 
 
 @pytest.fixture
@@ -415,7 +403,7 @@ def test_submit_user_deletion_exists_only_in_v1alpha(
 def test_deletions_beyond_the_daily_property_quota_are_refused_until_the_next_day(
     serve: Serve,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     google = GoogleEmulator((PROPERTY,), daily_deletion_quota=2, clock=clock)
     server = serve(google)
 

@@ -14,6 +14,7 @@ import pytest
 import requests
 from requests.auth import HTTPBasicAuth
 
+from support import FakeClock
 from syncd.sandbox.http import SandboxServer
 from syncd.sandbox.phorest import PhorestEmulator
 
@@ -27,19 +28,6 @@ TIMEOUT_SECONDS = 10
 START = datetime(2026, 1, 1, 9, 0, 0, tzinfo=UTC)
 ISO_MILLIS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
 
-
-class FakeClock:
-    """A settable UTC clock."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
 
 
 @dataclass
@@ -80,7 +68,7 @@ class Phorest:
 @pytest.fixture
 def phorest(serve: Serve) -> Iterator[Phorest]:
     """An emulator with no rate limit, a fake clock and an authenticated session."""
-    clock = FakeClock()
+    clock = FakeClock(START)
     emulator = PhorestEmulator(BUSINESS, USER, PASSWORD, clock=clock, max_requests_per_second=None)
     server = serve(emulator)
     with requests.Session() as session:
@@ -1023,7 +1011,7 @@ def test_the_rate_limit_answers_429_until_the_bucket_refills(serve: Serve) -> No
 
 
 def test_paging_through_100000_clients_sees_each_exactly_once(serve: Serve) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     emulator = PhorestEmulator(BUSINESS, USER, PASSWORD, clock=clock, max_requests_per_second=None)
     for n in range(100_000):
         emulator.add_client(
