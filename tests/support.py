@@ -1,4 +1,4 @@
-"""Helpers shared by tests (importable because tests/ is on sys.path via its conftest)."""
+"""Helpers shared by tests."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import FakeClock
+from tests.support import FakeClock
 from syncd import ledger as ledger_module
 from syncd.errors import LedgerError
 from syncd.ledger import SCHEMA_VERSION, Ledger, Task

@@ -19,7 +19,7 @@ from google.auth.exceptions import RefreshError
 from google.auth.transport.requests import AuthorizedSession
 from google.oauth2 import service_account
 
-from support import FakeClock
+from tests.support import FakeClock
 from syncd.sandbox.google import SCOPE_EDIT, SCOPE_READONLY, GoogleEmulator
 from syncd.sandbox.http import SandboxServer
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from requests.auth import HTTPBasicAuth
 
-from support import FakeClock
+from tests.support import FakeClock
 from syncd.sandbox.http import SandboxServer
 from syncd.sandbox.phorest import PhorestEmulator
 
