@@ -158,7 +158,27 @@ CREATE TABLE alerts (
 CREATE UNIQUE INDEX alerts_one_open_per_problem ON alerts (problem_key) WHERE state = 'open';
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1_INITIAL,)
+# Events pushed to syncd (Mailchimp webhooks), recorded before they are
+# answered and processed later. ``payload`` carries the identifiers the event
+# names until it is processed, then it is scrubbed; ``dedupe_key`` makes a
+# replayed delivery a no-op.
+_V2_INBOX = """
+CREATE TABLE inbox (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    occurred_at  TEXT NOT NULL,
+    received_at  TEXT NOT NULL,
+    payload      TEXT,
+    dedupe_key   TEXT NOT NULL UNIQUE,
+    processed_at TEXT,
+    outcome      TEXT,
+    CHECK (processed_at IS NULL OR payload IS NULL)
+);
+CREATE INDEX inbox_pending ON inbox (processed_at, id);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1_INITIAL, _V2_INBOX)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -241,7 +261,22 @@ class Alert:
     resolved_at: datetime | None
 
 
-_Row = TypeVar("_Row", Subject, Task, Request, AuditEvent, Alert)
+@dataclass(frozen=True)
+class InboxEvent:
+    """One pushed event waiting to be (or already) processed."""
+
+    id: int
+    source: str
+    kind: str
+    occurred_at: datetime
+    received_at: datetime
+    payload: dict[str, Any] | None
+    dedupe_key: str
+    processed_at: datetime | None
+    outcome: str | None
+
+
+_Row = TypeVar("_Row", Subject, Task, Request, AuditEvent, Alert, InboxEvent)
 _KEEP: Any = object()  # "leave this column as it is" in upsert_subject
 
 
@@ -781,6 +816,60 @@ class Ledger:
         return None if row is None else str(row[0])
 
     # -- suppression --------------------------------------------------------
+
+    # -- inbox (pushed events) -----------------------------------------------
+
+    def add_inbox_event(
+        self,
+        source: str,
+        kind: str,
+        occurred_at: datetime,
+        payload: Mapping[str, Any],
+        dedupe_key: str,
+    ) -> bool:
+        """Record a pushed event before answering its sender.
+
+        Returns:
+            True if recorded; False if an event with this ``dedupe_key`` was
+            already recorded (a replay), in which case nothing changes.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run(
+            "INSERT INTO inbox (source, kind, occurred_at, received_at, payload, dedupe_key)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
+            (source, kind, _to_text(occurred_at), self._now(), json.dumps(dict(payload)), dedupe_key),
+        )
+        return cursor.rowcount == 1
+
+    def pending_inbox(self, limit: int = 100) -> list[InboxEvent]:
+        """Unprocessed events, oldest first by when they happened.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = (
+            f"SELECT {_columns(InboxEvent)} FROM inbox WHERE processed_at IS NULL"
+            " ORDER BY occurred_at, id LIMIT ?"
+        )
+        return [_from_row(InboxEvent, row) for row in self._run(sql, (limit,)).fetchall()]
+
+    def finish_inbox_event(self, event_id: int, outcome: str) -> bool:
+        """Mark an event processed and scrub its payload.
+
+        Returns:
+            False if it was already processed.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run(
+            "UPDATE inbox SET processed_at = ?, outcome = ?, payload = NULL"
+            " WHERE id = ? AND processed_at IS NULL",
+            (self._now(), _short(outcome), event_id),
+        )
+        return cursor.rowcount == 1
 
     def suppress(self, identifier_key: str, reason: str, request_id: int | None = None) -> bool:
         """Put an identifier key on the suppression list (never removed).
