@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from syncd.errors import LedgerError
 
 BUSY_TIMEOUT_MS = 5000
+WAL_SWITCH_RETRY_SECONDS = 0.01
 LEDGER_FILE_MODE = 0o600
 ERROR_TEXT_LIMIT_CHARS = 500
 KEYS_PER_QUERY = 500  # stays far below SQLite's host-parameter limit
@@ -347,6 +349,21 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers
+    # "database is locked" at once (without the busy handler) when another
+    # connection is opening the same file; wait and retry like the handler would.
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_SWITCH_RETRY_SECONDS)
+
+
 def _migrate(conn: sqlite3.Connection, path: str) -> None:
     known = len(MIGRATIONS)  # read at call time so tests can extend MIGRATIONS
     while (version := _user_version(conn)) != known:
@@ -402,7 +419,7 @@ class Ledger:
             # timeout sets SQLite's busy timeout: wait for another writer, do not fail.
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             # NORMAL in WAL mode survives a process crash; only a power cut may
             # lose the last commits, which replay as retries of idempotent calls.
             conn.execute("PRAGMA synchronous = NORMAL")
