@@ -14,7 +14,10 @@ from syncd.errors import ConfigError
 
 # kind -> "module:Class". Filled in as each connector lands; explicit on purpose
 # (no plugin discovery), so what can run is visible in one place.
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "phorest": "connectors.phorest:PhorestConnector",
+    "mailchimp": "connectors.mailchimp:MailchimpConnector",
+}
 
 
 def load(kind: str) -> Any:

@@ -51,6 +51,10 @@ class ConnectorError(SyncdError):
         title: the vendor's short error name (e.g. Mailchimp's problem title).
         retry_after_seconds: the server's Retry-After hint, if any.
         request_id: the vendor's request id, for the audit trail.
+        reached_server: whether the request can have reached the server: False
+            when it certainly did not (connection refused, connect timeout), so
+            replaying even a non-idempotent call is safe; True when a response
+            arrived; None when unknown (read timeout, dropped connection).
     """
 
     permanent: bool = False
@@ -63,12 +67,14 @@ class ConnectorError(SyncdError):
         title: str | None = None,
         retry_after_seconds: float | None = None,
         request_id: str | None = None,
+        reached_server: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.title = title
         self.retry_after_seconds = retry_after_seconds
         self.request_id = request_id
+        self.reached_server = reached_server
 
 
 class RetriableError(ConnectorError):

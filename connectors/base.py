@@ -1,0 +1,195 @@
+"""The connector contract: what syncd needs from every outside system.
+
+A connector knows *how to talk to one system* and nothing else: it reads what
+the system holds (a paged full scan, and the changes since a cursor) and
+applies a batch of actions, returning one outcome per action. Values in and
+out are frozen dataclasses, so the reconciliation that decides *what should
+happen* stays pure and the ledger never sees a vendor's wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal, Protocol, runtime_checkable
+
+ClientState = Literal["active", "archived", "deleted", "merged", "forgotten"]
+MemberStatus = Literal[
+    "subscribed", "unsubscribed", "cleaned", "pending", "transactional", "archived", "absent"
+]
+OutcomeStatus = Literal["done", "retriable", "permanent", "needs_person"]
+
+ActionKind = Literal[
+    # Mailchimp
+    "subscribe",  # add or update as subscribed with FNAME/LNAME only
+    "unsubscribe",  # set unsubscribed (never archive: that loses the compliance state)
+    "update_names",  # FNAME/LNAME changed in Phorest
+    "clear_extra_fields",  # blank merge fields that hold personal data beyond the name
+    "move_email",  # the client's email changed: move the same member
+    "erase",  # permanent deletion (Mailchimp delete-permanent, GA user deletion)
+    # Phorest
+    "withdraw_consent",  # emailMarketingConsent = false
+]
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """One client as the controller (Phorest) holds them.
+
+    Attributes:
+        client_id: Phorest's id.
+        email: as stored, or None.
+        mobile: as stored, or None.
+        first_name / last_name: as stored ("" when blank).
+        email_consent: ``emailMarketingConsent``.
+        state: active, archived, deleted, merged (away) or forgotten (blanked).
+        merged_into: the surviving client's id for a merged record.
+        version: Phorest's optimistic-lock version.
+        updated_at: Phorest's ``updatedAt``, the time of the last change.
+        created_at: Phorest's ``createdAt``.
+        last_visit: the last paid visit, if any.
+    """
+
+    client_id: str
+    email: str | None
+    mobile: str | None
+    first_name: str
+    last_name: str
+    email_consent: bool
+    state: ClientState
+    version: int
+    updated_at: datetime
+    created_at: datetime | None = None
+    last_visit: date | None = None
+    merged_into: str | None = None
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One audience member as the processor (Mailchimp) holds them.
+
+    Attributes:
+        email: the member's address.
+        status: Mailchimp's status.
+        first_name / last_name: FNAME / LNAME.
+        extra_fields: names of other non-empty merge fields (personal data
+            beyond name and email, reported as drift under R1).
+        last_changed: Mailchimp's ``last_changed``.
+    """
+
+    email: str
+    status: MemberStatus
+    first_name: str = ""
+    last_name: str = ""
+    extra_fields: tuple[str, ...] = ()
+    last_changed: datetime | None = None
+
+
+Record = ClientRecord | MemberRecord
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed since a cursor, and the cursor to ask from next time.
+
+    ``full`` is True when the system answered with everything (e.g. Phorest
+    ignored a filter), so the caller should treat it as a full scan.
+    """
+
+    records: tuple[Record, ...]
+    cursor: str
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing to do in one system, for one subject.
+
+    Attributes:
+        kind: what to do.
+        subject_key: the HMAC key of the subject (for the ledger and audit).
+        task_id: the ledger task this action belongs to, if any.
+        email: the address to act on (Mailchimp) — personal data, scrubbed
+            from the ledger once the task is final.
+        new_email: for ``move_email``.
+        client_id: for Phorest actions.
+        first_name / last_name: for ``subscribe`` and ``update_names``.
+        fields: merge-field names for ``clear_extra_fields``.
+    """
+
+    kind: ActionKind
+    subject_key: str
+    task_id: int | None = None
+    email: str | None = None
+    new_email: str | None = None
+    client_id: str | None = None
+    first_name: str = ""
+    last_name: str = ""
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one action.
+
+    Attributes:
+        action: the action this answers.
+        status: done, retriable (try later), permanent (will never work as
+            asked) or needs_person (a human must act, e.g. the client must
+            re-subscribe themselves).
+        reason: a short machine-readable reason (``needs_client_resubscribe``,
+            ``forgotten_email``, ``stale_version`` …), never personal data.
+        request_id: the vendor's request id, for the audit trail.
+        retry_after_seconds: the vendor's hint for a retriable outcome.
+    """
+
+    action: Action
+    status: OutcomeStatus
+    reason: str | None = None
+    request_id: str | None = None
+    retry_after_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The answer to :meth:`Connector.check`: reachable and credentials accepted."""
+
+    ok: bool
+    detail: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """What every connector offers. One module and one class per system."""
+
+    name: str
+
+    def check(self) -> CheckResult:
+        """Verify reachability and credentials with one cheap call."""
+        ...
+
+    def scan(self) -> Iterator[Record]:
+        """Every record, streamed page by page at the largest page size allowed.
+
+        Raises:
+            ConnectorError: a page could not be read after the in-call retries.
+        """
+        ...
+
+    def changes(self, cursor: str | None) -> Changes:
+        """Records changed since ``cursor`` (None: since the beginning).
+
+        Raises:
+            ConnectorError: the feed could not be read after the in-call retries.
+        """
+        ...
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        """Carry out ``actions``; exactly one outcome per action, in order.
+
+        Failures are outcomes, not exceptions: a vendor refusing one member
+        must not lose the others' results.
+        """
+        ...

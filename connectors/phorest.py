@@ -1,0 +1,391 @@
+"""Phorest, the controller: read its clients, withdraw email-marketing consent.
+
+Facts from ``reference/phorest-api.md``: HTTP Basic on every call (UTF-8), paged
+``GET …/client`` (``_embedded.clients`` + ``page``), ``updatedAfter`` as
+``2026-01-02T03:04:05.000Z``, unknown parameters silently ignored, ``PUT`` with
+the current ``version``, no erase endpoint. Every call is treated as idempotent,
+the PUT too: a replay after a lost answer meets a stale version (409), re-reads
+and finds the flag already false.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import structlog
+from requests.auth import HTTPBasicAuth
+from urllib3.exceptions import ProtocolError
+
+from connectors.base import Action, Changes, CheckResult, ClientRecord, ClientState, Outcome
+from syncd.config import PhorestSettings
+from syncd.errors import ConfigError, ConnectorError, PermanentError, RetriableError
+from syncd.retry import RetryPolicy
+
+log = structlog.get_logger(__name__)
+
+CLIENTS_PATH = "/api/business/{business_id}/client"
+CLIENT_PATH = "/api/business/{business_id}/client/{client_id}"
+# Archived and deleted clients are hidden unless asked for, and R5 needs them.
+LIST_FLAGS: Mapping[str, str] = {"includeArchived": "true", "includeDeleted": "true"}
+# Re-read the last two minutes at every poll: a save committed while we paged
+# can carry an updatedAt older than the newest one we saw (DATAHUB does this).
+CHANGES_OVERLAP = timedelta(minutes=2)
+STALE_VERSION_TRIES = 2  # the first PUT, then one more after re-reading
+FORGOTTEN_FIRST_NAMES = frozenset({"anonymous", ""})
+_BODY_READ_ERRORS = requests.exceptions.ChunkedEncodingError
+_TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "stale_version"}
+
+PAGE_KEYS = ("number", "totalPages", "totalElements")
+Page = tuple[list[Any], dict[str, int]]  # the rows, and PAGE_KEYS from the envelope's page
+
+
+class PhorestConnector:
+    """The Phorest third-party API for one business.
+
+    Args:
+        settings: the ``[phorest]`` section.
+        retry: the in-call retry policy (default :class:`RetryPolicy`).
+        session: a ``requests.Session`` to use (connection pooling, tests).
+        clock: monotonic seconds, for the client-side rate limit.
+        sleep: how to wait (rate limit and retries); tests pass a recorder.
+
+    Raises:
+        ConfigError: the password is not set.
+    """
+
+    name = "phorest"
+
+    def __init__(
+        self,
+        settings: PhorestSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if settings.password is None:
+            raise ConfigError("phorest.password is not set")
+        self._settings = settings
+        self._retry = retry or RetryPolicy()
+        self._session = session or requests.Session()
+        # requests would encode str credentials as Latin-1; Phorest decodes UTF-8.
+        password = settings.password.get_secret_value().encode()
+        self._auth = HTTPBasicAuth(settings.username.encode(), password)
+        self._clock, self._sleep = clock, sleep
+        self._interval_seconds = 1.0 / settings.max_requests_per_second
+        self._next_request_at: float | None = None
+        self._throttle_lock = threading.Lock()
+
+    def check(self) -> CheckResult:
+        """One cheap list call, not retried: reachable and credentials accepted."""
+        try:
+            _rows, page = self._list({"size": 1}, retried=False)
+        except ConnectorError as error:
+            if error.status in (401, 403):
+                return CheckResult(False, f"credentials refused ({error.status})")
+            return CheckResult(False, f"{'refused' if error.permanent else 'unreachable'}: {error}")
+        return CheckResult(True, "credentials accepted", {"clients": str(page["totalElements"])})
+
+    def scan(self) -> Iterator[ClientRecord]:
+        """Every client, archived and deleted included, streamed page by page.
+
+        Raises:
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        for rows, _page in self._pages({}):
+            yield from (_record(row) for row in rows)
+
+    def changes(self, cursor: str | None) -> Changes:
+        """Clients updated since ``cursor`` minus an overlap; None or "" scans everything.
+
+        Phorest ignores a misspelt filter and answers with everything, so when the
+        filtered total reaches the unfiltered one and holds records older than asked
+        for, the answer is flagged ``full`` (``phorest_filter_ignored``).
+
+        Raises:
+            RetriableError: the feed could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        since = _parse_instant(cursor)
+        if cursor and since is None:
+            log.warning("phorest_cursor_invalid")
+        if since is None:
+            records = tuple(self.scan())
+            return Changes(records, _cursor(records, None), full=True)
+        after = since - CHANGES_OVERLAP
+        found: list[ClientRecord] = []
+        everything = False
+        for rows, page in self._pages({"updatedAfter": _format_instant(after)}):
+            if page["number"] == 0 and page["totalElements"] > 0:
+                everything = page["totalElements"] >= self._list({"size": 1})[1]["totalElements"]
+            found.extend(_record(row) for row in rows)
+        # Everything came back *and* some of it is older than asked: the filter was
+        # ignored. (If every record is newer, every client really changed: a normal answer.)
+        full = everything and any(record.updated_at <= after for record in found)
+        if full:
+            log.warning("phorest_filter_ignored", path=CLIENTS_PATH, records=len(found))
+        return Changes(tuple(found), _cursor(found, since), full=full)
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        """Carry out ``withdraw_consent`` actions; one outcome per action, in order."""
+        return [self._apply_one(action, dry_run) for action in actions]
+
+    def _apply_one(self, action: Action, dry_run: bool) -> Outcome:
+        if action.kind != "withdraw_consent":
+            return Outcome(action, "permanent", "unsupported_action")
+        if not action.client_id:
+            return Outcome(action, "permanent", "missing_client_id")
+        try:
+            return Outcome(action, "done", self._withdraw_consent(action.client_id, dry_run))
+        except RetriableError as error:
+            wait = error.retry_after_seconds
+            return Outcome(action, "retriable", error.title, retry_after_seconds=wait)
+        except PermanentError as error:
+            return Outcome(action, "permanent", error.title)
+
+    def _withdraw_consent(self, client_id: str, dry_run: bool) -> str:
+        """GET, flip only ``emailMarketingConsent``, PUT it back with its version, re-GET.
+
+        Raises:
+            RetriableError: Phorest stayed unavailable through the in-call retries.
+            PermanentError: not_found, stale_version (twice), verify_failed, ….
+        """
+        for attempt in range(1, STALE_VERSION_TRIES + 1):
+            client = self._client(client_id)
+            if client.get("emailMarketingConsent") is False:
+                return "already"
+            if dry_run:
+                log.info("would_withdraw_consent", label="(dry run)", path=CLIENT_PATH)
+                return "dry_run"
+            changed = {**client, "emailMarketingConsent": False}
+            try:
+                self._request("PUT", CLIENT_PATH, client_id=client_id, body=changed)
+            except PermanentError as error:
+                if error.title != "stale_version" or attempt == STALE_VERSION_TRIES:
+                    raise
+                log.info("phorest_stale_version", path=CLIENT_PATH, attempt=attempt)
+                continue
+            log.info("phorest_put", path=CLIENT_PATH, field="emailMarketingConsent")
+            stored = self._client(client_id)
+            if stored.get("emailMarketingConsent") is not False:
+                raise PermanentError(f"PUT {CLIENT_PATH}: consent still set", title="verify_failed")
+            return "withdrawn"
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _client(self, client_id: str) -> dict[str, Any]:
+        """One client's JSON object.
+
+        Raises:
+            PermanentError: not_found, or bad_response when the answer is not an object.
+        """
+        client = self._request("GET", CLIENT_PATH, client_id=client_id)
+        if not isinstance(client, dict):
+            raise PermanentError(f"GET {CLIENT_PATH}: not a client object", title="bad_response")
+        return client
+
+    def _pages(self, params: Mapping[str, str]) -> Iterator[Page]:
+        number = 0
+        while True:
+            rows, page = self._list({**params, "page": number, "size": self._settings.page_size})
+            # A page parameter Phorest did not honour would repeat page 0 forever.
+            if page["number"] != number:
+                message = f"GET {CLIENTS_PATH}: asked for page {number}, got {page['number']}"
+                raise PermanentError(message, title="bad_response")
+            log.info("phorest_page", path=CLIENTS_PATH, page=number, rows=len(rows))
+            yield rows, page
+            if not rows or number >= page["totalPages"] - 1:
+                return
+            number += 1
+
+    def _list(self, params: Mapping[str, Any], *, retried: bool = True) -> Page:
+        """One list page; ``_embedded`` may be absent on an empty page.
+
+        Raises:
+            PermanentError: bad_response, the envelope is not the documented shape.
+        """
+        query = {**LIST_FLAGS, **params}
+        body = self._request("GET", CLIENTS_PATH, params=query, retried=retried)
+        try:
+            page = {key: int(body["page"][key]) for key in PAGE_KEYS}
+            rows = body.get("_embedded", {}).get("clients", [])
+            if not isinstance(rows, list):
+                raise TypeError(type(rows).__name__)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            message = f"GET {CLIENTS_PATH}: malformed page envelope"
+            raise PermanentError(message, title="bad_response") from None
+        return rows, page
+
+    def _request(
+        self,
+        method: str,
+        template: str,
+        *,
+        client_id: str = "",
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        retried: bool = True,
+    ) -> Any:
+        """Send one request (with the in-call retries); the decoded JSON of a 2xx.
+
+        Raises:
+            RetriableError: see :meth:`_raise_for`, once the retries are spent.
+            PermanentError: see :meth:`_raise_for`.
+        """
+        path = template.format(
+            business_id=quote(self._settings.business_id, safe=""),
+            client_id=quote(client_id, safe=""),
+        )
+
+        def once() -> Any:
+            self._throttle()
+            result: requests.Response | requests.RequestException
+            try:
+                result = self._session.request(
+                    method,
+                    self._settings.base_url + path,
+                    params=params,
+                    json=body,
+                    auth=self._auth,
+                    headers={"Accept": "application/json"},
+                    timeout=self._settings.timeout_seconds,
+                )
+            except requests.RequestException as error:
+                result = error  # classified outside the except: no chained URL in tracebacks
+            status = getattr(result, "status_code", None)
+            log.debug("phorest_request", method=method, path=template, status=status)
+            return self._raise_for(method, template, result)
+
+        return self._retry.retrying(sleep=self._sleep)(once) if retried else once()
+
+    def _raise_for(
+        self, method: str, template: str, result: requests.Response | requests.RequestException
+    ) -> Any:
+        """The one classification of a Phorest answer; returns the decoded JSON of a 2xx.
+
+        Messages carry the method, the path *template* and the status: never the
+        URL (a query string can hold an email) nor a body.
+
+        Raises:
+            RetriableError: 429, 5xx, timeouts, connection failures.
+            PermanentError: any other status (titled), a 2xx that is not JSON.
+        """
+        where = f"{method} {template}"
+        if isinstance(result, requests.RequestException):
+            kind = type(result).__name__
+            reached: bool | None = None  # read timeout, dropped connection: it may have landed
+            if isinstance(result, requests.ConnectTimeout):
+                reached = False
+            elif isinstance(result, requests.ConnectionError):
+                # urllib3 read errors (dropped after sending) arrive unwrapped;
+                # refused connections and failed handshakes inside MaxRetryError.
+                cause = result.args[0] if result.args else None
+                reached = None if isinstance(cause, ProtocolError | OSError) else False
+            elif not isinstance(result, requests.Timeout | _BODY_READ_ERRORS):
+                raise PermanentError(f"{where}: {kind}", title="request_failed")
+            title = "timeout" if isinstance(result, requests.Timeout) else "connection_failed"
+            raise RetriableError(f"{where}: {kind}", title=title, reached_server=reached)
+        status = result.status_code
+        if status == 429 or status >= 500:
+            raise RetriableError(
+                f"{where}: HTTP {status}",
+                status=status,
+                title="rate_limited" if status == 429 else "server_error",
+                retry_after_seconds=_retry_after(result.headers.get("Retry-After")),
+                reached_server=True,
+            )
+        if not 200 <= status < 300:
+            title = _TITLES.get(status, "rejected")
+            raise PermanentError(f"{where}: HTTP {status}", status=status, title=title)
+        try:
+            return result.json()
+        except ValueError:
+            message = f"{where}: HTTP {status} with a body that is not JSON"
+            raise PermanentError(message, status=status, title="bad_response") from None
+
+    def _throttle(self) -> None:
+        """Space requests at least 1/max_requests_per_second apart."""
+        with self._throttle_lock:
+            now = self._clock()
+            if self._next_request_at is not None and now < self._next_request_at:
+                self._sleep(self._next_request_at - now)
+                now = self._next_request_at
+            self._next_request_at = now + self._interval_seconds
+
+
+def _record(raw: Any) -> ClientRecord:
+    """Map one client's JSON (the forgotten shape is the sandbox emulator's).
+
+    Raises:
+        PermanentError: bad_response, no clientId, version or updatedAt.
+    """
+    raw = raw if isinstance(raw, dict) else {}
+    client_id, version = raw.get("clientId"), raw.get("version")
+    updated_at = _parse_instant(raw.get("updatedAt"))
+    if not (isinstance(client_id, str) and client_id and type(version) is int and updated_at):
+        message = f"GET {CLIENTS_PATH}: a client without clientId, version or updatedAt"
+        raise PermanentError(message, title="bad_response")
+    email, mobile = raw.get("email") or None, raw.get("mobile") or None
+    first, last = str(raw.get("firstName") or ""), str(raw.get("lastName") or "")
+    merged_into = raw.get("mergedToClientId") or None
+    forgotten = email is None and mobile is None and not last.strip()
+    state: ClientState = "active"
+    if merged_into:
+        state = "merged"
+    elif raw.get("deleted") is True:
+        state = "deleted"
+    elif forgotten and first.strip().casefold() in FORGOTTEN_FIRST_NAMES:
+        state = "forgotten"
+    elif raw.get("archived") is True:
+        state = "archived"
+    last_visit = _parse_instant(raw.get("lastVisit"))
+    return ClientRecord(
+        client_id=client_id,
+        email=email,
+        mobile=mobile,
+        first_name=first,
+        last_name=last,
+        email_consent=raw.get("emailMarketingConsent") is True,
+        state=state,
+        version=version,
+        updated_at=updated_at,
+        created_at=_parse_instant(raw.get("createdAt")),
+        last_visit=last_visit.date() if last_visit else None,
+        merged_into=merged_into,
+    )
+
+
+def _parse_instant(value: Any) -> datetime | None:
+    """ISO-8601 (``Z``, ``+00:00``, ``+0000``; a date or a naive time means UTC), else None."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _format_instant(value: datetime) -> str:
+    """Phorest's filter format, ``2026-01-02T03:04:05.000Z`` (UTC, milliseconds)."""
+    utc = value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _cursor(records: Sequence[ClientRecord], since: datetime | None) -> str:
+    """The newest ``updatedAt`` seen, never older than ``since``; "" when there is none."""
+    times = [record.updated_at for record in records] + ([since] if since else [])
+    return _format_instant(max(times)) if times else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a delta-seconds Retry-After (Phorest sends none; an HTTP date is ignored)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

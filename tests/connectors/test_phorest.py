@@ -1,0 +1,949 @@
+"""Tests for connectors.phorest, faked at the wire with ``responses`` (STYLE item 14)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, cast
+
+import pytest
+import requests
+import responses
+import structlog
+from responses import matchers
+from responses.registries import OrderedRegistry
+from urllib3.exceptions import ProtocolError
+
+from connectors.base import Action, ClientRecord, Record
+from connectors.phorest import PhorestConnector
+from syncd import log as syncd_log
+from syncd.config import PhorestSettings
+from syncd.errors import ConnectorError, PermanentError, RetriableError
+from syncd.retry import RetryPolicy
+
+BASE_URL = "https://phorest.test/third-party-api-server"
+BUSINESS = "biz-1"
+USERNAME = "global/gérante@example.com"
+PASSWORD = "pässwörd"
+CLIENTS_URL = f"{BASE_URL}/api/business/{BUSINESS}/client"
+CLIENT_ID = "AbCdEfGhIjKlMnOpQrStUv"
+CLIENT_URL = f"{CLIENTS_URL}/{CLIENT_ID}"
+PAGE_SIZE = 2
+LIST_FLAGS = {"includeArchived": "true", "includeDeleted": "true"}
+
+SEEDED_EMAIL = "zelda.quimby@example.org"
+SEEDED_FIRST_NAME = "Zelda"
+SEEDED_LAST_NAME = "Quimby"
+SEEDED_MOBILE = "447700900123"
+SEEDED = (SEEDED_EMAIL, SEEDED_FIRST_NAME, SEEDED_LAST_NAME, SEEDED_MOBILE, PASSWORD)
+
+
+def client_json(client_id: str = CLIENT_ID, **overrides: Any) -> dict[str, Any]:
+    """A client as Phorest returns it (the emulator's field set)."""
+    body: dict[str, Any] = {
+        "clientId": client_id,
+        "version": 4,
+        "createdAt": "2024-03-01T10:00:00.000Z",
+        "updatedAt": "2026-01-02T03:04:05.000Z",
+        "firstName": SEEDED_FIRST_NAME,
+        "lastName": SEEDED_LAST_NAME,
+        "email": SEEDED_EMAIL,
+        "mobile": SEEDED_MOBILE,
+        "landLine": None,
+        "smsMarketingConsent": True,
+        "emailMarketingConsent": True,
+        "smsReminderConsent": True,
+        "emailReminderConsent": False,
+        "archived": False,
+        "banned": False,
+        "deleted": False,
+        "mergedToClientId": None,
+        "lastVisit": "2025-10-21",
+        "notes": "prefers mornings",
+        "address": {"streetAddress1": "1 High St", "city": "Cork"},
+    }
+    body.update(overrides)
+    return body
+
+
+def envelope(
+    rows: list[dict[str, Any]] | None,
+    *,
+    number: int = 0,
+    total: int | None = None,
+    total_pages: int = 1,
+    size: int = PAGE_SIZE,
+) -> dict[str, Any]:
+    """A list answer; ``rows=None`` leaves ``_embedded`` out, as Spring HATEOAS does."""
+    body: dict[str, Any] = {}
+    if rows is not None:
+        body["_embedded"] = {"clients": rows}
+    count = len(rows or []) if total is None else total
+    body["page"] = {
+        "size": size,
+        "totalElements": count,
+        "totalPages": total_pages,
+        "number": number,
+    }
+    return body
+
+
+@dataclass
+class FakeTime:
+    """A monotonic clock that moves one second per reading; sleeping records and advances."""
+
+    now: float = 1000.0
+    tick_seconds: float = 1.0
+    sleeps: list[float] = field(default_factory=list)
+
+    def clock(self) -> float:
+        self.now += self.tick_seconds
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def make_settings(**overrides: Any) -> PhorestSettings:
+    values: dict[str, Any] = {
+        "base_url": BASE_URL,
+        "business_id": BUSINESS,
+        "username": USERNAME,
+        "password": PASSWORD,
+        "page_size": PAGE_SIZE,
+        "max_requests_per_second": 20,
+        "timeout_seconds": 7,
+    }
+    values.update(overrides)
+    return PhorestSettings(**values)
+
+
+def make_connector(time: FakeTime, *, attempts: int = 3, **settings: Any) -> PhorestConnector:
+    return PhorestConnector(
+        make_settings(**settings),
+        retry=RetryPolicy(attempts=attempts),
+        session=requests.Session(),
+        clock=time.clock,
+        sleep=time.sleep,
+    )
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def wire() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def script() -> Iterator[responses.RequestsMock]:
+    """Responses served strictly in registration order (503, 503, 200 …)."""
+    with responses.RequestsMock(registry=OrderedRegistry) as mock:
+        yield mock
+
+
+def action(kind: str = "withdraw_consent", client_id: str | None = CLIENT_ID) -> Action:
+    return Action(kind=kind, subject_key="k" * 64, client_id=client_id)  # type: ignore[arg-type]
+
+
+def client_ids(records: Iterable[Record]) -> list[str]:
+    return [record.client_id for record in records if isinstance(record, ClientRecord)]
+
+
+def methods(mock: responses.RequestsMock) -> list[str]:
+    return [str(call.request.method) for call in mock.calls]
+
+
+# -- Classification --------------------------------------------------------------
+
+ONE_PAGE = envelope([client_json()])
+
+
+@pytest.mark.parametrize(
+    ("answer", "expectation", "title", "reached_server"),
+    [
+        pytest.param({"status": 200, "json": ONE_PAGE}, nullcontext(), None, None, id="200"),
+        pytest.param(
+            {"status": 401}, pytest.raises(PermanentError), "unauthorized", None, id="401"
+        ),
+        pytest.param(
+            {"status": 403}, pytest.raises(PermanentError), "unauthorized", None, id="403"
+        ),
+        pytest.param({"status": 404}, pytest.raises(PermanentError), "not_found", None, id="404"),
+        pytest.param(
+            {"status": 409}, pytest.raises(PermanentError), "stale_version", None, id="409"
+        ),
+        pytest.param({"status": 400}, pytest.raises(PermanentError), "rejected", None, id="400"),
+        pytest.param(
+            {"status": 429}, pytest.raises(RetriableError), "rate_limited", True, id="429"
+        ),
+        pytest.param(
+            {"status": 500}, pytest.raises(RetriableError), "server_error", True, id="500"
+        ),
+        pytest.param(
+            {"status": 503}, pytest.raises(RetriableError), "server_error", True, id="503"
+        ),
+        pytest.param(
+            {"body": requests.ConnectionError("refused")},
+            pytest.raises(RetriableError),
+            "connection_failed",
+            False,
+            id="connection-refused",
+        ),
+        pytest.param(
+            {"body": requests.ConnectionError(ProtocolError("Connection aborted."))},
+            pytest.raises(RetriableError),
+            "connection_failed",
+            None,
+            id="connection-dropped-after-sending",
+        ),
+        pytest.param(
+            {"body": requests.ConnectTimeout()},
+            pytest.raises(RetriableError),
+            "timeout",
+            False,
+            id="connect-timeout",
+        ),
+        pytest.param(
+            {"body": requests.ReadTimeout()},
+            pytest.raises(RetriableError),
+            "timeout",
+            None,
+            id="read-timeout",
+        ),
+        pytest.param(
+            {"status": 200, "body": "<html>gateway</html>"},
+            pytest.raises(PermanentError),
+            "bad_response",
+            None,
+            id="malformed-json",
+        ),
+        pytest.param(
+            {"status": 200, "json": {"clients": []}},
+            pytest.raises(PermanentError),
+            "bad_response",
+            None,
+            id="malformed-envelope",
+        ),
+        pytest.param(
+            {"status": 200, "json": envelope([{"firstName": "No id"}])},
+            pytest.raises(PermanentError),
+            "bad_response",
+            None,
+            id="client-without-id",
+        ),
+    ],
+)
+def test_every_answer_is_classified_in_one_place(
+    wire: responses.RequestsMock,
+    fake_time: FakeTime,
+    answer: dict[str, Any],
+    expectation: AbstractContextManager[Any],
+    title: str | None,
+    reached_server: bool | None,
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, **answer)
+    connector = make_connector(fake_time, attempts=1)
+    with expectation as raised:
+        records = list(connector.scan())
+    if title is None:
+        assert [r.client_id for r in records] == [CLIENT_ID]
+        return
+    error = raised.value
+    assert error.title == title
+    assert error.reached_server is reached_server
+    if answer.get("status", 200) != 200:
+        assert error.status == answer["status"]
+    # The message names the call by template: no host, no query string, no body.
+    assert str(error).startswith("GET /api/business/{business_id}/client")
+    assert "?" not in str(error) and "phorest.test" not in str(error)
+    assert "gateway" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "reason", "retry_after"),
+    [
+        pytest.param({"status": 404}, "permanent", "not_found", None, id="404"),
+        pytest.param({"status": 401}, "permanent", "unauthorized", None, id="401"),
+        pytest.param({"status": 503}, "retriable", "server_error", None, id="503"),
+        pytest.param(
+            {"status": 429, "headers": {"Retry-After": "12"}},
+            "retriable",
+            "rate_limited",
+            12.0,
+            id="429-retry-after",
+        ),
+        pytest.param(
+            {"body": requests.ConnectionError("refused")},
+            "retriable",
+            "connection_failed",
+            None,
+            id="connection-refused",
+        ),
+        pytest.param(
+            {"status": 200, "json": [client_json()]},
+            "permanent",
+            "bad_response",
+            None,
+            id="not-an-object",
+        ),
+        pytest.param(
+            {"status": 200, "body": "not json"},
+            "permanent",
+            "bad_response",
+            None,
+            id="malformed-json",
+        ),
+    ],
+)
+def test_apply_turns_failures_into_outcomes_not_exceptions(
+    wire: responses.RequestsMock,
+    fake_time: FakeTime,
+    answer: dict[str, Any],
+    status: str,
+    reason: str,
+    retry_after: float | None,
+) -> None:
+    wire.add(responses.GET, CLIENT_URL, **answer)
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == (status, reason)
+    assert outcome.retry_after_seconds == retry_after
+    assert "PUT" not in methods(wire)
+
+
+# -- Retries -----------------------------------------------------------------------
+
+
+def test_a_page_read_survives_two_503s(script: responses.RequestsMock, fake_time: FakeTime) -> None:
+    script.add(responses.GET, CLIENTS_URL, status=503)
+    script.add(responses.GET, CLIENTS_URL, status=503)
+    script.add(responses.GET, CLIENTS_URL, json=ONE_PAGE)
+    records = list(make_connector(fake_time).scan())
+    assert [r.client_id for r in records] == [CLIENT_ID]
+    assert len(script.calls) == 3
+    assert len(fake_time.sleeps) == 2  # injected: the test never really slept
+
+
+def test_three_503s_give_up_with_a_retriable_error(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    for _ in range(3):
+        script.add(responses.GET, CLIENTS_URL, status=503)
+    with pytest.raises(RetriableError):
+        list(make_connector(fake_time).scan())
+    assert len(script.calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("header", "wait"),
+    [pytest.param("7", 7.0, id="honoured"), pytest.param("3600", 60.0, id="capped")],
+)
+def test_a_429_waits_as_long_as_retry_after_says_up_to_the_cap(
+    script: responses.RequestsMock, fake_time: FakeTime, header: str, wait: float
+) -> None:
+    script.add(responses.GET, CLIENTS_URL, status=429, headers={"Retry-After": header})
+    script.add(responses.GET, CLIENTS_URL, json=ONE_PAGE)
+    list(make_connector(fake_time).scan())
+    assert fake_time.sleeps == [wait]
+
+
+def test_a_permanent_error_is_not_retried(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    script.add(responses.GET, CLIENTS_URL, status=400)
+    with pytest.raises(PermanentError):
+        list(make_connector(fake_time).scan())
+    assert len(script.calls) == 1
+    assert fake_time.sleeps == []
+
+
+def test_requests_are_spaced_by_the_client_side_rate_limit(wire: responses.RequestsMock) -> None:
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([], total=0))
+    still = FakeTime(tick_seconds=0.0)  # no time passes between requests
+    connector = make_connector(still, max_requests_per_second=4)
+    connector.check()
+    connector.check()
+    connector.check()
+    assert still.sleeps == [0.25, 0.25]
+
+
+# -- Wire format -------------------------------------------------------------------
+
+
+def test_every_call_sends_utf8_basic_auth_json_accept_and_a_timeout(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([], total=0))
+    make_connector(fake_time).check()
+    request = wire.calls[0].request
+    scheme, _, token = str(request.headers["Authorization"]).partition(" ")
+    assert scheme == "Basic"
+    assert base64.b64decode(token).decode("utf-8") == f"{USERNAME}:{PASSWORD}"
+    assert request.headers["Accept"] == "application/json"
+    assert request.req_kwargs["timeout"] == 7  # type: ignore[attr-defined]
+
+
+def test_client_ids_are_url_encoded_in_the_path(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    odd_id = "ab/cd=="
+    wire.add(
+        responses.GET,
+        f"{CLIENTS_URL}/ab%2Fcd%3D%3D",
+        json=client_json(odd_id, emailMarketingConsent=False),
+    )
+    [outcome] = make_connector(fake_time).apply([action(client_id=odd_id)])
+    assert (outcome.status, outcome.reason) == ("done", "already")
+
+
+# -- check() ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "ok", "detail"),
+    [
+        pytest.param(
+            {"json": envelope([client_json()], total=42)}, True, "credentials accepted", id="200"
+        ),
+        pytest.param({"status": 401}, False, "credentials refused (401)", id="401"),
+        pytest.param({"status": 403}, False, "credentials refused (403)", id="403"),
+        pytest.param({"status": 503}, False, "unreachable: GET", id="503"),
+        pytest.param(
+            {"body": requests.ConnectionError("refused")}, False, "unreachable: GET", id="network"
+        ),
+        pytest.param({"status": 404}, False, "refused: GET", id="unknown-business"),
+    ],
+)
+def test_check_reports_instead_of_raising_and_makes_one_call(
+    wire: responses.RequestsMock, fake_time: FakeTime, answer: dict[str, Any], ok: bool, detail: str
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, **answer)
+    result = make_connector(fake_time).check()
+    assert result.ok is ok
+    assert result.detail.startswith(detail)
+    assert len(wire.calls) == 1
+    if ok:
+        assert result.extra == {"clients": "42"}
+
+
+# -- scan() -------------------------------------------------------------------------
+
+
+def page_query(number: int, **extra: str) -> Any:
+    return matchers.query_param_matcher(
+        {**LIST_FLAGS, **extra, "page": str(number), "size": str(PAGE_SIZE)}
+    )
+
+
+def test_scan_pages_until_an_empty_page_without_embedded(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    # totalPages overstates: the third page is empty and Spring leaves _embedded out.
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0)],
+        json=envelope([client_json("a"), client_json("b")], total=4, total_pages=4),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(1)],
+        json=envelope([client_json("c")], number=1, total=4, total_pages=4),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(2)],
+        json=envelope(None, number=2, total=4, total_pages=4),
+    )
+    assert [r.client_id for r in make_connector(fake_time).scan()] == ["a", "b", "c"]
+    assert len(wire.calls) == 3
+
+
+def test_scan_stops_at_the_last_page_without_asking_for_more(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0)],
+        json=envelope([client_json("a"), client_json("b")], total=3, total_pages=2),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(1)],
+        json=envelope([client_json("c")], number=1, total=3, total_pages=2),
+    )
+    assert [r.client_id for r in make_connector(fake_time).scan()] == ["a", "b", "c"]
+    assert len(wire.calls) == 2
+
+
+def test_scan_streams_one_page_at_a_time(wire: responses.RequestsMock, fake_time: FakeTime) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0)],
+        json=envelope([client_json("a"), client_json("b")], total=3, total_pages=2),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(1)],
+        json=envelope([client_json("c")], number=1, total=3, total_pages=2),
+    )
+    records = make_connector(fake_time).scan()
+    assert next(records).client_id == "a"
+    assert len(wire.calls) == 1
+
+
+def test_scan_refuses_a_page_number_phorest_did_not_honour(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        json=envelope([client_json("a"), client_json("b")], total=4, total_pages=2),
+    )
+    with pytest.raises(PermanentError) as raised:
+        list(make_connector(fake_time).scan())
+    assert raised.value.title == "bad_response"
+    assert len(wire.calls) == 2
+
+
+# -- changes() ----------------------------------------------------------------------
+
+CURSOR = "2026-01-02T03:04:05.000Z"
+SENT_UPDATED_AFTER = "2026-01-02T03:02:05.000Z"  # the cursor minus the 2-minute overlap
+UNFILTERED_COUNT = matchers.query_param_matcher({**LIST_FLAGS, "size": "1"})
+
+
+def test_changes_asks_from_the_cursor_minus_the_overlap_and_returns_the_newest_update(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    rows = [
+        client_json("a", updatedAt="2026-01-02T03:03:00.000Z"),
+        client_json("b", updatedAt="2026-01-02T03:10:00.123Z"),
+    ]
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0, updatedAfter=SENT_UPDATED_AFTER)],
+        json=envelope(rows),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[UNFILTERED_COUNT],
+        json=envelope([client_json()], total=500, size=1),
+    )
+    changes = make_connector(fake_time).changes(CURSOR)
+    assert client_ids(changes.records) == ["a", "b"]
+    assert changes.cursor == "2026-01-02T03:10:00.123Z"
+    assert changes.full is False
+
+
+def test_changes_keeps_the_cursor_when_only_the_overlap_came_back(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    rows = [client_json("a", updatedAt="2026-01-02T03:03:00.000Z")]
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0, updatedAfter=SENT_UPDATED_AFTER)],
+        json=envelope(rows),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[UNFILTERED_COUNT],
+        json=envelope([client_json()], total=500, size=1),
+    )
+    assert make_connector(fake_time).changes(CURSOR).cursor == CURSOR
+
+
+def test_changes_with_nothing_new_keeps_the_cursor_and_skips_the_count(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0, updatedAfter=SENT_UPDATED_AFTER)],
+        json=envelope([], total=0),
+    )
+    changes = make_connector(fake_time).changes(CURSOR)
+    assert (changes.records, changes.cursor, changes.full) == ((), CURSOR, False)
+    assert len(wire.calls) == 1
+
+
+def test_changes_flags_a_full_answer_when_phorest_ignored_the_filter(
+    wire: responses.RequestsMock, fake_time: FakeTime, captured_log: io.StringIO
+) -> None:
+    rows = [
+        client_json("old", updatedAt="2020-01-01T00:00:00.000Z"),
+        client_json("new", updatedAt="2026-01-02T03:10:00.000Z"),
+    ]
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0, updatedAfter=SENT_UPDATED_AFTER)],
+        json=envelope(rows, total=2),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[UNFILTERED_COUNT],
+        json=envelope([client_json()], total=2, size=1),
+    )
+    changes = make_connector(fake_time).changes(CURSOR)
+    assert changes.full is True
+    assert client_ids(changes.records) == ["old", "new"]
+    assert "phorest_filter_ignored" in captured_log.getvalue()
+
+
+def test_changes_where_every_client_really_changed_is_not_flagged_full(
+    wire: responses.RequestsMock, fake_time: FakeTime, captured_log: io.StringIO
+) -> None:
+    rows = [client_json("a", updatedAt="2026-01-02T03:10:00.000Z")]
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0, updatedAfter=SENT_UPDATED_AFTER)],
+        json=envelope(rows, total=1),
+    )
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[UNFILTERED_COUNT],
+        json=envelope([client_json()], total=1, size=1),
+    )
+    changes = make_connector(fake_time).changes(CURSOR)
+    assert (client_ids(changes.records), changes.full) == (["a"], False)
+    assert "phorest_filter_ignored" not in captured_log.getvalue()
+
+
+@pytest.mark.parametrize("cursor", [None, "", "yesterday"], ids=["none", "empty", "garbage"])
+def test_changes_without_a_usable_cursor_is_a_full_scan(
+    wire: responses.RequestsMock, fake_time: FakeTime, cursor: str | None
+) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        match=[page_query(0)],
+        json=envelope([client_json("a", updatedAt="2026-01-02T03:10:00.000+0000")]),
+    )
+    changes = make_connector(fake_time).changes(cursor)
+    assert changes.full is True
+    assert changes.cursor == "2026-01-02T03:10:00.000Z"
+    assert "updatedAfter" not in str(wire.calls[0].request.url)
+
+
+# -- Record mapping -----------------------------------------------------------------
+
+FORGOTTEN = {
+    "firstName": "Anonymous",
+    "lastName": "",
+    "email": None,
+    "mobile": None,
+    "emailMarketingConsent": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "state", "merged_into"),
+    [
+        pytest.param({}, "active", None, id="active"),
+        pytest.param({"archived": True}, "archived", None, id="archived"),
+        pytest.param({"deleted": True, "archived": True}, "deleted", None, id="deleted"),
+        pytest.param(
+            {"mergedToClientId": "Survivor", "deleted": True},
+            "merged",
+            "Survivor",
+            id="merged-wins",
+        ),
+        pytest.param(FORGOTTEN, "forgotten", None, id="forgotten"),
+        pytest.param(
+            {**FORGOTTEN, "archived": True}, "forgotten", None, id="forgotten-while-archived"
+        ),
+        pytest.param({**FORGOTTEN, "firstName": ""}, "forgotten", None, id="forgotten-blank"),
+        pytest.param({"email": None, "mobile": None}, "active", None, id="named-without-contact"),
+        pytest.param(
+            {**FORGOTTEN, "email": SEEDED_EMAIL}, "active", None, id="anonymous-with-email"
+        ),
+    ],
+)
+def test_records_map_phorest_states(
+    wire: responses.RequestsMock,
+    fake_time: FakeTime,
+    overrides: dict[str, Any],
+    state: str,
+    merged_into: str | None,
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([client_json(**overrides)]))
+    [record] = make_connector(fake_time).scan()
+    assert record.state == state
+    assert record.merged_into == merged_into
+
+
+def test_a_record_carries_identity_consent_version_and_dates(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([client_json(email="")]))
+    [record] = make_connector(fake_time).scan()
+    assert record == ClientRecord(
+        client_id=CLIENT_ID,
+        email=None,  # Phorest's "" means no address
+        mobile=SEEDED_MOBILE,
+        first_name=SEEDED_FIRST_NAME,
+        last_name=SEEDED_LAST_NAME,
+        email_consent=True,
+        state="active",
+        version=4,
+        updated_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        created_at=datetime(2024, 3, 1, 10, 0, tzinfo=UTC),
+        last_visit=date(2025, 10, 21),
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"version": None}, id="no-version"),
+        pytest.param({"version": "4"}, id="string-version"),
+        pytest.param({"updatedAt": "last tuesday"}, id="bad-updated-at"),
+        pytest.param({"clientId": ""}, id="blank-id"),
+    ],
+)
+def test_a_client_we_cannot_key_or_order_is_a_bad_response(
+    wire: responses.RequestsMock, fake_time: FakeTime, overrides: dict[str, Any]
+) -> None:
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([client_json(**overrides)]))
+    with pytest.raises(PermanentError) as raised:
+        list(make_connector(fake_time).scan())
+    assert raised.value.title == "bad_response"
+
+
+def test_unparseable_optional_dates_are_left_out(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(
+        responses.GET, CLIENTS_URL, json=envelope([client_json(createdAt=None, lastVisit="never")])
+    )
+    [record] = make_connector(fake_time).scan()
+    assert (record.created_at, record.last_visit) == (None, None)
+
+
+# -- apply(): withdraw_consent -------------------------------------------------------
+
+
+def test_withdraw_consent_puts_back_the_whole_client_with_only_the_flag_flipped(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    stored = client_json()
+    expected_put = {**stored, "emailMarketingConsent": False}
+    script.add(responses.GET, CLIENT_URL, json=stored)
+    script.add(
+        responses.PUT,
+        CLIENT_URL,
+        match=[matchers.json_params_matcher(expected_put)],
+        json={**expected_put, "version": 5},
+    )
+    script.add(responses.GET, CLIENT_URL, json={**expected_put, "version": 5})
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["GET", "PUT", "GET"]
+    put = script.calls[1].request
+    assert (
+        json.loads(cast(bytes, put.body)) == expected_put
+    )  # version 4 travels back, SMS consent untouched
+    assert put.headers["Content-Type"] == "application/json"
+
+
+def test_withdraw_consent_does_nothing_when_already_withdrawn(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(responses.GET, CLIENT_URL, json=client_json(emailMarketingConsent=False))
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("done", "already")
+    assert methods(wire) == ["GET"]
+
+
+def test_a_stale_version_is_reread_and_retried_once(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=4))
+    script.add(responses.PUT, CLIENT_URL, status=409)
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=5, notes="edited by staff"))
+    script.add(
+        responses.PUT,
+        CLIENT_URL,
+        match=[
+            matchers.json_params_matcher(
+                client_json(version=5, notes="edited by staff", emailMarketingConsent=False)
+            )
+        ],
+        json=client_json(version=6, emailMarketingConsent=False),
+    )
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=6, emailMarketingConsent=False))
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["GET", "PUT", "GET", "PUT", "GET"]
+
+
+def test_a_second_stale_version_is_permanent(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    for version in (4, 5):
+        script.add(responses.GET, CLIENT_URL, json=client_json(version=version))
+        script.add(responses.PUT, CLIENT_URL, status=409)
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("permanent", "stale_version")
+    assert methods(script) == ["GET", "PUT", "GET", "PUT"]
+
+
+def test_a_replayed_put_that_meets_its_own_write_ends_as_already(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    # The first PUT landed but its answer was lost; the replay finds a new version.
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=4))
+    script.add(responses.PUT, CLIENT_URL, body=requests.ReadTimeout())
+    script.add(responses.PUT, CLIENT_URL, status=409)
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=5, emailMarketingConsent=False))
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("done", "already")
+
+
+def test_a_put_that_did_not_stick_fails_verification(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    script.add(responses.GET, CLIENT_URL, json=client_json())
+    script.add(responses.PUT, CLIENT_URL, json=client_json(version=5))
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=5))
+    [outcome] = make_connector(fake_time).apply([action()])
+    assert (outcome.status, outcome.reason) == ("permanent", "verify_failed")
+
+
+def test_dry_run_reads_but_sends_no_put(
+    wire: responses.RequestsMock, fake_time: FakeTime, captured_log: io.StringIO
+) -> None:
+    wire.add(responses.GET, CLIENT_URL, json=client_json())
+    [outcome] = make_connector(fake_time).apply([action()], dry_run=True)
+    assert (outcome.status, outcome.reason) == ("done", "dry_run")
+    assert methods(wire) == ["GET"]
+    line = next(
+        line for line in captured_log.getvalue().splitlines() if "would_withdraw_consent" in line
+    )
+    assert "(dry run)" in line
+
+
+@pytest.mark.parametrize(
+    ("bad_action", "reason"),
+    [
+        pytest.param(action(kind="unsubscribe"), "unsupported_action", id="mailchimp-kind"),
+        pytest.param(action(kind="erase"), "unsupported_action", id="erase"),
+        pytest.param(action(client_id=None), "missing_client_id", id="no-client-id"),
+    ],
+)
+def test_actions_phorest_cannot_do_are_permanent_without_a_call(
+    wire: responses.RequestsMock, fake_time: FakeTime, bad_action: Action, reason: str
+) -> None:
+    [outcome] = make_connector(fake_time).apply([bad_action])
+    assert (outcome.status, outcome.reason) == ("permanent", reason)
+    assert len(wire.calls) == 0
+
+
+def test_apply_answers_every_action_in_order(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(responses.GET, f"{CLIENTS_URL}/gone", status=404)
+    wire.add(
+        responses.GET, f"{CLIENTS_URL}/done", json=client_json("done", emailMarketingConsent=False)
+    )
+    actions = [action(client_id="gone"), action(kind="subscribe"), action(client_id="done")]
+    outcomes = make_connector(fake_time).apply(actions)
+    assert [o.action for o in outcomes] == actions
+    assert [o.reason for o in outcomes] == ["not_found", "unsupported_action", "already"]
+
+
+# -- Logs hold no personal data -------------------------------------------------------
+
+
+@pytest.fixture
+def captured_log() -> Iterator[io.StringIO]:
+    """syncd.log configured at debug into a StringIO; logging restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    syncd_log.configure(level="debug", fmt="json", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def exercise_everything(wire: responses.RequestsMock, fake_time: FakeTime) -> None:
+    """Scan, poll, withdraw (done, dry run, not found) and fail, all with seeded data."""
+    wire.add(responses.GET, CLIENTS_URL, json=envelope([client_json()], total=1))
+    wire.add(
+        responses.GET,
+        f"{CLIENTS_URL}/gone",
+        status=404,
+        json={"errorCode": "NOT_FOUND", "message": f"Client {SEEDED_EMAIL} not found"},
+    )
+    wire.add(responses.GET, CLIENT_URL, json=client_json())
+    wire.add(responses.PUT, CLIENT_URL, json=client_json(emailMarketingConsent=False))
+    wire.add(responses.GET, CLIENT_URL, json=client_json(emailMarketingConsent=False))
+    connector = make_connector(fake_time)
+    list(connector.scan())
+    connector.changes(CURSOR)
+    connector.apply([action(), action(client_id="gone")])
+    connector.apply([action()], dry_run=True)
+    connector.check()
+
+
+def test_a_seeded_email_or_name_never_reaches_the_rendered_log(
+    wire: responses.RequestsMock, fake_time: FakeTime, captured_log: io.StringIO
+) -> None:
+    exercise_everything(wire, fake_time)
+    output = captured_log.getvalue()
+    assert "phorest_page" in output and "phorest_put" in output
+    for value in SEEDED:
+        assert value not in output
+
+
+def test_the_connector_itself_logs_no_personal_data_before_redaction(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    # Redaction is the last line of defence; the events must be clean without it.
+    with structlog.testing.capture_logs() as events:
+        exercise_everything(wire, fake_time)
+    assert events
+    for value in SEEDED:
+        assert value not in repr(events)
+
+
+def test_errors_raised_to_the_caller_carry_no_personal_data(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(
+        responses.GET,
+        CLIENTS_URL,
+        status=400,
+        json={"errorCode": "BAD_REQUEST", "message": f"bad {SEEDED_EMAIL}"},
+    )
+    with pytest.raises(ConnectorError) as raised:
+        make_connector(fake_time, attempts=1).changes(CURSOR)
+    assert SEEDED_EMAIL not in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
