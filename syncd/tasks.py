@@ -1,0 +1,249 @@
+"""The durable task runner: planned actions become ledger tasks, tasks become vendor calls.
+
+"Insert before the call, outcome after" (STYLE 6): :func:`enqueue` writes one
+ledger task per planned action before anything is sent; :func:`run_due` claims
+due tasks with a compare-and-set, calls each connector's ``apply`` once per
+batch, then records every outcome (done, needs_person, failed, or back to
+pending with a later ``next_attempt_at``). If ``apply`` raises, every claimed
+task is pushed forward before the error propagates, so nothing spins.
+
+Personal data lives only in a pending task's payload (the ledger scrubs it at a
+final state); alerts and log lines carry processors, reasons, counts and task ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connectors.base import Action, Connector, Outcome
+from syncd.errors import IdentifierError, LedgerError
+from syncd.identity import SubjectKeys
+from syncd.ledger import Ledger, Task
+from syncd.reconcile import Planned
+from syncd.retry import RetryPolicy
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCHES_PER_RUN = 1000  # 500 x 1000: a 100k-task resync finishes in one run_due
+PAYLOAD_FIELDS = ("email", "new_email", "client_id", "first_name", "last_name", "fields")
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one :func:`run_due` did (or, in a dry run, would do).
+
+    Attributes:
+        counts: processor -> outcome status (done, retriable, permanent,
+            needs_person) -> number of tasks.
+        failed: tasks finished as ``failed`` (permanent, or out of retries).
+        skipped: due tasks another worker claimed first.
+        dry_run: whether nothing was claimed, sent or recorded.
+    """
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed: int = 0
+    skipped: int = 0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """False when any task failed."""
+        return self.failed == 0
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def enqueue(
+    ledger: Ledger, planned: Iterable[Planned], *, request_id: int | None = None
+) -> list[int]:
+    """Queue one task per planned action, before any call is made.
+
+    Args:
+        ledger: the ledger to write to.
+        planned: actions from :func:`syncd.reconcile.plan`.
+        request_id: the data-subject request these actions serve, if any.
+
+    Returns:
+        The task ids in order; a duplicate of an open task gives that task's id.
+
+    Raises:
+        LedgerError: SQLite failed (nothing is queued).
+    """
+    ids: list[int] = []
+    with ledger.transaction():
+        for item in planned:
+            action = item.action
+            ids.append(ledger.add_task(
+                action.subject_key, item.processor, action.kind, f"{item.rule}:{item.why}",
+                payload=_payload(action),
+                dedupe_key=f"{item.processor}:{action.kind}:{action.subject_key}",
+                request_id=request_id,
+            ))  # fmt: skip
+    log.info("tasks_enqueued", count=len(ids), unique=len(set(ids)))
+    return ids
+
+
+def run_due(
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    policy: RetryPolicy,
+    keys: SubjectKeys,
+    *,
+    now: datetime,
+    batch_size: int = 500,
+    dry_run: bool = False,
+) -> RunReport:
+    """Carry out the due tasks of every processor that has a connector.
+
+    Args:
+        ledger: the ledger holding the tasks (its clock decides what is due).
+        connectors: processor name -> connector.
+        policy: decides the next attempt time and when retries are exhausted.
+        keys: turns a forgotten address into its suppression key.
+        now: the current time, for ``next_attempt_at``.
+        batch_size: tasks per ``apply`` call.
+        dry_run: only ask each connector what it would do (one batch per
+            processor); nothing is claimed or recorded.
+
+    Returns:
+        The counts; falsy when a task failed.
+
+    Raises:
+        Exception: whatever a connector's ``apply`` raised, after every task
+            claimed for that call was pushed forward.
+        LedgerError: SQLite failed.
+    """
+    counts: dict[str, Counter[str]] = {}
+    failed = skipped = 0
+    for processor, connector in connectors.items():
+        tally, seen = counts.setdefault(processor, Counter()), set[int]()
+        for _ in range(1 if dry_run else MAX_BATCHES_PER_RUN):
+            due = [t for t in ledger.due_tasks(batch_size, processor) if t.id not in seen]
+            if not due:
+                break
+            seen.update(t.id for t in due)
+            if dry_run:
+                outcomes = connector.apply([_action(t) for t in due], dry_run=True)
+                tally.update(o.status for o in outcomes)
+                continue
+            with ledger.transaction():
+                claimed = [t for t in due if ledger.claim(t.id, "pending")]
+            skipped += len(due) - len(claimed)
+            if claimed:
+                failed += _run_batch(
+                    ledger, connector, processor, claimed, policy, keys, now, tally
+                )
+        else:
+            if not dry_run:
+                log.warning("tasks_batch_limit", processor=processor, batches=MAX_BATCHES_PER_RUN)
+    report = RunReport({p: dict(c) for p, c in counts.items()}, failed, skipped, dry_run)
+    log.info("tasks_run", counts=report.counts, failed=failed, skipped=skipped, dry_run=dry_run)
+    return report
+
+
+def _run_batch(
+    ledger: Ledger,
+    connector: Connector,
+    processor: str,
+    claimed: list[Task],
+    policy: RetryPolicy,
+    keys: SubjectKeys,
+    now: datetime,
+    tally: Counter[str],
+) -> int:
+    """Send one claimed batch and record its outcomes. Returns how many failed."""
+    ids = [t.id for t in claimed]
+    log.info("tasks_batch", processor=processor, count=len(ids), first_id=ids[0], last_id=ids[-1])
+    try:
+        outcomes = connector.apply([_action(t) for t in claimed], dry_run=False)
+        if len(outcomes) != len(claimed):
+            raise RuntimeError(f"{processor}: {len(outcomes)} outcomes for {len(claimed)} actions")
+    except BaseException as exc:
+        # STYLE 6: push the claimed work forward before re-raising, so it neither
+        # stays in flight nor comes straight back.
+        error = f"apply raised {type(exc).__name__}"
+        log.error("tasks_apply_raised", processor=processor, count=len(claimed), error=error)
+        try:
+            with ledger.transaction():
+                for task in claimed:
+                    ledger.retry_later(task.id, now + _delay(policy, task.attempts + 1), error)
+        except LedgerError:  # never mask the original error; release_stale_in_flight recovers
+            log.exception("tasks_push_forward_failed", processor=processor, count=len(claimed))
+        raise
+    alerts: Counter[tuple[str, str, str]] = Counter()
+    failed = 0
+    for task, outcome in zip(claimed, outcomes):
+        tally[outcome.status] += 1
+        with ledger.transaction():
+            alert = _record(ledger, processor, task, outcome, policy, keys, now)
+        if alert is not None:
+            alerts[alert] += 1
+            failed += alert[1] != "needs_person"
+    for (problem_key, kind, what), count in alerts.items():
+        summary = f"{processor}: {count} task(s) {what}; see the task list for details"
+        ledger.raise_alert(problem_key, kind, summary)
+    return failed
+
+
+def _record(
+    ledger: Ledger,
+    processor: str,
+    task: Task,
+    outcome: Outcome,
+    policy: RetryPolicy,
+    keys: SubjectKeys,
+    now: datetime,
+) -> tuple[str, str, str] | None:
+    """Write one outcome. Returns the alert it calls for as (problem_key, kind, what), or None."""
+    reason, rid, attempts = outcome.reason or "unknown", outcome.request_id, task.attempts + 1
+    log.debug("task_outcome", task_id=task.id, processor=processor, status=outcome.status,
+              reason=reason)  # fmt: skip
+    if outcome.status == "done":
+        ledger.finish(task.id, "done", vendor_request_id=rid)
+        return None
+    if outcome.status == "needs_person":
+        ledger.finish(task.id, "needs_person", error=reason, vendor_request_id=rid)
+        return f"needs_person:{processor}:{reason}", "needs_person", f"need a person ({reason})"
+    if outcome.status == "retriable" and not policy.exhausted(attempts):
+        hint = timedelta(seconds=min(outcome.retry_after_seconds or 0.0,
+                                     policy.persisted_max_delay_seconds))  # fmt: skip
+        next_at = now + max(_delay(policy, attempts), hint)
+        ledger.retry_later(task.id, next_at, f"retriable:{reason}")
+        return None
+    if outcome.status == "retriable":
+        ledger.finish(task.id, "failed", error=f"retries_exhausted:{reason}", vendor_request_id=rid)
+        return f"retries_exhausted:{processor}", "retries_exhausted", "ran out of retries"
+    if reason == "forgotten_email" and task.payload and task.payload.get("email"):
+        try:
+            ledger.suppress(keys.email(task.payload["email"]), "forgotten")
+        except IdentifierError:
+            log.warning("task_suppress_skipped", task_id=task.id, reason="bad_identifier")
+    ledger.finish(task.id, "failed", error=reason, vendor_request_id=rid)
+    return f"task_failed:{processor}:{reason}", "task_failed", f"failed ({reason})"
+
+
+def _delay(policy: RetryPolicy, attempts: int) -> timedelta:
+    """The wait after ``attempts`` tries: the first failure gets the policy's initial delay."""
+    return policy.next_attempt_delay(max(attempts - 1, 0))
+
+
+def _payload(action: Action) -> dict[str, Any]:
+    """The Action fields needed to rebuild it; empty values are left out."""
+    values = {name: getattr(action, name) for name in PAYLOAD_FIELDS}
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items() if v}
+
+
+def _action(task: Task) -> Action:
+    """Rebuild a task's Action (a payload-less task yields one the connector refuses)."""
+    payload = dict(task.payload or {})
+    payload["fields"] = tuple(payload.get("fields") or ())
+    known = {name: payload[name] for name in PAYLOAD_FIELDS if name in payload}
+    kind: Any = task.action  # an ActionKind: the ledger stores what enqueue was given
+    return Action(kind=kind, subject_key=task.subject_key, task_id=task.id, **known)

@@ -1,0 +1,270 @@
+"""The task runner against a real ledger file and the real connectors talking to a sandbox."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connectors
+from connectors.base import Action, Connector, Outcome
+from syncd import config
+from syncd.identity import SubjectKeys
+from syncd.ledger import Ledger
+from syncd.reconcile import Planned
+from syncd.retry import RetryPolicy
+from syncd.sandbox.app import Sandbox
+from syncd.tasks import RunReport, enqueue, run_due
+from tests.support import FakeClock
+
+POLICY = RetryPolicy(budget=3)
+_serial = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(clients=80, seed=7, smtp_port=None) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def settings(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> config.Settings:
+    return config.load(sandbox.write_config(tmp_path_factory.mktemp("tasks") / "syncd.toml"))
+
+
+@pytest.fixture(scope="module")
+def keys(settings: config.Settings) -> SubjectKeys:
+    secret = settings.identity.hmac_key
+    assert secret is not None
+    return SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
+
+
+@pytest.fixture(scope="module")
+def live(settings: config.Settings) -> dict[str, Connector]:
+    build = lambda kind, section: connectors.load(kind)(  # noqa: E731
+        section, retry=RetryPolicy(attempts=2), sleep=lambda _: None
+    )
+    return {"mailchimp": build("mailchimp", settings.mailchimp),
+            "phorest": build("phorest", settings.phorest)}  # fmt: skip
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: FakeClock) -> Iterator[Ledger]:
+    with Ledger.open(tmp_path / "ledger.sqlite3", clock=clock) as opened:
+        yield opened
+
+
+def new_email(sandbox: Sandbox, status: str | None = "subscribed") -> str:
+    """A fresh address, seeded into the sandbox audience with ``status`` (None: not seeded)."""
+    email = f"tasks-{next(_serial)}@example.com"
+    if status is not None:
+        sandbox.mailchimp.add_member(email, status, {"FNAME": "Ada", "LNAME": "Lovelace"})
+    return email
+
+
+def mailchimp(keys: SubjectKeys, kind: str, email: str, why: str = "test") -> Planned:
+    names = {"first_name": "Ada", "last_name": "Lovelace"}
+    action = Action(kind, keys.email(email), email=email, **names)  # type: ignore[arg-type]
+    return Planned("mailchimp", action, "R2", why)
+
+
+def run(ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys, clock: FakeClock,
+        **kwargs: Any) -> RunReport:  # fmt: skip
+    return run_due(ledger, live, POLICY, keys, now=clock.now, **kwargs)
+
+
+def alert_keys(ledger: Ledger) -> list[str]:
+    return [alert.problem_key for alert in ledger.open_alerts()]
+
+
+def test_unsubscribe_runs_and_leaves_evidence_without_personal_data(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    email = new_email(sandbox)
+    [task_id] = enqueue(ledger, [mailchimp(keys, "unsubscribe", email, "phorest_opt_out")])
+    pending = ledger.task(task_id)
+    assert pending is not None and pending.payload == {
+        "email": email, "first_name": "Ada", "last_name": "Lovelace"}  # fmt: skip
+    assert pending.reason == "R2:phorest_opt_out"
+
+    report = run(ledger, live, keys, clock)
+
+    assert report and report.counts["mailchimp"] == {"done": 1}
+    assert sandbox.mailchimp.member(email)["status"] == "unsubscribed"  # type: ignore[index]
+    task = ledger.task(task_id)
+    assert task is not None and task.state == "done" and task.attempts == 1
+    assert task.payload is None and task.dedupe_key is None
+    [event] = ledger.audit_events(keys.email(email))
+    assert (event.processor, event.action, event.outcome, event.task_id) == (
+        "mailchimp", "unsubscribe", "done", task_id)  # fmt: skip
+
+
+def test_the_same_open_action_is_queued_once(
+    sandbox: Sandbox, ledger: Ledger, keys: SubjectKeys
+) -> None:
+    planned = mailchimp(keys, "unsubscribe", new_email(sandbox))
+    first = enqueue(ledger, [planned])
+    assert enqueue(ledger, [planned, planned]) == first * 2
+    assert ledger.count_tasks_by_state()["pending"] == 1
+
+
+def test_refused_resubscribes_need_a_person_and_raise_one_alert(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    one = new_email(sandbox, "unsubscribed")
+    [task_id] = enqueue(ledger, [mailchimp(keys, "subscribe", one)])
+    report = run(ledger, live, keys, clock)
+    assert report.counts["mailchimp"] == {"needs_person": 1} and report.failed == 0
+    assert ledger.task(task_id).state == "needs_person"  # type: ignore[union-attr]
+    assert sandbox.mailchimp.member(one)["status"] == "unsubscribed"  # type: ignore[index]
+    assert alert_keys(ledger) == ["needs_person:mailchimp:needs_client_resubscribe"]
+
+    ten = [new_email(sandbox, "unsubscribed") for _ in range(10)]  # one batch call
+    enqueue(ledger, [mailchimp(keys, "subscribe", email) for email in ten])
+    assert run(ledger, live, keys, clock).counts["mailchimp"] == {"needs_person": 10}
+    assert alert_keys(ledger) == ["needs_person:mailchimp:needs_client_resubscribe"]
+    [alert] = ledger.open_alerts()
+    assert not any(email in alert.summary for email in [one, *ten])
+
+
+def test_a_permanently_deleted_address_fails_and_is_suppressed(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    email = new_email(sandbox, status=None)
+    sandbox.mailchimp.forget(email)
+    [task_id] = enqueue(ledger, [mailchimp(keys, "subscribe", email)])
+
+    report = run(ledger, live, keys, clock)
+
+    assert not report and report.failed == 1
+    task = ledger.task(task_id)
+    assert task is not None and task.state == "failed" and task.last_error == "forgotten_email"
+    assert ledger.is_suppressed(keys.email(email))
+    assert alert_keys(ledger) == ["task_failed:mailchimp:forgotten_email"]
+    assert sandbox.mailchimp.member(email) is None
+
+
+def test_server_errors_back_off_then_exhaust_the_budget(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    email = new_email(sandbox)
+    [task_id] = enqueue(ledger, [mailchimp(keys, "unsubscribe", email)])
+    sandbox.traffic.faults["mailchimp"].rate_5xx = 1.0
+    try:
+        report = run(ledger, live, keys, clock)
+        assert report.counts["mailchimp"] == {"retriable": 1} and report
+        task = ledger.task(task_id)
+        assert task is not None and task.state == "pending" and task.attempts == 1
+        assert task.next_attempt_at > clock.now
+        assert run(ledger, live, keys, clock).counts["mailchimp"] == {}  # not due yet
+
+        for _ in range(POLICY.budget - 1):
+            waiting = ledger.task(task_id)
+            assert waiting is not None
+            clock.now = waiting.next_attempt_at + timedelta(seconds=1)
+            report = run(ledger, live, keys, clock)
+    finally:
+        sandbox.traffic.faults["mailchimp"].rate_5xx = 0.0
+
+    assert not report and report.failed == 1
+    task = ledger.task(task_id)
+    assert task is not None and task.state == "failed" and task.attempts == POLICY.budget
+    assert alert_keys(ledger) == ["retries_exhausted:mailchimp"]
+    assert sandbox.mailchimp.member(email)["status"] == "subscribed"  # type: ignore[index]
+
+
+def test_withdraw_consent_reaches_phorest(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    client = next(
+        c for c in sandbox.phorest.snapshot_clients()
+        if c["emailMarketingConsent"] and not (c["deleted"] or c["archived"])
+    )
+    client_id = client["clientId"]
+    action = Action("withdraw_consent", keys.client_id(client_id), client_id=client_id)
+    [task_id] = enqueue(ledger, [Planned("phorest", action, "R2", "mailchimp_opt_out")])
+
+    assert run(ledger, live, keys, clock).counts == {"phorest": {"done": 1}, "mailchimp": {}}
+
+    stored = sandbox.phorest.client(client_id)
+    assert stored is not None and stored["emailMarketingConsent"] is False
+    assert ledger.task(task_id).state == "done"  # type: ignore[union-attr]
+
+
+def test_dry_run_changes_nothing(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    email = new_email(sandbox)
+    [task_id] = enqueue(ledger, [mailchimp(keys, "unsubscribe", email)])
+    before = ledger.task(task_id)
+
+    report = run(ledger, live, keys, clock, dry_run=True)
+
+    assert report.dry_run and report.counts["mailchimp"] == {"done": 1}
+    assert sandbox.mailchimp.member(email)["status"] == "subscribed"  # type: ignore[index]
+    assert ledger.task(task_id) == before
+    assert ledger.audit_events() == []
+
+
+class _Exploding:
+    """A connector whose apply fails outright (a bug, not an outcome)."""
+
+    name = "mailchimp"
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        raise RuntimeError("boom")
+
+
+def test_an_exception_from_apply_pushes_claimed_tasks_forward_and_propagates(
+    sandbox: Sandbox, ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    ids = enqueue(ledger, [mailchimp(keys, "unsubscribe", new_email(sandbox)) for _ in range(3)])
+
+    with pytest.raises(RuntimeError, match="boom"):
+        exploding: Any = _Exploding()
+        run_due(ledger, {"mailchimp": exploding}, POLICY, keys, now=clock.now)
+
+    for task_id in ids:
+        task = ledger.task(task_id)
+        assert task is not None and task.state == "pending" and task.attempts == 1
+        assert task.next_attempt_at > clock.now
+        assert task.last_error == "apply raised RuntimeError"
+    assert ledger.due_tasks(10) == []
+
+
+def test_no_address_stays_in_the_ledger_file_once_tasks_finish(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    forgotten = new_email(sandbox, status=None)
+    sandbox.mailchimp.forget(forgotten)
+    emails = [new_email(sandbox), new_email(sandbox, "unsubscribed"), forgotten]
+    seeded = [m["email_address"] for m in sandbox.mailchimp.snapshot_members()[:20]]
+    planned = [mailchimp(keys, "unsubscribe", emails[0]), mailchimp(keys, "subscribe", emails[1]),
+               mailchimp(keys, "subscribe", emails[2])]  # fmt: skip
+    planned += [mailchimp(keys, "update_names", email) for email in seeded]
+    enqueue(ledger, planned)
+
+    run(ledger, live, keys, clock)
+
+    assert ledger.count_tasks_by_state()["pending"] == 0
+    assert ledger.checkpoint()
+    data = b"".join(p.read_bytes() for p in Path(ledger.path).parent.glob("ledger.sqlite3*"))
+    assert b"Lovelace" not in data
+    for email in emails + seeded:
+        assert email.encode() not in data
