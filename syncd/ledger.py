@@ -180,7 +180,16 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_pending ON inbox (processed_at, id);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1_INITIAL, _V2_INBOX)
+# What a full resync learns about a subject's opt-outs and opt-ins (R2), stamped
+# with the processor's own times, and whether Mailchimp refused a re-subscribe.
+_V3_SUBJECT_OPT_TIMES = """
+ALTER TABLE subjects ADD COLUMN opted_out_at TEXT;
+ALTER TABLE subjects ADD COLUMN opted_in_at TEXT;
+ALTER TABLE subjects ADD COLUMN resubscribe_refused INTEGER NOT NULL DEFAULT 0
+    CHECK (resubscribe_refused IN (0, 1));
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -194,6 +203,18 @@ class Subject:
     restricted: bool
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SubjectFacts:
+    """What the ledger knows about a subject's marketing state (see :meth:`Ledger.subject_facts`)."""
+
+    subject_key: str
+    consent: bool | None
+    restricted: bool
+    opted_out_at: datetime | None
+    opted_in_at: datetime | None
+    resubscribe_refused: bool
 
 
 @dataclass(frozen=True)
@@ -278,7 +299,7 @@ class InboxEvent:
     outcome: str | None
 
 
-_Row = TypeVar("_Row", Subject, Task, Request, AuditEvent, Alert, InboxEvent)
+_Row = TypeVar("_Row", Subject, SubjectFacts, Task, Request, AuditEvent, Alert, InboxEvent)
 _KEEP: Any = object()  # "leave this column as it is" in upsert_subject
 
 
@@ -304,7 +325,7 @@ def _from_row(cls: type[_Row], row: sqlite3.Row) -> _Row:
         if value is not None:
             if field.name == "at" or field.name.endswith("_at"):
                 value = _from_text(value)
-            elif field.name in ("consent", "restricted"):
+            elif field.name in ("consent", "restricted", "resubscribe_refused"):
                 value = bool(value)
             elif field.name == "payload":
                 value = json.loads(value)
@@ -742,25 +763,65 @@ class Ledger:
         consent: bool | None = _KEEP,
         consent_at: datetime | None = _KEEP,
         restricted: bool = _KEEP,
+        opted_out_at: datetime | None = _KEEP,
+        opted_in_at: datetime | None = _KEEP,
+        resubscribe_refused: bool = _KEEP,
     ) -> None:
         """Create the subject or update the columns passed (others keep their value).
 
         Raises:
             LedgerError: SQLite failed.
         """
-        given = {"consent": consent, "consent_at": consent_at, "restricted": restricted}
+        given = {
+            "consent": consent, "consent_at": consent_at, "restricted": restricted,
+            "opted_out_at": opted_out_at, "opted_in_at": opted_in_at,
+            "resubscribe_refused": resubscribe_refused,
+        }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
-        if isinstance(given.get("consent_at"), datetime):
-            given["consent_at"] = _to_text(given["consent_at"])
-        row = {"consent": None, "consent_at": None, "restricted": False, **given}
+        for name, value in given.items():
+            if isinstance(value, datetime):
+                given[name] = _to_text(value)
+        row = {"restricted": False, "resubscribe_refused": False, **given}
+        # Column names are literals from this method, never input.
+        names = list(row)
         updates = "".join(f"{name} = excluded.{name}, " for name in given)
         now = self._now()
         self._run(
-            "INSERT INTO subjects (subject_key, consent, consent_at, restricted, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (subject_key) DO UPDATE SET "
-            f"{updates}updated_at = excluded.updated_at",
-            (subject_key, row["consent"], row["consent_at"], row["restricted"], now, now),
+            f"INSERT INTO subjects (subject_key, {', '.join(names)}, created_at, updated_at)"
+            f" VALUES ({', '.join('?' * (len(names) + 3))}) ON CONFLICT (subject_key) DO UPDATE"
+            f" SET {updates}updated_at = excluded.updated_at",
+            (subject_key, *row.values(), now, now),
         )
+
+    def subject_facts(self, subject_keys: Sequence[str]) -> dict[str, SubjectFacts]:
+        """The marketing facts of every known subject among ``subject_keys``.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        found: dict[str, SubjectFacts] = {}
+        for start in range(0, len(subject_keys), KEYS_PER_QUERY):
+            batch = list(subject_keys[start : start + KEYS_PER_QUERY])
+            marks = ", ".join("?" * len(batch))
+            sql = f"SELECT {_columns(SubjectFacts)} FROM subjects WHERE subject_key IN ({marks})"
+            for row in self._run(sql, batch):
+                facts = _from_row(SubjectFacts, row)
+                found[facts.subject_key] = facts
+        return found
+
+    def suppressed_among(self, identifier_keys: Sequence[str]) -> set[str]:
+        """Which of ``identifier_keys`` are on the suppression list.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        found: set[str] = set()
+        for start in range(0, len(identifier_keys), KEYS_PER_QUERY):
+            batch = list(identifier_keys[start : start + KEYS_PER_QUERY])
+            marks = ", ".join("?" * len(batch))
+            sql = f"SELECT identifier_key FROM suppression WHERE identifier_key IN ({marks})"
+            found.update(str(row[0]) for row in self._run(sql, batch))
+        return found
 
     def subject(self, subject_key: str) -> Subject | None:
         """The subject with this key, or None.
