@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a syncd config pointing at the sandbox (secrets beside it)")
     sandbox.set_defaults(handler=cmd_sandbox)
 
+    resync = commands.add_parser(
+        "resync",
+        help="reconcile Phorest and Mailchimp fully, now",
+        description="Read every Phorest client and Mailchimp member, decide what the rules "
+        "require, and carry it out. With --dry-run, print the differences and change nothing.",
+        parents=[common],
+    )
+    resync.add_argument("--dry-run", action="store_true",
+                        help="print what would be done, change nothing")
+    resync.add_argument("--processor", choices=["mailchimp", "phorest"], default=None,
+                        help="only apply actions on this processor")
+    resync.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    resync.set_defaults(handler=cmd_resync)
+
     parser.set_defaults(handler=_help_for(parser))
     return parser
 
@@ -214,6 +228,113 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         stop.wait()
     print("sandbox stopped", file=sys.stderr)
     return EXIT_OK
+
+
+RESYNC_ROWS_SHOWN = 50
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
+    import connectors
+    from syncd import engine
+    from syncd.identity import SubjectKeys
+    from syncd.ledger import Ledger
+
+    settings = load_settings(args)
+    sections = {name: section for name, section in settings.sections()
+                if name in engine.PROCESSORS and section.is_active()}
+    missing = [name for name in engine.PROCESSORS if name not in sections]
+    if missing:
+        raise ConfigError([f"resync needs the [{name}] section" for name in missing])
+    built = {name: connectors.load(name)(section) for name, section in sections.items()}
+    secret = settings.identity.hmac_key
+    if secret is None:
+        raise ConfigError(["identity.hmac_key is not set"])
+    keys = SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
+    processors = [args.processor] if args.processor else None
+    with Ledger.open(settings.ledger.path) as ledger:
+        with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
+            result = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
+                                   progress=progress, processors=processors)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        _print_resync(result)
+    return EXIT_ERROR if result.failed else EXIT_OK
+
+
+class _ResyncProgress:
+    """A rich progress display on a terminal; a no-op callback otherwise."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._enabled = enabled
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str, int], None] | None:
+        if not self._enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn
+
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                  console=Console(stderr=True), transient=True)
+        self._progress.start()
+        return self._update
+
+    def _update(self, stage: str, count: int) -> None:
+        labels = {"phorest": "Phorest clients read", "mailchimp": "Mailchimp members read",
+                  "planned": "actions planned", "applied": "actions applied"}
+        text = f"{labels.get(stage, stage)}: {count}"
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(text, total=None)
+        self._progress.update(self._tasks[stage], description=text)
+
+    def __exit__(self, *_: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _print_resync(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    seen = f"{result.clients} Phorest clients, {result.members} Mailchimp members read"
+    if result.unusable_addresses:
+        seen += f"; {result.unusable_addresses} unusable address(es) ignored"
+    console.print(seen)
+    if not result.rows:
+        console.print("Nothing to do: Mailchimp and Phorest agree.")
+        return
+    title = "Differences (dry run: nothing changed)" if result.dry_run else "Actions taken"
+    table = Table(title=title)
+    for column in ("rule", "why", "processor", "action", "count"):
+        table.add_column(column, justify="right" if column == "count" else "left",
+                         overflow="fold")
+    for (processor, action, rule, why), count in sorted(
+        result.counts.items(), key=lambda item: (item[0][2], item[0][3], item[0][0], item[0][1])
+    ):
+        table.add_row(rule, why, processor, action, str(count))
+    console.print(table)
+    if result.dry_run:
+        rows = Table(title="Per client (Phorest client id; - = no client)")
+        for column in ("client", "processor", "action", "rule", "why"):
+            rows.add_column(column, overflow="fold")
+        for row in result.rows[:RESYNC_ROWS_SHOWN]:
+            rows.add_row(row.client_id, row.processor, row.action, row.rule, row.why)
+        console.print(rows)
+        more = len(result.rows) - RESYNC_ROWS_SHOWN
+        if more > 0:
+            console.print(f"... and {more} more (use --json for every row)")
+        return
+    report = result.report
+    outcomes = ", ".join(
+        f"{processor}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))
+        for processor, c in sorted(report.counts.items()) if c
+    ) or "none run"
+    console.print(f"{result.planned} action(s) planned; outcomes: {outcomes}; "
+                  f"{result.failed} failed")
 
 
 def _print_sandbox(sandbox: Any, config_path: Path | None) -> None:

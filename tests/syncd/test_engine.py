@@ -1,0 +1,202 @@
+"""The resync engine against a real sandbox, the real connectors and a real ledger file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import connectors
+from connectors.base import ClientRecord, Connector, MemberRecord
+from syncd import config
+from syncd.engine import ResyncResult, resync
+from syncd.identity import SubjectKeys, normalise_email
+from syncd.ledger import Ledger
+from syncd.reconcile import ERASED_CLIENT_STATES
+from syncd.retry import RetryPolicy
+from syncd.sandbox.app import Sandbox
+from tests.support import FakeClock
+
+CLIENTS, SEED = 150, 2
+POLICY = RetryPolicy(budget=8)
+
+
+@dataclass
+class World:
+    sandbox: Sandbox
+    settings: config.Settings
+    live: dict[str, Connector]
+    keys: SubjectKeys
+    ledger: Ledger
+    clock: FakeClock
+
+    def resync(self, **kwargs: object) -> ResyncResult:
+        return resync(self.settings, self.ledger, self.live, self.keys, now=self.clock.now,
+                      policy=POLICY, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with Sandbox(clients=CLIENTS, seed=SEED, smtp_port=None) as sandbox:
+        settings = config.load(sandbox.write_config(tmp_path / "syncd.toml"))
+        live: dict[str, Connector] = {
+            kind: connectors.load(kind)(
+                getattr(settings, kind), retry=RetryPolicy(attempts=2), sleep=lambda _: None
+            )
+            for kind in ("phorest", "mailchimp")
+        }
+        secret = settings.identity.hmac_key
+        assert secret is not None
+        keys = SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
+        clock = FakeClock()
+        with Ledger.open(settings.ledger.path, clock=clock) as ledger:
+            yield World(sandbox, settings, live, keys, ledger, clock)
+
+
+def _clients(world: World) -> list[ClientRecord]:
+    return [c for c in world.live["phorest"].scan() if isinstance(c, ClientRecord)]
+
+
+def _members(world: World) -> dict[str, MemberRecord]:
+    return {normalise_email(m.email): m for m in world.live["mailchimp"].scan()
+            if isinstance(m, MemberRecord)}  # fmt: skip
+
+
+def _governing(clients: list[ClientRecord]) -> dict[str, ClientRecord]:
+    """Per address, the client the engine's rule says governs it."""
+    best: dict[str, ClientRecord] = {}
+    for client in clients:
+        if not client.email:
+            continue
+        email = normalise_email(client.email)
+        current = best.get(email)
+        rank = (client.state not in ERASED_CLIENT_STATES, client.updated_at)
+        if current is None or rank > (current.state not in ERASED_CLIENT_STATES,
+                                      current.updated_at):  # fmt: skip
+            best[email] = client
+    return best
+
+
+def test_dry_run_lists_the_differences_and_changes_nothing(world: World) -> None:
+    members_before = world.sandbox.mailchimp.snapshot_members()
+    clients_before = world.sandbox.phorest.snapshot_clients()
+
+    result = world.resync(dry_run=True)
+
+    assert result.dry_run and result.report is None and result.failed == 0
+    assert result.planned == sum(result.counts.values()) > 0
+    kinds = {(processor, action) for processor, action, _rule, _why in result.counts}
+    assert {("mailchimp", "unsubscribe"), ("mailchimp", "subscribe"),
+            ("mailchimp", "erase"), ("phorest", "withdraw_consent")} <= kinds  # fmt: skip
+    ids = {c["clientId"] for c in clients_before}
+    assert all(row.client_id in ids or row.client_id == "-" for row in result.rows)
+    assert all("@" not in value for row in result.rows for value in row.__dict__.values())
+    assert world.sandbox.mailchimp.snapshot_members() == members_before
+    assert world.sandbox.phorest.snapshot_clients() == clients_before
+    assert not any(world.ledger.count_tasks_by_state().values())
+
+
+def test_resync_brings_mailchimp_in_line_with_phorest_and_a_second_one_plans_nothing(
+    world: World,
+) -> None:
+    before_clients = {c.client_id: c for c in _clients(world)}
+    before_members = _members(world)
+
+    result = world.resync()
+
+    assert result.failed == 0 and result.report is not None and result.report.ok
+    assert result.planned > 0
+    after_clients = _clients(world)
+    governing = _governing(after_clients)
+    members = _members(world)
+    for email, client in governing.items():
+        member = members.get(email)
+        if client.state in ERASED_CLIENT_STATES:
+            # R5: the member of a deleted/forgotten/merged client is gone for good.
+            assert member is None and world.sandbox.mailchimp.member(email) is None
+        elif not client.email_consent:
+            assert member is None or member.status not in ("subscribed", "pending")
+        elif client.state == "active":
+            # R1: subscribed, with the Phorest name and nothing else.
+            assert member is not None and member.status == "subscribed"
+            raw = world.sandbox.mailchimp.member(email)
+            assert raw is not None
+            fields = {k: v for k, v in raw["merge_fields"].items() if v not in ("", None, {})}
+            assert set(fields) <= {"FNAME", "LNAME"}
+            assert (member.first_name, member.last_name) == (
+                client.first_name.strip(), client.last_name.strip())
+    for email, member in members.items():
+        if email not in governing:  # an orphan: never marketed
+            assert member.status not in ("subscribed", "pending")
+    # R2: Phorest consent withdrawn exactly for clients opted out in Mailchimp only.
+    withdrawn = {c.client_id for c in after_clients
+                 if before_clients[c.client_id].email_consent and not c.email_consent}
+    opted_out = {
+        c.client_id for c in governing.values()
+        if before_clients[c.client_id].email_consent and c.state not in ERASED_CLIENT_STATES
+        and before_members.get(normalise_email(c.email or ""), None) is not None
+        and before_members[normalise_email(c.email or "")].status in ("unsubscribed", "cleaned")
+    }  # fmt: skip
+    assert withdrawn == opted_out and withdrawn
+    assert world.sandbox.mailchimp.confirmation_emails_sent == 0
+
+    again = world.resync(dry_run=True)
+    assert (again.planned, again.counts) == (0, {})
+
+
+def test_resync_with_processor_applies_only_that_processors_actions(world: World) -> None:
+    members_before = world.sandbox.mailchimp.snapshot_members()
+
+    result = world.resync(processors=["phorest"])
+
+    assert result.failed == 0 and {p for p, *_ in result.counts} == {"phorest"}
+    assert world.sandbox.mailchimp.snapshot_members() == members_before
+    remaining = world.resync(dry_run=True)
+    assert {p for p, *_ in remaining.counts} == {"mailchimp"}
+
+
+def test_resync_converges_despite_vendor_faults(world: World) -> None:
+    # Scans must survive on the in-call tier; writes may also be left to the persisted one.
+    world.live = {kind: connectors.load(kind)(getattr(world.settings, kind),
+                                              retry=RetryPolicy(attempts=6), sleep=lambda _: None)
+                  for kind in ("phorest", "mailchimp")}  # fmt: skip
+    faults = world.sandbox.traffic.faults["mailchimp"]
+    faults.rate_5xx, faults.rate_429, faults.rate_drop = 0.1, 0.05, 0.02
+    for _ in range(6):
+        result = world.resync()
+        assert result.failed == 0
+        open_tasks = world.ledger.count_tasks_by_state()
+        if not open_tasks.get("pending") and not world.resync(dry_run=True).planned:
+            break
+        world.clock.advance(hours=2)  # every persisted retry comes due
+    faults.rate_5xx = faults.rate_429 = faults.rate_drop = 0.0
+    injected = sum(n for (vendor, _m, _t, status), n in world.sandbox.traffic.counts.items()
+                   if vendor == "mailchimp" and status in (0, 429, 500, 502, 503, 504))
+    assert injected > 0  # the faults really happened
+    assert world.ledger.count_tasks_by_state().get("failed", 0) == 0
+    assert world.resync(dry_run=True).planned == 0
+    assert world.sandbox.mailchimp.confirmation_emails_sent == 0
+
+
+def test_an_opt_in_in_phorest_after_an_opt_out_is_honoured(world: World) -> None:
+    world.resync()
+    # A client whose consent syncd withdrew because they unsubscribed in Mailchimp.
+    members = _members(world)
+    client = next(
+        c for c in _clients(world)
+        if c.state == "active" and not c.email_consent and c.email
+        and getattr(members.get(normalise_email(c.email)), "status", None) == "unsubscribed"
+    )  # fmt: skip
+    assert world.resync(dry_run=True).planned == 0
+    world.sandbox.phorest.edit_client(client.client_id, emailMarketingConsent=True)
+
+    result = world.resync()
+
+    assert ("mailchimp", "subscribe", "R1", "opted_in_in_phorest_after_opt_out") in result.counts
+    assert result.failed == 0
+    member = world.sandbox.mailchimp.member(client.email or "")
+    assert member is not None and member["status"] in ("subscribed", "unsubscribed")
+    assert world.sandbox.mailchimp.confirmation_emails_sent == 0
+    assert world.resync(dry_run=True).planned == 0
