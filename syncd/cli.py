@@ -149,14 +149,26 @@ def _help_for(parser: argparse.ArgumentParser) -> Handler:
     return show_help
 
 
-def load_settings(args: argparse.Namespace, *, require_secrets: bool = True) -> config.Settings:
+def load_settings(
+    args: argparse.Namespace, *, require_secrets: bool = True, interactive: bool = False
+) -> config.Settings:
     """Load the configuration and apply its logging settings (``--log-level`` wins).
+
+    Args:
+        args: the parsed command line.
+        require_secrets: whether a missing required secret is an error.
+        interactive: a one-shot command whose own output is the report: its
+            log lines are kept to warnings and errors unless ``--log-level``
+            asks for more (``[logging] level`` is the daemon's).
 
     Raises:
         ConfigError: the configuration is unusable.
     """
     settings = config.load(args.config, require_secrets=require_secrets)
-    log.configure(args.log_level or settings.logging.level, settings.logging.format)
+    level = args.log_level or settings.logging.level
+    if interactive and not args.log_level and level in ("debug", "info"):
+        level = "warning"
+    log.configure(level, settings.logging.format)
     return settings
 
 
@@ -240,7 +252,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
     from syncd.identity import SubjectKeys
     from syncd.ledger import Ledger
 
-    settings = load_settings(args)
+    settings = load_settings(args, interactive=True)
     sections = {name: section for name, section in settings.sections()
                 if name in engine.PROCESSORS and section.is_active()}
     missing = [name for name in engine.PROCESSORS if name not in sections]
@@ -320,7 +332,7 @@ def _print_resync(result: Any) -> None:
     if result.dry_run:
         rows = Table(title="Per client (Phorest client id; - = no client)")
         for column in ("client", "processor", "action", "rule", "why"):
-            rows.add_column(column, overflow="fold")
+            rows.add_column(column, no_wrap=column == "client", overflow="fold")
         for row in result.rows[:RESYNC_ROWS_SHOWN]:
             rows.add_row(row.client_id, row.processor, row.action, row.rule, row.why)
         console.print(rows)
