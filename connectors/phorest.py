@@ -103,6 +103,24 @@ class PhorestConnector:
         for rows, _page in self._pages({}):
             yield from (_record(row) for row in rows)
 
+    def find_by_email(self, email: str) -> list[ClientRecord]:
+        """Clients holding ``email`` (archived and deleted included), via the ``email`` filter.
+
+        Phorest silently ignores a filter it does not know, so rows whose
+        address differs are dropped rather than trusted.
+
+        Raises:
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        wanted = email.strip().casefold()
+        return [
+            record
+            for rows, _page in self._pages({"email": email})
+            for record in map(_record, rows)
+            if record.email and record.email.strip().casefold() == wanted
+        ]
+
     def changes(self, cursor: str | None) -> Changes:
         """Clients updated since ``cursor`` minus an overlap; None or "" scans everything.
 

@@ -947,3 +947,14 @@ def test_errors_raised_to_the_caller_carry_no_personal_data(
         make_connector(fake_time, attempts=1).changes(CURSOR)
     assert SEEDED_EMAIL not in str(raised.value)
     assert raised.value.__cause__ is None and raised.value.__context__ is None
+
+
+def test_find_by_email_keeps_only_rows_whose_address_matches(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    """Phorest ignores filters it does not know, so a row with another address is dropped."""
+    rows = [client_json("c1", email=SEEDED_EMAIL.upper()), client_json("c2", email="x@example.com")]
+    wire.get(CLIENTS_URL, json=envelope(rows))
+    found = make_connector(fake_time).find_by_email(SEEDED_EMAIL)
+    assert [record.client_id for record in found] == ["c1"]
+    assert wire.calls[0].request.params["email"] == SEEDED_EMAIL
