@@ -14,6 +14,7 @@ test: $(STAMP)
 # Speed and memory are measured here, never by timed assertions in tests.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sandbox_scale.py
+	$(BIN)/python benchmarks/resync.py
 
 install: $(STAMP)
 
