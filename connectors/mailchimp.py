@@ -9,6 +9,17 @@ empty body comes back as a ``requests.Response`` with no exception, even for a 4
 Archived members are not asked for: the default listing leaves them out (sandbox assumption 1)
 and nothing needs them, since an erasure goes straight to the subscriber hash; should the real
 API list them, they arrive as ``status="archived"``.
+
+Writes on many members go as batch calls (``POST /lists/{id}``, 500 members each, A2.8):
+subscribes, and since the full-resync benchmark showed single PATCHes dominating the call count,
+unsubscribes too (``status: "unsubscribed"``, ``update_existing``). The trade-off: a batch is an
+upsert, so an unsubscribe of an address that is not on the list *adds* it as an unsubscribed
+member instead of answering 404, and the "absent" outcome is lost (it comes back "done"). That
+is accepted because the reconciler plans unsubscribes only for members its scan saw; a lone
+unsubscribe still goes as a PATCH and keeps the 404 -> "absent" answer. ``update_names`` and
+``clear_extra_fields`` stay PATCHes: every batch member needs a ``status`` (the emulator answers
+"Status is required." without one), an action does not carry the member's current status, and
+sending a guessed one would change the subscription (or resubscribe someone: never).
 """
 
 from __future__ import annotations
@@ -57,6 +68,8 @@ ROUTES: Mapping[str, tuple[str, str]] = {  # SDK method -> HTTP method, path tem
 }
 KINDS = frozenset({"subscribe", "unsubscribe", "update_names", "clear_extra_fields",
                    "move_email", "erase"})
+# Sent through the batch endpoint when a wave holds two or more of them (module docstring).
+BATCH_KINDS = frozenset({"subscribe", "unsubscribe"})
 # An erased address already satisfies these (reference assumption 5).
 FORGOTTEN_SATISFIES = frozenset({"unsubscribe", "update_names", "clear_extra_fields", "erase"})
 
@@ -143,7 +156,7 @@ class MailchimpConnector:
         """Carry out ``actions``; exactly one outcome per action, in order, never raising.
 
         Actions on one address run in the order given; the rest run concurrently (up to
-        ``max_connections``), two or more subscribes as one batch call per 500.
+        ``max_connections``), two or more subscribes or unsubscribes as one batch call per 500.
         """
         refusals = [_refusal(action) for action in actions]
         outcomes = {i: Outcome(actions[i], "permanent", r) for i, r in enumerate(refusals) if r}
@@ -157,10 +170,11 @@ class MailchimpConnector:
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
             for wave in _waves([actions[i] for i in todo]):
                 indexes = [todo[w] for w in wave]
-                subs = [i for i in indexes if actions[i].kind == "subscribe"]
-                jobs = [[i] for i in indexes if actions[i].kind != "subscribe" or len(subs) == 1]
-                if len(subs) > 1:
-                    jobs += [subs[n:n + BATCH_MEMBERS] for n in range(0, len(subs), BATCH_MEMBERS)]
+                many = [i for i in indexes if actions[i].kind in BATCH_KINDS]
+                jobs = [[i] for i in indexes
+                        if actions[i].kind not in BATCH_KINDS or len(many) == 1]
+                if len(many) > 1:
+                    jobs += [many[n:n + BATCH_MEMBERS] for n in range(0, len(many), BATCH_MEMBERS)]
                 for job, done in zip(jobs, pool.map(lambda job: self._run(actions, job), jobs)):
                     outcomes.update(zip(job, done))
         result = [outcomes[i] for i in range(len(actions))]
@@ -205,11 +219,12 @@ class MailchimpConnector:
         return Outcome(action, "done", request_id=response and response.headers.get("X-Request-Id"))
 
     def _batch(self, actions: Sequence[Action]) -> list[Outcome]:
-        """Up to 500 subscribes in one call; each ``errors`` entry mapped back by address."""
+        """Up to 500 subscribes and unsubscribes (distinct addresses: one wave) in one call.
+
+        Each ``errors`` entry is mapped back to its action by address. Never "pending" (R2).
+        """
         emails = [cast(str, a.email).strip() for a in actions]
-        members = [{"email_address": email, "status": "subscribed",
-                    "merge_fields": {"FNAME": a.first_name, "LNAME": a.last_name}}
-                   for email, a in zip(emails, actions)]
+        members = [_batch_member(email, a) for email, a in zip(emails, actions)]
         body = {"members": members, "update_existing": True}
         try:
             answer = self._call(self._lists.batch_list_members, self._list_id, body,
@@ -382,14 +397,27 @@ def _problem(text: Any) -> dict[str, Any]:
     return text if isinstance(text, dict) else {}
 
 
+def _batch_member(email: str, action: Action) -> dict[str, Any]:
+    """One ``members`` entry of a batch call, for a kind in :data:`BATCH_KINDS`."""
+    if action.kind == "unsubscribe":
+        return {"email_address": email, "status": "unsubscribed"}
+    return {"email_address": email, "status": "subscribed",
+            "merge_fields": {"FNAME": action.first_name, "LNAME": action.last_name}}
+
+
 def _batch_outcome(action: Action, error: Mapping[str, Any] | None) -> Outcome:
-    """One member's result in a batch; the ``error`` text names the address: never logged."""
+    """One member's result in a batch; the ``error`` text names the address: never logged.
+
+    Mapped as :meth:`MailchimpConnector._refused` maps the same titles for single calls.
+    """
     if error is None:
         return Outcome(action, "done")
     text = f"{error.get('error', '')} {error.get('error_code', '')}".lower()
     if "compliance state" in text:
         return Outcome(action, "needs_person", "needs_client_resubscribe")
     if "forgotten" in text or "permanently deleted" in text:
+        if action.kind in FORGOTTEN_SATISFIES:
+            return Outcome(action, "done", "forgotten")
         return Outcome(action, "permanent", "forgotten_email")
     return Outcome(action, "permanent", _slug(str(error.get("error_code") or "rejected")))
 

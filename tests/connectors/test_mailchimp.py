@@ -520,6 +520,114 @@ def test_batch_errors_are_mapped_back_to_their_actions_by_address(
     ]
 
 
+def test_1200_unsubscribes_go_as_three_batches_and_no_patch(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.POST, LIST_URL, json={"updated_members": [], "errors": []})
+    todo = [action("unsubscribe", f"p{n}@example.com") for n in range(1200)]
+    outcomes = make_connector().apply(todo)
+    assert [o.action for o in outcomes] == todo
+    assert {(o.status, o.reason) for o in outcomes} == {("done", None)}
+    assert [(c.request.method, c.request.url.split("?")[0]) for c in wire.calls] == [
+        ("POST", LIST_URL)
+    ] * 3
+    bodies = [body_of(call) for call in wire.calls]
+    assert sorted(len(b["members"]) for b in bodies) == [200, 500, 500]
+    assert all(b["update_existing"] is True for b in bodies)
+    assert all(query(call)["skip_merge_validation"] == ["true"] for call in wire.calls)
+    members = [m for b in bodies for m in b["members"]]
+    assert members[0] == {"email_address": "p0@example.com", "status": "unsubscribed"}
+    assert {m["status"] for m in members} == {"unsubscribed"}
+    assert all("pending" not in str(call.request.body) for call in wire.calls)
+
+
+def test_subscribes_and_unsubscribes_share_a_batch_while_updates_stay_patches(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.POST, LIST_URL, json={"errors": []})
+    names, extra = "n@example.com", "e@example.com"
+    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5(names)}", json=member_json(names))
+    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5(extra)}", json=member_json(extra))
+    todo = [subscribe("s@example.com"), action("unsubscribe", "u@example.com"),
+            action("update_names", names, first_name="Zed", last_name="Q"),
+            action("clear_extra_fields", extra, fields=("PHONE",))]
+    outcomes = make_connector().apply(todo)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    [batch] = [c for c in wire.calls if c.request.method == "POST"]
+    assert body_of(batch)["members"] == [
+        {"email_address": "s@example.com", "status": "subscribed",
+         "merge_fields": {"FNAME": SEEDED_FIRST_NAME, "LNAME": SEEDED_LAST_NAME}},
+        {"email_address": "u@example.com", "status": "unsubscribed"},
+    ]
+    patches = sorted(json.dumps(body_of(c)) for c in wire.calls if c.request.method == "PATCH")
+    assert patches == sorted(json.dumps({"merge_fields": f}) for f in
+                             ({"FNAME": "Zed", "LNAME": "Q"}, {"PHONE": ""}))
+
+
+def test_batch_errors_are_mapped_back_by_address_and_kind(
+    wire: responses.RequestsMock,
+) -> None:
+    forgotten = ("{} was permanently deleted and cannot be re-imported. The contact must "
+                 "re-subscribe to get back on the list.")
+    errors = [
+        {"email_address": "FU@example.com", "error": forgotten.format("fu@example.com"),
+         "error_code": "ERROR_GENERIC"},
+        {"email_address": "fs@example.com", "error": forgotten.format("fs@example.com"),
+         "error_code": "ERROR_GENERIC"},
+        {"email_address": "bad@example.com", "error": "Please provide a valid email address.",
+         "error_code": "ERROR_GENERIC"},
+    ]
+    wire.add(responses.POST, LIST_URL, json={"errors": errors, "error_count": 3})
+    todo = [action("unsubscribe", "ok@example.com"), action("unsubscribe", "fu@example.com"),
+            subscribe("fs@example.com"), action("unsubscribe", "bad@example.com")]
+    outcomes = make_connector().apply(todo)
+    assert len(wire.calls) == 1
+    assert [(o.action, o.status, o.reason) for o in outcomes] == [
+        (todo[0], "done", None),
+        (todo[1], "done", "forgotten"),
+        (todo[2], "permanent", "forgotten_email"),
+        (todo[3], "permanent", "error_generic"),
+    ]
+
+
+def test_a_lone_unsubscribe_is_still_a_patch_and_a_404_is_absent(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.PATCH, MEMBER_URL, **problem(404, "Resource Not Found"))
+    wire.add(responses.GET, LIST_URL, json={"id": LIST_ID})
+    [outcome] = make_connector().apply([action("unsubscribe")])
+    assert (outcome.status, outcome.reason) == ("done", "absent")
+    assert [c.request.method for c in wire.calls] == ["PATCH", "GET"]
+
+
+def test_batched_actions_on_one_address_keep_their_order(wire: responses.RequestsMock) -> None:
+    seen: list[list[tuple[str, str]]] = []
+
+    def reply(request: Any) -> tuple[int, dict[str, str], str]:
+        members = json.loads(request.body)["members"]
+        seen.append(sorted((m["email_address"], m["status"]) for m in members))
+        time.sleep(0.02 if len(seen) == 1 else 0)  # a slow first wave: the second must wait
+        return 200, {"Content-Type": "application/json"}, json.dumps({"errors": []})
+
+    def put(request: Any) -> tuple[int, dict[str, str], str]:
+        seen.append([(json.loads(request.body)["email_address"], "PUT")])
+        return 200, {"Content-Type": "application/json"}, "{}"
+
+    wire.add_callback(responses.POST, LIST_URL, callback=reply)
+    wire.add_callback(responses.PUT, f"{MEMBERS_URL}/{md5('a@example.com')}", callback=put)
+    todo = [subscribe("a@example.com"), subscribe("b@example.com"),
+            action("unsubscribe", "a@example.com"), action("unsubscribe", "b@example.com"),
+            subscribe("a@example.com"), action("unsubscribe", "c@example.com")]
+    outcomes = make_connector().apply(todo)
+    assert [o.status for o in outcomes] == ["done"] * 6
+    assert seen == [
+        [("a@example.com", "subscribed"), ("b@example.com", "subscribed"),
+         ("c@example.com", "unsubscribed")],
+        [("a@example.com", "unsubscribed"), ("b@example.com", "unsubscribed")],
+        [("a@example.com", "PUT")],  # alone in the third wave: a single upsert, last
+    ]
+
+
 def test_a_failed_batch_call_gives_every_action_in_it_the_same_outcome(
     wire: responses.RequestsMock,
 ) -> None:
@@ -622,7 +730,8 @@ def test_calls_in_flight_never_exceed_max_connections(wire: responses.RequestsMo
     emails = [f"p{n}@example.com" for n in range(12)]
     for email in emails:
         wire.add_callback(responses.PATCH, f"{MEMBERS_URL}/{md5(email)}", callback=slow)
-    outcomes = make_connector(max_connections=2).apply([action("unsubscribe", e) for e in emails])
+    todo = [action("update_names", e, first_name="Zed") for e in emails]  # PATCHes, not a batch
+    outcomes = make_connector(max_connections=2).apply(todo)
     assert [o.status for o in outcomes] == ["done"] * 12
     assert peak[0] == 2
 
