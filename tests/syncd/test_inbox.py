@@ -8,13 +8,11 @@ Phorest work and :func:`run_due` carries it out against Phorest's emulator.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
@@ -27,20 +25,9 @@ from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
 from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+from tests.support import serve_wsgi
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _ThreadedWSGI(WSGIServer):
-    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
-        threading.Thread(
-            target=super().process_request, args=(request, client_address), daemon=True
-        ).start()
 
 
 @dataclass
@@ -101,20 +88,13 @@ def world(tmp_path: Path) -> Iterator[World]:
                 return own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
                                            event.payload, event.dedupe_key)  # fmt: skip
 
-        server = make_server("127.0.0.1", 0, mailchimp_webhook_app(secret, record),
-                             server_class=_ThreadedWSGI, handler_class=_Quiet)  # fmt: skip
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()  # fmt: skip
-        sandbox.mailchimp.add_webhook(
-            f"http://127.0.0.1:{server.server_port}{WEBHOOK_PREFIX}{secret}", validate=True
-        )
-        ledger = Ledger.open(ledger_path)
-        try:
-            yield World(sandbox, ledger, ledger_path, PhorestConnector(settings.phorest), keys)
-        finally:
-            ledger.close()
-            server.shutdown()
-            server.server_close()
+        with serve_wsgi(mailchimp_webhook_app(secret, record)) as base:
+            sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
+            ledger = Ledger.open(ledger_path)
+            try:
+                yield World(sandbox, ledger, ledger_path, PhorestConnector(settings.phorest), keys)
+            finally:
+                ledger.close()
 
 
 def test_a_mailchimp_unsubscribe_withdraws_consent_in_phorest(world: World) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import requests
@@ -15,23 +13,11 @@ from syncd import log
 from syncd.ledger import Ledger
 from syncd.sandbox.mailchimp import MailchimpEmulator
 from syncd.web import WebhookEvent, mailchimp_webhook_app
+from tests.support import serve_wsgi
 
 SECRET = "s3cret-path-segment-0123456789"
 EMAIL = "webhook.person@example.com"
 FORM = "application/x-www-form-urlencoded"
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _ThreadedWSGI(WSGIServer):
-    # Mailchimp delivers from its own threads; serve each request in a thread.
-    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
-        threading.Thread(
-            target=super().process_request, args=(request, client_address), daemon=True
-        ).start()
 
 
 @pytest.fixture
@@ -49,12 +35,8 @@ def url(ledger_path: Path) -> Iterator[str]:
                 "mailchimp", event.kind, event.occurred_at, event.payload, event.dedupe_key
             )
 
-    server = make_server("127.0.0.1", 0, mailchimp_webhook_app(SECRET, record),
-                         server_class=_ThreadedWSGI, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/webhooks/mailchimp/{SECRET}"
-    server.shutdown()
-    server.server_close()
+    with serve_wsgi(mailchimp_webhook_app(SECRET, record)) as base:
+        yield f"{base}/webhooks/mailchimp/{SECRET}"
 
 
 def pending(ledger_path: Path) -> list:
