@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,13 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
-import structlog
-from responses.registries import OrderedRegistry
 
 import connectors
 from connectors.base import Action, MemberRecord
 from connectors.mailchimp import MailchimpConnector
-from syncd import log as syncd_log
 from syncd.config import MailchimpSettings
 from syncd.errors import ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -109,30 +104,6 @@ def body_of(call: Any) -> Any:
     return json.loads(call.request.body)
 
 
-@pytest.fixture
-def wire() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def script() -> Iterator[responses.RequestsMock]:
-    """Responses served strictly in registration order (503, 503, 200 …)."""
-    with responses.RequestsMock(registry=OrderedRegistry) as mock:
-        yield mock
-
-
-@pytest.fixture
-def captured_log() -> Iterator[io.StringIO]:
-    """syncd.log configured at debug into a StringIO; logging restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    syncd_log.configure(level="debug", fmt="json", stream=stream)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # -- Classification: one table per way of failing ------------------------------------------

@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -17,12 +16,10 @@ import requests
 import responses
 import structlog
 from responses import matchers
-from responses.registries import OrderedRegistry
 from urllib3.exceptions import ProtocolError
 
 from connectors.base import Action, ClientRecord, Record
 from connectors.phorest import PhorestConnector
-from syncd import log as syncd_log
 from syncd.config import PhorestSettings
 from syncd.errors import ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -138,19 +135,6 @@ def make_connector(time: FakeTime, *, attempts: int = 3, **settings: Any) -> Pho
 @pytest.fixture
 def fake_time() -> FakeTime:
     return FakeTime()
-
-
-@pytest.fixture
-def wire() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def script() -> Iterator[responses.RequestsMock]:
-    """Responses served strictly in registration order (503, 503, 200 …)."""
-    with responses.RequestsMock(registry=OrderedRegistry) as mock:
-        yield mock
 
 
 def action(kind: str = "withdraw_consent", client_id: str | None = CLIENT_ID) -> Action:
@@ -880,17 +864,6 @@ def test_apply_answers_every_action_in_order(
 # -- Logs hold no personal data -------------------------------------------------------
 
 
-@pytest.fixture
-def captured_log() -> Iterator[io.StringIO]:
-    """syncd.log configured at debug into a StringIO; logging restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    syncd_log.configure(level="debug", fmt="json", stream=stream)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def exercise_everything(wire: responses.RequestsMock, fake_time: FakeTime) -> None:
