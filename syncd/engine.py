@@ -10,10 +10,12 @@ or archived client holding it; when none is live, the newest deleted,
 forgotten or merged one. A dead record whose address a live client also holds
 is not a view of its own: the live client governs the member.
 
-Not yet: email moves (R6 ``move_email``) need the address a member was last
-synced under, which the webhook and poll paths will record; a full resync
-alone passes ``synced_email=None``, so a client whose address changed gets a
-new member and the old one is treated as an orphan.
+Email changes (R6): the ledger keeps, per subject, the keyed hash of the address
+its member was last seen at or put under (``synced_email_key``). A consenting
+client with no member at their address whose synced key matches a member no
+client holds any more gets that member as the view's member, so :func:`plan`
+moves it (``move_email``) rather than subscribing a new one and unsubscribing
+the old as an orphan. The key moves to the new address once the move is done.
 
 Personal data: addresses and names live only in memory while the engine runs
 and in pending task payloads (scrubbed when final). The ledger's subject rows
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -141,7 +143,7 @@ class _Subject:
     consent: bool | None
     consent_at: datetime | None
     link_email_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    synced_email_key: str | None = None
 
 
 def resync(
@@ -202,7 +204,7 @@ def resync(
     runners = {name: connectors[name] for name in PROCESSORS if name in wanted}
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now)
     report_progress("applied", len(planned))
-    _record_refusals(ledger, planned, task_ids)
+    _record_results(ledger, planned, task_ids, keys)
     log.info("resync_done", planned=len(planned), failed=report.failed, counts=report.counts)
     return ResyncResult(dict(counts), rows, report, report.failed, False, **stats)
 
@@ -273,10 +275,22 @@ def _views(
         [ek for _, ek, _, _ in governed] + [sk for sk, (_, _, c, _) in
                                              zip(subject_keys, governed) if c]
     )
+    moved = _moved_members(governed, subject_keys, stored_by_key)
     subjects: list[_Subject] = []
-    for subject_key, (email, email_key, client, member) in zip(subject_keys, governed):
+    for index, (subject_key, (email, email_key, client, member)) in enumerate(
+        zip(subject_keys, governed)
+    ):
+        if index in moved.values():
+            continue  # the member of a client whose address changed: that client's view
         stored = stored_by_key.get(subject_key)
         live = client is not None and client.state not in ERASED_CLIENT_STATES
+        synced_email = synced_key = None
+        if index in moved:
+            member = governed[moved[index]][3]
+            synced_email = member.email if member else None
+            synced_key = stored.synced_email_key if stored else None
+        elif live and member is not None and member.status != "absent":
+            synced_key = email_key
         opted_in_at = stored.opted_in_at if stored else None
         refused = stored.resubscribe_refused if stored else False
         if live and client.email_consent and stored is not None and stored.consent is False:
@@ -292,7 +306,7 @@ def _views(
             restricted=stored.restricted if stored else False,
             opted_out_at=opted_out_at,
             opted_in_at=opted_in_at,
-            synced_email=None,  # see the module docstring: moves come from webhooks/polls
+            synced_email=synced_email,
             resubscribe_refused=refused,
         )
         view = SubjectView(subject_key, client, member, facts, address_shared=False)
@@ -301,8 +315,35 @@ def _views(
             consent=client.email_consent if live else None,
             consent_at=client.updated_at if live else None,
             link_email_key=email_key if live else None,
+            synced_email_key=synced_key,
         ))  # fmt: skip
     return subjects
+
+
+def _moved_members(
+    governed: list[tuple[str, str, ClientRecord | None, MemberRecord | None]],
+    subject_keys: list[str],
+    stored_by_key: Mapping[str, SubjectFacts],
+) -> dict[int, int]:
+    """Live clients whose member is still at their previous address (R6).
+
+    Returns:
+        governed index of the client -> governed index of the member no client
+        holds, matched through the subject's ``synced_email_key``.
+    """
+    unclaimed = {ek: i for i, (_, ek, client, member) in enumerate(governed)
+                 if client is None and member is not None and member.status != "absent"}
+    moved: dict[int, int] = {}
+    for index, (_, email_key, client, member) in enumerate(governed):
+        if client is None or client.state in ERASED_CLIENT_STATES:
+            continue
+        if member is not None and member.status != "absent":
+            continue
+        stored = stored_by_key.get(subject_keys[index])
+        old_key = stored.synced_email_key if stored else None
+        if old_key and old_key != email_key and old_key in unclaimed:
+            moved[index] = unclaimed.pop(old_key)
+    return moved
 
 
 def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
@@ -320,6 +361,10 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
                 changes["opted_in_at"] = facts.opted_in_at
             if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
                 changes["resubscribe_refused"] = facts.resubscribe_refused
+            if subject.synced_email_key is not None and subject.synced_email_key != (
+                stored.synced_email_key if stored else None
+            ):
+                changes["synced_email_key"] = subject.synced_email_key
             if changes or (stored is None and view.client is not None):
                 ledger.upsert_subject(view.subject_key, **changes)
                 written += 1
@@ -328,14 +373,37 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
     log.info("resync_facts_stored", subjects=written)
 
 
-def _record_refusals(ledger: Ledger, planned: list[Planned], task_ids: list[int]) -> None:
-    """Remember subjects whose re-subscribe Mailchimp refused: a person must act (R2)."""
-    for item, task_id in zip(planned, task_ids):
-        if item.action.kind != "subscribe":
-            continue
-        task = ledger.task(task_id)
-        if task and task.state == "needs_person" and task.last_error == RESUBSCRIBE_REFUSED_REASON:
-            ledger.upsert_subject(item.action.subject_key, resubscribe_refused=True)
+def _record_results(
+    ledger: Ledger, planned: list[Planned], task_ids: list[int], keys: SubjectKeys
+) -> None:
+    """Learn from the finished Mailchimp tasks what the next run must know.
+
+    A ``subscribe`` or ``move_email`` that is done puts the member under the
+    client's address: that address becomes the subject's synced one (R6). A
+    ``subscribe`` Mailchimp refused (compliance state) waits for the person (R2).
+    """
+    with ledger.transaction():
+        for item, task_id in zip(planned, task_ids):
+            action = item.action
+            if action.kind not in ("subscribe", "move_email"):
+                continue
+            task = ledger.task(task_id)
+            if task is None:
+                continue
+            if task.state == "done":
+                address = action.new_email if action.kind == "move_email" else action.email
+                email_key = _email_key(keys, address)
+                if email_key is not None:
+                    ledger.upsert_subject(action.subject_key, synced_email_key=email_key)
+                    ledger.link_identifier(email_key, "email", action.subject_key)
+            elif task.state == "needs_person" and task.last_error == RESUBSCRIBE_REFUSED_REASON:
+                ledger.upsert_subject(action.subject_key, resubscribe_refused=True)
+
+
+def _email_key(keys: SubjectKeys, address: str | None) -> str | None:
+    """The keyed hash of an address, or None when it is not a usable one."""
+    email = _normalised(address) if address else None
+    return keys.email(email) if email else None
 
 
 def _newest(current: ClientRecord | None, candidate: ClientRecord) -> ClientRecord:

@@ -189,7 +189,15 @@ ALTER TABLE subjects ADD COLUMN resubscribe_refused INTEGER NOT NULL DEFAULT 0
     CHECK (resubscribe_refused IN (0, 1));
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES)
+# The keyed hash of the address the subject's Mailchimp member was last seen or put
+# under, so an email change in Phorest moves that member (R6) instead of adding one.
+_V4_SYNCED_EMAIL_KEY = """
+ALTER TABLE subjects ADD COLUMN synced_email_key TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SYNCED_EMAIL_KEY
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -215,6 +223,7 @@ class SubjectFacts:
     opted_out_at: datetime | None
     opted_in_at: datetime | None
     resubscribe_refused: bool
+    synced_email_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -766,6 +775,7 @@ class Ledger:
         opted_out_at: datetime | None = _KEEP,
         opted_in_at: datetime | None = _KEEP,
         resubscribe_refused: bool = _KEEP,
+        synced_email_key: str | None = _KEEP,
     ) -> None:
         """Create the subject or update the columns passed (others keep their value).
 
@@ -775,7 +785,7 @@ class Ledger:
         given = {
             "consent": consent, "consent_at": consent_at, "restricted": restricted,
             "opted_out_at": opted_out_at, "opted_in_at": opted_in_at,
-            "resubscribe_refused": resubscribe_refused,
+            "resubscribe_refused": resubscribe_refused, "synced_email_key": synced_email_key,
         }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
         for name, value in given.items():

@@ -200,3 +200,37 @@ def test_an_opt_in_in_phorest_after_an_opt_out_is_honoured(world: World) -> None
     assert member is not None and member["status"] in ("subscribed", "unsubscribed")
     assert world.sandbox.mailchimp.confirmation_emails_sent == 0
     assert world.resync(dry_run=True).planned == 0
+
+
+def test_an_email_change_in_phorest_moves_the_same_member(world: World) -> None:
+    world.resync()
+    members = _members(world)
+    client = next(
+        c for c in _clients(world)
+        if c.state == "active" and c.email_consent and c.email
+        and getattr(members.get(normalise_email(c.email)), "status", None) == "subscribed"
+        and sum(1 for o in _clients(world) if o.email == c.email) == 1
+    )  # fmt: skip
+    old = world.sandbox.mailchimp.member(client.email or "")
+    assert old is not None
+    new_email = "moved.client@example.net"
+    world.sandbox.phorest.edit_client(client.client_id, email=new_email)
+    count_before = world.sandbox.mailchimp.members_count()
+
+    plan = world.resync(dry_run=True)
+    assert plan.counts == {("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 1}
+    result = world.resync()
+
+    assert result.failed == 0
+    moved = world.sandbox.mailchimp.member(new_email)
+    assert moved is not None and moved["status"] == "subscribed"
+    assert moved["unique_email_id"] == old["unique_email_id"]  # the same member, not a new one
+    assert world.sandbox.mailchimp.member(client.email or "") is None
+    assert world.sandbox.mailchimp.members_count() == count_before
+    assert world.resync(dry_run=True).planned == 0
+    # A second change moves it again, from the address syncd put it under.
+    world.sandbox.phorest.edit_client(client.client_id, email="moved.again@example.org")
+    assert world.resync().counts == {
+        ("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 1}
+    again = world.sandbox.mailchimp.member("moved.again@example.org")
+    assert again is not None and again["unique_email_id"] == old["unique_email_id"]
