@@ -78,10 +78,9 @@ class PhorestConnector:
         # requests would encode str credentials as Latin-1; Phorest decodes UTF-8.
         password = settings.password.get_secret_value().encode()
         self._auth = HTTPBasicAuth(settings.username.encode(), password)
-        self._clock, self._sleep = clock, sleep
-        self._interval_seconds = 1.0 / settings.max_requests_per_second
-        self._next_request_at: float | None = None
-        self._throttle_lock = threading.Lock()
+        self._sleep = sleep
+        # One limiter per connector, shared by every thread that sends through it.
+        self._limiter = RateLimiter(settings.max_requests_per_second, clock=clock, sleep=sleep)
 
     def check(self) -> CheckResult:
         """One cheap list call, not retried: reachable and credentials accepted."""
@@ -329,13 +328,57 @@ class PhorestConnector:
             raise PermanentError(message, status=status, title="bad_response") from None
 
     def _throttle(self) -> None:
-        """Space requests at least 1/max_requests_per_second apart."""
-        with self._throttle_lock:
+        """Space requests at least 1/max_requests_per_second apart, across threads."""
+        self._limiter.acquire()
+
+
+class RateLimiter:
+    """Start times at least ``1/per_second`` apart, handed out to any number of threads.
+
+    A next-slot scheduler: under a lock, each caller takes the next free slot
+    (now, or the last slot handed out plus the interval, whichever is later),
+    then waits for it *outside* the lock. Slots are never closer than the
+    interval, so however many threads share the limiter, no window of one
+    second holds more than ``per_second`` starts, and no thread holds the lock
+    while it sleeps. An idle limiter grants no burst: after a pause the next
+    request goes at once and the one after it an interval later.
+
+    Args:
+        per_second: the most requests to start in any one second (> 0).
+        clock: monotonic seconds.
+        sleep: how to wait; tests pass a recorder.
+
+    Raises:
+        ValueError: ``per_second`` is not positive.
+    """
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not per_second > 0:
+            raise ValueError("per_second must be positive")
+        self._interval_seconds = 1.0 / per_second
+        self._clock, self._sleep = clock, sleep
+        self._next_slot: float | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take the next free slot and wait until it comes.
+
+        Returns:
+            The slot, in ``clock`` seconds: when the caller may start its request.
+        """
+        with self._lock:
             now = self._clock()
-            if self._next_request_at is not None and now < self._next_request_at:
-                self._sleep(self._next_request_at - now)
-                now = self._next_request_at
-            self._next_request_at = now + self._interval_seconds
+            slot = now if self._next_slot is None else max(now, self._next_slot)
+            self._next_slot = slot + self._interval_seconds
+        if slot > now:
+            self._sleep(slot - now)
+        return slot
 
 
 def _record(raw: Any) -> ClientRecord:

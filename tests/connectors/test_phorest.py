@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import json
+import threading
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from responses import matchers
 from urllib3.exceptions import ProtocolError
 
 from connectors.base import Action, ClientRecord, Record
-from connectors.phorest import PhorestConnector
+from connectors.phorest import PhorestConnector, RateLimiter
 from syncd.config import PhorestSettings
 from syncd.errors import ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -106,6 +108,30 @@ class FakeTime:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+
+@dataclass
+class SharedFakeTime:
+    """A fake monotonic clock many threads can share.
+
+    Each reading moves it on by ``tick_seconds``. Sleeping only records: with
+    several threads waiting at once, no single clock could follow them all, and
+    the limiter under test reports the slot each caller waited for anyway.
+    """
+
+    now: float = 1000.0
+    tick_seconds: float = 0.0
+    sleeps: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def clock(self) -> float:
+        with self.lock:
+            self.now += self.tick_seconds
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.sleeps.append(seconds)
 
 
 def make_settings(**overrides: Any) -> PhorestSettings:
@@ -360,6 +386,55 @@ def test_requests_are_spaced_by_the_client_side_rate_limit(wire: responses.Reque
     connector.check()
     connector.check()
     assert still.sleeps == [0.25, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("rate", "threads", "each", "tick"),
+    [
+        pytest.param(10, 8, 25, 0.003, id="8-threads-faster-than-the-limit"),
+        pytest.param(90, 8, 50, 0.001, id="90-per-second"),
+        pytest.param(4, 3, 7, 0.0, id="still-clock"),
+        pytest.param(10, 8, 25, 0.07, id="clock-sometimes-past-the-next-slot"),
+        pytest.param(90, 4, 20, 0.02, id="clock-slower-than-the-limit"),
+    ],
+)
+def test_the_rate_limiter_schedules_at_most_rate_starts_in_any_second_across_threads(
+    rate: int, threads: int, each: int, tick: float
+) -> None:
+    time = SharedFakeTime(tick_seconds=tick)
+    limiter = RateLimiter(rate, clock=time.clock, sleep=time.sleep)
+    start = threading.Barrier(threads)
+    slots_by_thread: list[list[float]] = [[] for _ in range(threads)]
+
+    def take(mine: list[float]) -> None:
+        start.wait()
+        for _ in range(each):
+            mine.append(limiter.acquire())
+
+    workers = [threading.Thread(target=take, args=(mine,)) for mine in slots_by_thread]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+    slots = sorted(slot for mine in slots_by_thread for slot in mine)
+    assert len(slots) == threads * each
+    assert all(mine == sorted(mine) for mine in slots_by_thread)
+    epsilon = 1e-9  # slots are sums of floats
+    for i, slot in enumerate(slots):
+        in_window = bisect.bisect_left(slots, slot + 1.0 - epsilon) - i
+        assert in_window <= rate, f"{in_window} starts in the second from {slot}"
+    gaps = [later - earlier for earlier, later in zip(slots, slots[1:])]
+    assert min(gaps) >= 1.0 / rate - epsilon
+    if tick * threads * each < len(slots) / rate / 2:
+        # The clock never catches up: every slot follows the last by exactly one interval.
+        assert slots[-1] - slots[0] == pytest.approx((len(slots) - 1) / rate)
+    assert all(seconds > 0 for seconds in time.sleeps)
+
+
+def test_the_rate_limiter_refuses_a_rate_that_is_not_positive() -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(0)
 
 
 # -- Wire format -------------------------------------------------------------------
