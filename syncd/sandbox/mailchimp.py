@@ -58,7 +58,8 @@ Reference facts reproduced
 - ``POST /batches`` (A2.9, MC-BATCH; OpenAPI ``Batch``): answers ``pending`` at once, runs the
   operations in a background thread through the same routes, then reports ``finished`` with
   ``total_operations``, ``finished_operations``, ``errored_operations``, ``submitted_at``,
-  ``completed_at`` and ``response_body_url``.
+  ``completed_at`` and ``response_body_url``: a gzipped tar archive of JSON files, each a JSON
+  array of ``{status_code, operation_id, response}`` with ``response`` a JSON *string*.
 - Webhooks (A3.1–A3.7): events ``subscribe, unsubscribe, profile, cleaned, upemail, campaign``
   and sources ``user, admin, api``; creation first sends the validator's HTTP GET (UA
   ``MailChimp.com WebHook Validator``); deliveries are form-encoded POSTs (UA ``MailChimp.com``)
@@ -106,10 +107,16 @@ Assumptions (points the reference or corpus could not confirm)
 10. Webhook retries use a compressed timescale, :data:`WEBHOOK_RETRY_DELAYS_SECONDS` (about
     15 s in all, against Mailchimp's ~75 minutes); any 2xx is success. Webhooks are never
     disabled for failing.
-11. The real ``response_body_url`` is a pre-signed gzipped tar of JSON files; here it is
-    ``/3.0/_batch_results/{id}.json`` on the sandbox, a JSON array of
-    ``{status_code, operation_id, response}`` (``response`` a JSON string, as in the tar), served
-    without authentication like a pre-signed URL. At most :data:`BATCHES_KEPT` batches are kept.
+11. The real ``response_body_url`` is a pre-signed URL of a gzipped tar of JSON files; here it is
+    ``/3.0/_batch_results/{id}.tar.gz`` on the sandbox (``application/gzip``), served without
+    authentication like a pre-signed URL and outside the connection cap (it is not the API).
+    The archive holds ``{id}/{n}.json`` files of at most :data:`BATCH_RESULTS_PER_FILE` results
+    each, in operation order; how the real archive splits and names its files is not documented,
+    so a client must read every file. At most :data:`BATCHES_KEPT` batches are kept.
+    Operations run inside the emulator, as they run inside Mailchimp: they pass neither the
+    injected faults of the control API (``latency_ms`` and the error rates model the client's
+    network link, so the batch's own calls pay them, its operations do not) nor the connection
+    cap, and they are not counted as requests.
 12. 204s carry no Content-Type (the recordings show ``application/json``; the SDK returns the
     ``requests.Response`` either way, A1.11). An injected 503 is "Service Unavailable" (the
     glossary's 503 "ComplianceRelated" is a permanent refusal, not an outage). A missing key is
@@ -124,13 +131,17 @@ Assumptions (points the reference or corpus could not confirm)
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import heapq
+import io
 import itertools
+import json
 import logging
 import queue
 import re
 import secrets
+import tarfile
 import threading
 import time
 import urllib.error
@@ -169,6 +180,8 @@ MAX_BATCH_MEMBERS = 500
 DEFAULT_MAX_CONNECTIONS = 10
 VIEW_CACHE_MAX_ENTRIES = 8
 BATCHES_KEPT = 50
+BATCH_RESULTS_PER_FILE = 100  # results per JSON file of the archive (assumption 11)
+BATCH_RESULTS_CONTENT_TYPE = "application/gzip"
 WEB_ID_BASE = 400_000_000
 DEFAULT_MERGE_TAGS = ("FNAME", "LNAME", "ADDRESS", "PHONE")
 API_CALLER_IP = "127.0.0.1"
@@ -243,6 +256,29 @@ def _iso(ts: int | None) -> str:
     if ts is None:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))
+
+
+def _results_archive(batch_id: str, results: Sequence[Mapping[str, Any]], mtime: int) -> bytes:
+    """A batch's results as Mailchimp ships them: a gzipped tar of JSON-array files.
+
+    Args:
+        batch_id: names the archive's directory.
+        results: ``{status_code, operation_id, response}`` entries, in operation order.
+        mtime: the files' modification time (the batch's completion), so the bytes are stable.
+
+    Returns:
+        The ``.tar.gz`` bytes: ``{batch_id}/{n}.json``, :data:`BATCH_RESULTS_PER_FILE` each.
+    """
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=mtime) as packed, \
+            tarfile.open(fileobj=packed, mode="w") as tar:
+        for n, start in enumerate(range(0, len(results), BATCH_RESULTS_PER_FILE)):
+            data = json.dumps(list(results[start:start + BATCH_RESULTS_PER_FILE]),
+                              separators=(",", ":")).encode()
+            info = tarfile.TarInfo(f"{batch_id}/{n}.json")
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _parse_time(value: str | datetime | float) -> float:
@@ -640,7 +676,7 @@ class MailchimpEmulator:
             ("GET", f"{p}/batches/{{batch_id}}", self._get_batch, True),
             ("DELETE", f"{p}/batches/{{batch_id}}", self._delete_batch, True),
             # Stands in for the pre-signed S3 URL: no authentication.
-            ("GET", f"{BATCH_RESULTS_PREFIX}{{batch_id}}.json", self._batch_results, False),
+            ("GET", f"{BATCH_RESULTS_PREFIX}{{batch_id}}.tar.gz", self._batch_results, False),
         ]
         for method, template, handler, auth in routes:
             router.add(VENDOR, method, template, self._wrap(handler, auth))
@@ -1517,7 +1553,7 @@ class MailchimpEmulator:
             "errored_operations": batch.errored,
             "submitted_at": _iso(batch.submitted_at),
             "completed_at": _iso(batch.completed_at) if finished else "",
-            "response_body_url": (f"http://{batch.host}{BATCH_RESULTS_PREFIX}{batch.id}.json"
+            "response_body_url": (f"http://{batch.host}{BATCH_RESULTS_PREFIX}{batch.id}.tar.gz"
                                   if finished else ""),
             "_links": [{"rel": "self", "method": "GET",
                         "href": f"http://{batch.host}{API_PREFIX}/batches/{batch.id}"}],
@@ -1578,7 +1614,12 @@ class MailchimpEmulator:
                 batch.completed_at = self._now()
 
     def _dispatch(self, op: Mapping[str, Any], batch: _Batch) -> Response:
-        """Run one batch operation through the registered routes, as its own request."""
+        """Run one batch operation through the registered routes, as its own request.
+
+        The route's handler is called directly, not through the server: the operation runs
+        inside Mailchimp, so it pays no injected fault (``latency_ms`` models the client's
+        link), passes no connection cap and is not counted (assumption 11).
+        """
         path = op["path"] if op["path"].startswith(API_PREFIX) else API_PREFIX + op["path"]
         split = urlsplit(path)
         query = parse_qs(split.query, keep_blank_values=True)
@@ -1618,12 +1659,14 @@ class MailchimpEmulator:
         return empty_response(204)
 
     def _batch_results(self, request: Request) -> Response:
+        """The ``response_body_url`` download: the finished batch's results as a ``.tar.gz``."""
         with self._lock:
             batch = self._batches.get(request.params["batch_id"])
             if batch is None or batch.status != "finished":
                 raise _not_found()
             results = list(batch.results)
-        return json_response(200, results, JSON_CONTENT_TYPE)
+        archive = _results_archive(batch.id, results, batch.completed_at or 0)
+        return Response(200, archive, BATCH_RESULTS_CONTENT_TYPE)
 
     # ------------------------------------------------------------------ people actions
 

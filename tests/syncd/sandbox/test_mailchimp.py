@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 import requests
 from mailchimp_marketing.api_client import ApiClientError
 
+from syncd.sandbox import http as sandbox_http
 from syncd.sandbox.http import SandboxServer
 from syncd.sandbox.mailchimp import MailchimpEmulator
 
@@ -536,11 +540,71 @@ def test_batch_operations_run_in_the_background_and_finish_with_results(
     assert (status["status"], status["total_operations"], status["finished_operations"],
             status["errored_operations"]) == ("finished", 3, 3, 1)
     assert status["completed_at"] and status["submitted_at"]
-    results = requests.get(status["response_body_url"], timeout=REQUEST_TIMEOUT_SECONDS).json()
+    download = requests.get(status["response_body_url"], timeout=REQUEST_TIMEOUT_SECONDS)
+    assert download.headers["Content-Type"] == "application/gzip"
+    [results] = archived_results(download.content).values()
     assert [(r["operation_id"], r["status_code"]) for r in results] == [
         ("unsub-a", 200), ("resub-b", 400), ("page", 200)]
     assert json.loads(results[1]["response"])["title"] == "Member In Compliance State"
     assert emulator.member("a@example.com")["status"] == "unsubscribed"
+
+
+def archived_results(archive: bytes) -> dict[str, list[dict[str, Any]]]:
+    """The JSON files of a ``response_body_url`` download (a ``.tar.gz``), by name."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        return {m.name: json.load(tar.extractfile(m)) for m in tar if m.isfile()}  # type: ignore[arg-type]
+
+
+def finished(client: mailchimp_marketing.Client, batch_id: str) -> dict[str, Any]:
+    """Poll a batch until it is finished (or WAIT_SECONDS pass)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    status = client.batches.status(batch_id)
+    while status["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.02)
+        status = client.batches.status(batch_id)
+    return status
+
+
+def test_batch_results_are_a_tar_gz_of_json_files_of_at_most_100_results_each(
+    client: mailchimp_marketing.Client, emulator: MailchimpEmulator, server: SandboxServer
+) -> None:
+    emails = [f"p{n}@example.com" for n in range(250)]
+    for email in emails:
+        emulator.add_member(email)
+    ops = [{"method": "PATCH", "path": f"/lists/{LIST_ID}/members/{md5(email)}",
+            "params": {"skip_merge_validation": "true"},
+            "body": json.dumps({"merge_fields": {"FNAME": f"N{n}"}}), "operation_id": str(n)}
+           for n, email in enumerate(emails)]
+    status = finished(client, client.batches.start({"operations": ops})["id"])
+    url = status["response_body_url"]
+    assert url.endswith(f"/_batch_results/{status['id']}.tar.gz")
+    files = archived_results(requests.get(url, timeout=REQUEST_TIMEOUT_SECONDS).content)
+    assert sorted(len(f) for f in files.values()) == [50, 100, 100]
+    results = [r for name in sorted(files) for r in files[name]]
+    assert [r["operation_id"] for r in results] == [str(n) for n in range(250)]
+    assert {r["status_code"] for r in results} == {200}
+    assert json.loads(results[7]["response"])["merge_fields"]["FNAME"] == "N7"
+    assert emulator.member("p249@example.com")["merge_fields"]["FNAME"] == "N249"
+
+
+def test_operations_inside_a_batch_do_not_pay_the_injected_latency(
+    client: mailchimp_marketing.Client, emulator: MailchimpEmulator, server: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # latency_ms models the client's link: the batch's own calls pay it, not its operations.
+    waits: list[float] = []
+    fake_time = types.SimpleNamespace(sleep=waits.append, perf_counter=time.perf_counter)
+    monkeypatch.setattr(sandbox_http, "time", fake_time)
+    emulator.add_member("a@example.com")
+    ops = [{"method": "GET", "path": f"/lists/{LIST_ID}/members/{md5('a@example.com')}",
+            "operation_id": str(n)} for n in range(40)]
+    server.traffic.reset_counts()
+    server.traffic.faults["mailchimp"].latency_ms = 100
+    status = finished(client, client.batches.start({"operations": ops})["id"])
+    assert (status["status"], status["finished_operations"]) == ("finished", 40)
+    summary = server.traffic.summary()["mailchimp"]
+    assert waits == [0.1] * summary["total"]  # the start and each poll: one wait each
+    assert set(summary["routes"]) == {"POST /3.0/batches", "GET /3.0/batches/{batch_id}"}
 
 
 # ---------------------------------------------------------------------------- limits and faults
