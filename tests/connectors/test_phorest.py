@@ -6,8 +6,10 @@ import base64
 import bisect
 import io
 import json
+import logging
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -21,10 +23,12 @@ from responses import matchers
 from urllib3.exceptions import ProtocolError
 
 from connectors.base import Action, ClientRecord, Record
-from connectors.phorest import PhorestConnector, RateLimiter
+from connectors.phorest import MAX_CONCURRENT_WRITES, PhorestConnector, RateLimiter
 from syncd.config import PhorestSettings
 from syncd.errors import ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
+from syncd.sandbox.http import SandboxServer, Traffic
+from syncd.sandbox.phorest import PhorestEmulator
 
 BASE_URL = "https://phorest.test/third-party-api-server"
 BUSINESS = "biz-1"
@@ -148,7 +152,9 @@ def make_settings(**overrides: Any) -> PhorestSettings:
     return PhorestSettings(**values)
 
 
-def make_connector(time: FakeTime, *, attempts: int = 3, **settings: Any) -> PhorestConnector:
+def make_connector(
+    time: FakeTime | SharedFakeTime, *, attempts: int = 3, **settings: Any
+) -> PhorestConnector:
     return PhorestConnector(
         make_settings(**settings),
         retry=RetryPolicy(attempts=attempts),
@@ -934,6 +940,287 @@ def test_apply_answers_every_action_in_order(
     outcomes = make_connector(fake_time).apply(actions)
     assert [o.action for o in outcomes] == actions
     assert [o.reason for o in outcomes] == ["not_found", "unsupported_action", "already"]
+
+
+# -- apply(): concurrent withdrawals ---------------------------------------------------
+
+WITHDRAWN = client_json(version=5, emailMarketingConsent=False)
+
+# How one client answers (per method, in order; the last answer repeats), the
+# outcome expected, and the requests it takes (503s: the first try and 2 retries).
+SCENARIOS: dict[str, tuple[dict[str, list[dict[str, Any]]], tuple[str, str], list[str]]] = {
+    "withdrawn": (
+        {"GET": [{"json": client_json()}, {"json": WITHDRAWN}], "PUT": [{"json": WITHDRAWN}]},
+        ("done", "withdrawn"),
+        ["GET", "PUT", "GET"],
+    ),
+    "already": (
+        {"GET": [{"json": client_json(emailMarketingConsent=False)}]},
+        ("done", "already"),
+        ["GET"],
+    ),
+    "not-found": ({"GET": [{"status": 404}]}, ("permanent", "not_found"), ["GET"]),
+    "stale-once": (
+        {
+            "GET": [{"json": client_json()}, {"json": client_json(version=5)}, {"json": WITHDRAWN}],
+            "PUT": [{"status": 409}, {"json": WITHDRAWN}],
+        },
+        ("done", "withdrawn"),
+        ["GET", "PUT", "GET", "PUT", "GET"],
+    ),
+    "stale-twice": (
+        {
+            "GET": [{"json": client_json()}, {"json": client_json(version=5)}],
+            "PUT": [{"status": 409}, {"status": 409}],
+        },
+        ("permanent", "stale_version"),
+        ["GET", "PUT", "GET", "PUT"],
+    ),
+    "read-5xx": ({"GET": [{"status": 503}]}, ("retriable", "server_error"), ["GET"] * 3),
+    "write-5xx": (
+        {"GET": [{"json": client_json()}], "PUT": [{"status": 500}]},
+        ("retriable", "server_error"),
+        ["GET"] + ["PUT"] * 3,
+    ),
+    "not-stuck": (
+        {"GET": [{"json": client_json()}], "PUT": [{"json": client_json(version=5)}]},
+        ("permanent", "verify_failed"),
+        ["GET", "PUT", "GET"],
+    ),
+}
+
+
+def script_clients(wire: responses.RequestsMock, names: list[str]) -> list[str]:
+    """Register each client's scenario at its own URL; returns the client ids."""
+    ids = [f"client-{n:02d}-{name}" for n, name in enumerate(names)]
+    for client_id, name in zip(ids, names):
+        answers, _outcome, _calls = SCENARIOS[name]
+        for method, sequence in answers.items():
+            for answer in sequence:  # several at one URL: served in order, the last repeats
+                wire.add(method, f"{CLIENTS_URL}/{client_id}", **answer)
+    return ids
+
+
+def calls_by_client(wire: responses.RequestsMock) -> dict[str, list[str]]:
+    made: dict[str, list[str]] = {}
+    for call in wire.calls:
+        client_id = str(call.request.url).rpartition("/")[2]
+        made.setdefault(client_id, []).append(str(call.request.method))
+    return made
+
+
+def test_fifty_concurrent_withdrawals_answer_in_input_order_each_with_its_own_outcome(
+    wire: responses.RequestsMock,
+) -> None:
+    names = [list(SCENARIOS)[n % len(SCENARIOS)] for n in range(50)]
+    ids = script_clients(wire, names)
+    actions = [
+        Action("withdraw_consent", f"{n:064d}", client_id=client_id)
+        for n, client_id in enumerate(ids)
+    ]
+    outcomes = make_connector(SharedFakeTime()).apply(actions)
+    assert [o.action for o in outcomes] == actions
+    assert [(o.status, o.reason) for o in outcomes] == [SCENARIOS[name][1] for name in names]
+    made = calls_by_client(wire)
+    assert {client_id: made[client_id] for client_id in ids} == {
+        client_id: SCENARIOS[name][2] for client_id, name in zip(ids, names)
+    }
+
+
+def test_refused_actions_keep_their_place_among_concurrent_withdrawals(
+    wire: responses.RequestsMock,
+) -> None:
+    ids = script_clients(wire, ["withdrawn", "not-found", "already"])
+    actions = [
+        action(client_id=ids[0]),
+        action(kind="erase"),
+        action(client_id=ids[1]),
+        action(client_id=None),
+        action(client_id=ids[2]),
+    ]
+    outcomes = make_connector(SharedFakeTime()).apply(actions)
+    assert [o.action for o in outcomes] == actions
+    assert [o.reason for o in outcomes] == [
+        "withdrawn", "unsupported_action", "not_found", "missing_client_id", "already"
+    ]
+
+
+def test_a_concurrent_dry_run_reads_and_writes_nothing(wire: responses.RequestsMock) -> None:
+    ids = script_clients(wire, ["withdrawn", "already", "not-found"] * 4)
+    outcomes = make_connector(SharedFakeTime()).apply(
+        [action(client_id=client_id) for client_id in ids], dry_run=True
+    )
+    assert [o.reason for o in outcomes] == ["dry_run", "already", "not_found"] * 4
+    assert set(methods(wire)) == {"GET"}
+    assert len(wire.calls) == len(ids)
+
+
+def test_concurrent_withdrawals_share_one_rate_limit(wire: responses.RequestsMock) -> None:
+    # The clock stands still and sleeping records only, so whatever the interleaving,
+    # the n-th request must have waited n intervals: no thread gets a slot of its own.
+    ids = script_clients(wire, ["withdrawn"] * 20)
+    time = SharedFakeTime()
+    connector = make_connector(time, max_requests_per_second=20)
+    outcomes = connector.apply([action(client_id=client_id) for client_id in ids])
+    assert {o.reason for o in outcomes} == {"withdrawn"}
+    assert len(wire.calls) == 60
+    assert sorted(time.sleeps) == pytest.approx([n / 20 for n in range(1, 60)])
+
+
+def test_an_unexpected_failure_is_that_actions_outcome_and_the_others_go_on(
+    wire: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = script_clients(wire, ["withdrawn", "withdrawn", "withdrawn"])
+    connector = make_connector(SharedFakeTime())
+    withdraw = connector._withdraw_consent
+
+    def broken_for_the_second(client_id: str, dry_run: bool) -> str:
+        if client_id == ids[1]:
+            raise KeyError(SEEDED_EMAIL)
+        return withdraw(client_id, dry_run)
+
+    monkeypatch.setattr(connector, "_withdraw_consent", broken_for_the_second)
+    with structlog.testing.capture_logs() as events:
+        outcomes = connector.apply([action(client_id=client_id) for client_id in ids])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("done", "withdrawn"), ("retriable", "unexpected_error"), ("done", "withdrawn")
+    ]
+    assert SEEDED_EMAIL not in repr(events)
+
+
+class FakePhorest:
+    """Clients kept in memory behind ``responses``: PUT checks the version like Phorest.
+
+    Every request is recorded (client id, method, sending thread) and announced on
+    ``arrived`` before ``hold`` runs and the answer is made.
+    """
+
+    def __init__(self, wire: responses.RequestsMock, client_ids: Iterable[str]) -> None:
+        self.clients = {cid: client_json(cid) for cid in client_ids}
+        self.requests: list[tuple[str, str, str]] = []
+        self.arrived = threading.Condition(threading.RLock())
+        self.hold: Callable[[str], None] = lambda _client_id: None
+        pattern = re.compile(re.escape(CLIENTS_URL) + r"/([^/?]+)$")
+        for method in (responses.GET, responses.PUT):
+            wire.add_callback(method, pattern, callback=self.answer)
+
+    def answer(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        client_id, method = str(request.url).rpartition("/")[2], str(request.method)
+        with self.arrived:
+            self.requests.append((client_id, method, threading.current_thread().name))
+            self.arrived.notify_all()
+        self.hold(client_id)
+        with self.arrived:
+            stored = self.clients[client_id]
+            if method == "PUT":
+                sent = json.loads(cast(bytes, request.body))
+                if sent["version"] != stored["version"]:
+                    return 409, {}, json.dumps({"errorCode": "CONFLICT"})
+                stored = self.clients[client_id] = {**sent, "version": stored["version"] + 1}
+            return 200, {}, json.dumps(stored)
+
+    def made(self, client_id: str) -> list[tuple[str, str]]:
+        """(method, thread) of each request for ``client_id``, in arrival order."""
+        with self.arrived:
+            return [(method, thread) for cid, method, thread in self.requests if cid == client_id]
+
+
+def test_two_actions_on_one_client_run_in_order_never_at_the_same_time(
+    wire: responses.RequestsMock,
+) -> None:
+    twice, others = "twice", ["a", "b", "c", "d"]
+    fake = FakePhorest(wire, [twice, *others])
+    seen: list[tuple[bool, int]] = []  # (released by the others, requests for "twice" then)
+
+    def hold(client_id: str) -> None:
+        # The first request for "twice" waits until every other client is withdrawn:
+        # a second action on "twice" started meanwhile would show up here.
+        if client_id != twice or len(fake.made(twice)) > 1:
+            return
+        with fake.arrived:
+            released = fake.arrived.wait_for(
+                lambda: all(len(fake.made(other)) == 3 for other in others), timeout=10
+            )
+            seen.append((released, len(fake.made(twice))))
+
+    fake.hold = hold
+    clients = [twice, "a", "b", twice, "c", "d"]
+    outcomes = make_connector(SharedFakeTime()).apply([action(client_id=c) for c in clients])
+
+    assert seen == [(True, 1)]  # the others went on meanwhile; "twice" waited alone
+    assert [o.reason for o in outcomes] == ["withdrawn"] * 3 + ["already"] + ["withdrawn"] * 2
+    made = fake.made(twice)
+    assert [method for method, _thread in made] == ["GET", "PUT", "GET", "GET"]
+    assert len({thread for _method, thread in made}) == 1
+    assert fake.clients[twice]["emailMarketingConsent"] is False
+
+
+# -- apply() against the sandbox emulator, over real HTTP ---------------------------------
+
+EMULATOR_BUSINESS = "emulated-business"
+
+
+@pytest.fixture
+def emulator() -> Iterator[tuple[PhorestEmulator, SandboxServer]]:
+    """The sandbox's Phorest emulator on 127.0.0.1, without its own rate limit."""
+    phorest = PhorestEmulator(EMULATOR_BUSINESS, USERNAME, PASSWORD, max_requests_per_second=None)
+    server = SandboxServer(("127.0.0.1", 0), [phorest], Traffic())
+    server.traffic.faults["phorest"].latency_ms = 2
+    server.start()
+    try:
+        yield phorest, server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_hundred_withdrawals_in_one_apply_all_stick_on_the_emulator(
+    emulator: tuple[PhorestEmulator, SandboxServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    phorest, server = emulator
+    ids = [
+        phorest.add_client(
+            firstName="Client", lastName=f"N{n}", email=f"client{n}@example.org",
+            emailMarketingConsent=True,
+        )["clientId"]
+        for n in range(200)
+    ]
+    peak = 0
+    enter = server.traffic.enter
+
+    def counting_enter(vendor: str) -> int:
+        nonlocal peak
+        in_flight = enter(vendor)
+        peak = max(peak, in_flight)
+        return in_flight
+
+    server.traffic.enter = counting_enter  # type: ignore[method-assign]
+    connector = PhorestConnector(
+        make_settings(
+            base_url=f"{server.base_url}/third-party-api-server",
+            business_id=EMULATOR_BUSINESS,
+            page_size=200,
+            max_requests_per_second=100,
+        ),
+        retry=RetryPolicy(attempts=1),
+        sleep=lambda _seconds: None,  # the limiter hands out slots but nobody waits
+    )
+    actions = [
+        Action("withdraw_consent", f"{n:064d}", client_id=client_id)
+        for n, client_id in enumerate(ids)
+    ]
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        outcomes = connector.apply(actions)
+
+    assert [o.action for o in outcomes] == actions
+    assert {(o.status, o.reason) for o in outcomes} == {("done", "withdrawn")}
+    # Every worker finds a pooled connection to reuse: none is opened and thrown away.
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+    routes = server.traffic.summary()["phorest"]["routes"]
+    assert sum(sum(by_status.values()) for by_status in routes.values()) == 600
+    assert 1 < peak <= MAX_CONCURRENT_WRITES
+    consent = {record.client_id: record.email_consent for record in connector.scan()}
+    assert consent == dict.fromkeys(ids, False)
 
 
 # -- Logs hold no personal data -------------------------------------------------------
