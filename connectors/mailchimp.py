@@ -10,25 +10,41 @@ Archived members are not asked for: the default listing leaves them out (sandbox
 and nothing needs them, since an erasure goes straight to the subscriber hash; should the real
 API list them, they arrive as ``status="archived"``.
 
-Writes on many members go as batch calls (``POST /lists/{id}``, 500 members each, A2.8):
-subscribes, and since the full-resync benchmark showed single PATCHes dominating the call count,
-unsubscribes too (``status: "unsubscribed"``, ``update_existing``). The trade-off: a batch is an
-upsert, so an unsubscribe of an address that is not on the list *adds* it as an unsubscribed
-member instead of answering 404, and the "absent" outcome is lost (it comes back "done"). That
-is accepted because the reconciler plans unsubscribes only for members its scan saw; a lone
-unsubscribe still goes as a PATCH and keeps the 404 -> "absent" answer. ``update_names`` and
-``clear_extra_fields`` stay PATCHes: every batch member needs a ``status`` (the emulator answers
-"Status is required." without one), an action does not carry the member's current status, and
-sending a guessed one would change the subscription (or resubscribe someone: never).
+Writes on many members go as batch calls, two kinds of them, when a wave holds two or more:
+
+- Subscribes and unsubscribes go through ``POST /lists/{id}`` (500 members each, A2.8); the
+  full-resync benchmark showed single PATCHes dominating the call count. The trade-off: a batch
+  is an upsert, so an unsubscribe of an address that is not on the list *adds* it as an
+  unsubscribed member instead of answering 404, and the "absent" outcome is lost (it comes
+  back "done"). That is accepted because the reconciler plans unsubscribes only for members its
+  scan saw; a lone unsubscribe still goes as a PATCH and keeps the 404 -> "absent" answer.
+- ``update_names``, ``clear_extra_fields`` and ``erase`` go through the asynchronous
+  ``POST /batches`` (500 operations each, A2.9), each operation exactly the single call (the
+  PATCH, or the ``delete-permanent`` POST) with ``operation_id`` = the action's position. Not
+  through ``POST /lists/{id}``: every member there needs a ``status``, an action does not carry
+  the member's current one, and a guessed one would change the subscription (or resubscribe
+  someone: never). The batches are polled at growing intervals until ``finished`` (at most
+  :data:`OPERATIONS_DEADLINE_SECONDS`), then ``response_body_url`` (pre-signed: no credentials)
+  is read: a gzipped tar of JSON arrays of ``{status_code, operation_id, response}``, each
+  ``response`` the problem+json a single call would get, so each result is classified exactly
+  as that single call. What cannot be told (a submit refused, a batch unfinished at the
+  deadline, an archive unreadable, a result missing) is ``retriable``: replaying is safe, a
+  PATCH being idempotent and a repeated delete-permanent answering 404 ("absent", done).
+
+``move_email`` always stays a single PATCH (rare, and a replayed move is not idempotent), and a
+lone action of any kind is a single call.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import tarfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +66,12 @@ log = structlog.get_logger(__name__)
 
 PAGE_COUNT = 1000  # the largest member page (A2.7)
 BATCH_MEMBERS = 500  # the most members one POST /lists/{id} takes (A2.8)
+BATCH_OPERATIONS = 500  # the most operations we put in one POST /batches (A2.9)
+# How long the /batches of one wave may take before their actions are given back as
+# retriable; read at each apply, so tests can shorten it.
+OPERATIONS_DEADLINE_SECONDS = 15 * 60.0
+OPERATIONS_FIRST_POLL_SECONDS = 0.5  # the wait before the first status poll, doubled after
+OPERATIONS_MAX_POLL_SECONDS = 10.0
 MEMBER_FIELDS = ["members.email_address", "members.status", "members.merge_fields",
                  "members.last_changed", "total_items"]  # a list: the SDK comma-joins it (A1.13)
 NAME_FIELDS = frozenset({"FNAME", "LNAME"})
@@ -65,11 +87,16 @@ ROUTES: Mapping[str, tuple[str, str]] = {  # SDK method -> HTTP method, path tem
     "set_list_member": ("PUT", MEMBER),
     "update_list_member": ("PATCH", MEMBER),
     "delete_list_member_permanent": ("POST", MEMBER + "/actions/delete-permanent"),
+    "start": ("POST", "/batches"),
+    "status": ("GET", "/batches/{batch_id}"),
 }
+RESULTS = "GET response_body_url"  # the batch results download, for logs and errors
 KINDS = frozenset({"subscribe", "unsubscribe", "update_names", "clear_extra_fields",
                    "move_email", "erase"})
-# Sent through the batch endpoint when a wave holds two or more of them (module docstring).
+# Sent through POST /lists/{id} when a wave holds two or more of them (module docstring).
 BATCH_KINDS = frozenset({"subscribe", "unsubscribe"})
+# Sent through POST /batches when a wave holds two or more of them (module docstring).
+OPERATION_KINDS = frozenset({"update_names", "clear_extra_fields", "erase"})
 # An erased address already satisfies these (reference assumption 5).
 FORGOTTEN_SATISFIES = frozenset({"unsubscribe", "update_names", "clear_extra_fields", "erase"})
 
@@ -80,7 +107,8 @@ class MailchimpConnector:
     Args:
         settings: the ``[mailchimp]`` section.
         retry: the in-call retry policy (default :class:`RetryPolicy`).
-        sleep: how retries wait; tests pass a no-op.
+        sleep: how retries and batch polls wait; tests pass a no-op.
+        clock: monotonic seconds, for the batch deadline; tests pass a fake one.
 
     Raises:
         ConfigError: the API key is not set.
@@ -94,11 +122,13 @@ class MailchimpConnector:
         *,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if settings.api_key is None:
             raise ConfigError("mailchimp.api_key is not set")
         self._list_id, self._workers = settings.list_id, settings.max_connections
-        self._retry, self._sleep = retry or RetryPolicy(), sleep
+        self._retry, self._sleep, self._clock = retry or RetryPolicy(), sleep, clock
+        self._timeout = settings.timeout_seconds
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._list_found: bool | None = None
         client = mailchimp_marketing.Client()
@@ -107,7 +137,7 @@ class MailchimpConnector:
         client.set_config({"api_key": settings.api_key.get_secret_value(), "server": "server",
                            "timeout": settings.timeout_seconds})
         client.api_client.host = settings.api_root  # survives set_config (A1.5)
-        self._lists, self._ping = client.lists, client.ping
+        self._lists, self._ping, self._batches = client.lists, client.ping, client.batches
 
     def check(self) -> CheckResult:
         """Ping, then read the audience; not retried, never raises."""
@@ -155,8 +185,11 @@ class MailchimpConnector:
     def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
         """Carry out ``actions``; exactly one outcome per action, in order, never raising.
 
-        Actions on one address run in the order given; the rest run concurrently (up to
-        ``max_connections``), two or more subscribes or unsubscribes as one batch call per 500.
+        Actions on one address run in the order given (in successive waves); the rest run
+        concurrently (up to ``max_connections``). In a wave, two or more subscribes or
+        unsubscribes go as one ``POST /lists/{id}`` per 500, and two or more update_names,
+        clear_extra_fields or erases as one ``POST /batches`` per 500, awaited before the next
+        wave starts (module docstring).
         """
         refusals = [_refusal(action) for action in actions]
         outcomes = {i: Outcome(actions[i], "permanent", r) for i, r in enumerate(refusals) if r}
@@ -167,24 +200,41 @@ class MailchimpConnector:
             outcomes.update({i: Outcome(actions[i], "done", "dry_run") for i in todo})
             return [outcomes[i] for i in range(len(actions))]
         self._list_found = None  # verified lazily, once per apply, on a member 404
-        with ThreadPoolExecutor(max_workers=self._workers) as pool:
+        # One thread more than slots: the one awaiting a wave's /batches holds no slot while
+        # it sleeps between polls, and must not keep a single call from running.
+        with ThreadPoolExecutor(max_workers=self._workers + 1) as pool:
             for wave in _waves([actions[i] for i in todo]):
                 indexes = [todo[w] for w in wave]
                 many = [i for i in indexes if actions[i].kind in BATCH_KINDS]
-                jobs = [[i] for i in indexes
-                        if actions[i].kind not in BATCH_KINDS or len(many) == 1]
-                if len(many) > 1:
-                    jobs += [many[n:n + BATCH_MEMBERS] for n in range(0, len(many), BATCH_MEMBERS)]
-                for job, done in zip(jobs, pool.map(lambda job: self._run(actions, job), jobs)):
+                ops = [i for i in indexes if actions[i].kind in OPERATION_KINDS]
+                many, ops = (many if len(many) > 1 else []), (ops if len(ops) > 1 else [])
+                grouped = set(many) | set(ops)
+                # The /batches first, chunked and awaited in one job: Mailchimp works on them
+                # while the other calls of the wave are made.
+                jobs = [("operations", ops)] if ops else []
+                jobs += [("one", [i]) for i in indexes if i not in grouped]
+                jobs += [("members", many[n:n + BATCH_MEMBERS])
+                         for n in range(0, len(many), BATCH_MEMBERS)]
+                runs = pool.map(lambda job: self._run(actions, *job), jobs)
+                for (_, job), done in zip(jobs, runs):
                     outcomes.update(zip(job, done))
         result = [outcomes[i] for i in range(len(actions))]
         log.info("mailchimp_applied", processor=self.name, **Counter(o.status for o in result))
         return result
 
-    def _run(self, actions: Sequence[Action], job: list[int]) -> list[Outcome]:
-        """One job of a wave: a batch chunk, or a single action (a chunk of one is a PUT)."""
-        if len(job) > 1:
+    def _run(self, actions: Sequence[Action], way: str, job: list[int]) -> list[Outcome]:
+        """One job of a wave; one outcome per position of ``job``, in order.
+
+        Args:
+            actions: every action of the apply.
+            way: ``one`` (a single call), ``members`` (a ``POST /lists/{id}`` chunk; a chunk
+                of one would be a PUT) or ``operations`` (every ``POST /batches`` of the wave).
+            job: positions in ``actions``.
+        """
+        if way == "members":
             return self._batch([actions[i] for i in job])
+        if way == "operations":
+            return self._operations(actions, job)
         return [self._one(actions[job[0]])]
 
     def _one(self, action: Action) -> Outcome:
@@ -200,8 +250,8 @@ class MailchimpConnector:
             # A PATCH, not an upsert: an absent address is not added. Never archive (DELETE):
             # that may lose the compliance state (reference assumption 6).
             "unsubscribe": (patch, {"status": "unsubscribed"}),
-            "update_names": (patch, {"merge_fields": names}),
-            "clear_extra_fields": (patch, {"merge_fields": dict.fromkeys(action.fields, "")}),
+            "update_names": (patch, _update_body(action)),
+            "clear_extra_fields": (patch, _update_body(action)),
             "move_email": (patch, {"email_address": (action.new_email or "").strip()}),
         }
         target = (self._list_id, _hash(email))
@@ -241,6 +291,177 @@ class MailchimpConnector:
         log.info("mailchimp_batch", path=ROUTES["batch_list_members"][1],
                  members=len(members), errors=len(errors))
         return [_batch_outcome(a, errors.get(e.lower())) for a, e in zip(actions, emails)]
+
+    def _operations(self, actions: Sequence[Action], indexes: list[int]) -> list[Outcome]:
+        """Two or more update_names, clear_extra_fields or erases (one wave) via ``/batches``.
+
+        Submits one batch per :data:`BATCH_OPERATIONS`, polls them all until ``finished`` or
+        :data:`OPERATIONS_DEADLINE_SECONDS`, then classifies every operation's result as its
+        single call would be (:meth:`_operation_outcome`). Never raises.
+
+        Args:
+            actions: every action of the apply.
+            indexes: the positions in ``actions`` to carry out; each is its ``operation_id``.
+
+        Returns:
+            One outcome per position of ``indexes``, in that order.
+        """
+        outcomes: dict[int, Outcome] = {}
+        operations: dict[int, dict[str, Any]] = {}
+        for i in indexes:
+            try:
+                operations[i] = _operation(self._list_id, i, actions[i])
+            except (TypeError, ValueError):  # a body json cannot encode: as the SDK would fail
+                outcomes[i] = Outcome(actions[i], "permanent", "request_failed")
+        todo = list(operations)
+        waiting: dict[str, list[int]] = {}
+        for chunk in (todo[n:n + BATCH_OPERATIONS] for n in range(0, len(todo), BATCH_OPERATIONS)):
+            started = self._start([operations[i] for i in chunk])
+            if isinstance(started, ConnectorError):
+                outcomes.update((i, Outcome(actions[i], "retriable", "batch_submit_failed",
+                                            started.request_id, started.retry_after_seconds))
+                                for i in chunk)
+            else:
+                waiting[started] = chunk
+        deadline, wait = self._clock() + OPERATIONS_DEADLINE_SECONDS, OPERATIONS_FIRST_POLL_SECONDS
+        while waiting and (left := deadline - self._clock()) > 0:
+            self._sleep(min(wait, left))
+            wait = min(wait * 2, OPERATIONS_MAX_POLL_SECONDS)
+            for batch_id, chunk in list(waiting.items()):
+                polled = self._poll(batch_id)
+                if polled is None:
+                    continue
+                del waiting[batch_id]
+                if isinstance(polled, ConnectorError):
+                    outcomes.update((i, Outcome(actions[i], "retriable", "batch_status_refused",
+                                                polled.request_id)) for i in chunk)
+                else:
+                    outcomes.update(self._results(actions, batch_id, chunk, polled))
+        for batch_id, chunk in waiting.items():
+            log.warning("mailchimp_operations_unfinished", batch_id=batch_id,
+                        operations=len(chunk), deadline_seconds=OPERATIONS_DEADLINE_SECONDS)
+            outcomes.update((i, Outcome(actions[i], "retriable", "batch_unfinished"))
+                            for i in chunk)
+        return [outcomes[i] for i in indexes]
+
+    def _start(self, operations: list[dict[str, Any]]) -> str | ConnectorError:
+        """Submit one ``POST /batches``.
+
+        Retried in-call even after a read timeout: every operation is safe to replay, so a
+        second batch of the same operations does no harm.
+
+        Returns:
+            The batch id, or the error that refused the submit (or an answer with no id).
+        """
+        try:
+            answer = self._call(self._batches.start, {"operations": operations})
+        except ConnectorError as error:
+            log.warning("mailchimp_operations_not_submitted", operations=len(operations),
+                        status=error.status, title=error.title)
+            return error
+        batch_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(batch_id, str) or not batch_id:
+            log.warning("mailchimp_operations_not_submitted", operations=len(operations),
+                        status=200, title="bad_response")
+            return PermanentError("POST /batches: no batch id", status=200, title="bad_response",
+                                  reached_server=True)
+        log.info("mailchimp_operations_submitted", batch_id=batch_id,
+                 operations=len(operations), status=answer.get("status"))
+        return batch_id
+
+    def _poll(self, batch_id: str) -> dict[str, Any] | ConnectorError | None:
+        """One ``GET /batches/{id}``.
+
+        Returns:
+            The status once it is ``finished``; None while it is not, or when it could not be
+            read for now (asked again at the next poll, until the deadline); the error when
+            it was refused (e.g. 404: the batch is gone), which no later poll will change.
+        """
+        try:
+            answer = self._call(self._batches.status, batch_id)
+        except ConnectorError as error:
+            log.warning("mailchimp_operations_status_failed", batch_id=batch_id,
+                        status=error.status, title=error.title)
+            return error if error.permanent else None
+        if not isinstance(answer, dict) or answer.get("status") != "finished":
+            return None
+        log.info("mailchimp_operations_finished", batch_id=batch_id,
+                 **{k: answer.get(k) for k in ("total_operations", "finished_operations",
+                                                "errored_operations")})
+        return answer
+
+    def _results(self, actions: Sequence[Action], batch_id: str, chunk: list[int],
+                 status: Mapping[str, Any]) -> Iterator[tuple[int, Outcome]]:
+        """Each operation of a finished batch and its outcome, read from ``response_body_url``.
+
+        Args:
+            actions: every action of the apply.
+            batch_id: the batch, for logs.
+            chunk: the positions (``operation_id``) submitted in it.
+            status: its finished ``GET /batches/{id}`` answer.
+
+        Yields:
+            ``(position, outcome)`` for every position of ``chunk``; a result that cannot be
+            read is retriable (``batch_results_unreadable``, ``batch_result_missing``).
+        """
+        url = status.get("response_body_url")
+        results: dict[str, Mapping[str, Any]] | None = None
+        if isinstance(url, str) and url:
+            try:
+                results = _archived_results(self._download(url))
+            except ConnectorError as error:
+                log.warning("mailchimp_operations_results_failed", batch_id=batch_id,
+                            status=error.status, title=error.title)
+        if results is None:
+            log.warning("mailchimp_operations_results_unreadable", batch_id=batch_id,
+                        operations=len(chunk))
+            yield from ((i, Outcome(actions[i], "retriable", "batch_results_unreadable"))
+                        for i in chunk)
+            return
+        answered: Counter[str] = Counter()
+        for i in chunk:
+            result = results.get(str(i))
+            code = result.get("status_code") if result is not None else None
+            if result is None or not isinstance(code, int) or isinstance(code, bool):
+                answered["missing"] += 1
+                yield i, Outcome(actions[i], "retriable", "batch_result_missing")
+                continue
+            answered[str(code)] += 1
+            yield i, self._operation_outcome(actions[i], code, result)
+        log.info("mailchimp_operations_results", batch_id=batch_id, operations=len(chunk),
+                 statuses=dict(sorted(answered.items())))
+
+    def _operation_outcome(self, action: Action, code: int,
+                           result: Mapping[str, Any]) -> Outcome:
+        """One operation's result, classified exactly as the same single call's answer."""
+        if 200 <= code < 300:
+            return Outcome(action, "done")
+        method, template = ROUTES[_OPERATION_CALLS[action.kind]]
+        error = _error(f"{method} {template}", code, result.get("response"))
+        return self._refused(action, error)
+
+    def _download(self, url: str) -> bytes:
+        """GET a pre-signed ``response_body_url``: no credentials, a timeout, a slot held.
+
+        Raises:
+            RetriableError: a network failure, 429 or 5xx, once the in-call retries are spent.
+            PermanentError: another error status (an expired link: 403).
+        """
+
+        def once() -> bytes:
+            with self._slots:
+                try:
+                    answer = requests.get(url, timeout=self._timeout)
+                except requests.RequestException as error:
+                    failure: ConnectorError = _unsent(RESULTS, error)
+                else:
+                    if answer.ok:
+                        return answer.content
+                    failure = _error(RESULTS, answer.status_code, None,
+                                     retry_after=_seconds(answer.headers.get("Retry-After")))
+            raise failure
+
+        return self._retry.retrying(sleep=self._sleep)(once)
 
     def _refused(self, action: Action, error: ConnectorError) -> Outcome:
         """The outcome of a failed call, by Mailchimp's problem title and the action kind."""
@@ -345,23 +566,40 @@ class MailchimpConnector:
         if isinstance(result, ApiClientError) and result.status_code is None:
             raise _unsent(where, result.text)
         if isinstance(result, ApiClientError):
-            status, problem = result.status_code, _problem(result.text)
-            rid, retry_after = None, None
+            error = _error(where, result.status_code, result.text)
         elif isinstance(result, requests.Response) and not result.ok:
-            status, problem = result.status_code, _problem(result.text)
-            rid = result.headers.get("X-Request-Id")
-            retry_after = _seconds(result.headers.get("Retry-After"))
+            error = _error(where, result.status_code, result.text,
+                           request_id=result.headers.get("X-Request-Id"),
+                           retry_after=_seconds(result.headers.get("Retry-After")))
         else:
             return result
-        title = problem.get("title") if isinstance(problem.get("title"), str) else None
-        rid = problem.get("instance") or rid or None
-        log.info("mailchimp_refused", call=where, status=status, title=title, request_id=rid)
-        message = f"{where}: HTTP {status}" + (f" {title}" if title else "")
-        fields = {"status": status, "title": title, "request_id": rid, "reached_server": True}
-        # 503 "ComplianceRelated" is "this method has been disabled", not an outage (A4.7).
-        if (status == 429 or status >= 500) and title != "ComplianceRelated":
-            raise RetriableError(message, retry_after_seconds=retry_after, **fields)
-        raise PermanentError(message, **fields)
+        log.info("mailchimp_refused", call=where, status=error.status, title=error.title,
+                 request_id=error.request_id)
+        raise error
+
+
+def _error(where: str, status: int, text: Any, *, request_id: str | None = None,
+           retry_after: float | None = None) -> ConnectorError:
+    """The error for an answer of ``status`` with problem+json ``text`` (a string or a dict).
+
+    Shared by single calls (:meth:`MailchimpConnector._classify`) and the results of batch
+    operations, so that both are classified alike. The message holds ``where``, the status and
+    the problem title only.
+
+    Returns:
+        RetriableError for 429 and 5xx (503 "ComplianceRelated" aside); PermanentError else.
+    """
+    problem = _problem(text)
+    title = problem.get("title") if isinstance(problem.get("title"), str) else None
+    instance = problem.get("instance")
+    rid = (instance if isinstance(instance, str) else None) or request_id or None
+    message = f"{where}: HTTP {status}" + (f" {title}" if title else "")
+    fields: dict[str, Any] = {"status": status, "title": title, "request_id": rid,
+                              "reached_server": True}
+    # 503 "ComplianceRelated" is "this method has been disabled", not an outage (A4.7).
+    if (status == 429 or status >= 500) and title != "ComplianceRelated":
+        return RetriableError(message, retry_after_seconds=retry_after, **fields)
+    return PermanentError(message, **fields)
 
 
 def _unsent(where: str, cause: Any) -> ConnectorError:
@@ -403,6 +641,75 @@ def _batch_member(email: str, action: Action) -> dict[str, Any]:
         return {"email_address": email, "status": "unsubscribed"}
     return {"email_address": email, "status": "subscribed",
             "merge_fields": {"FNAME": action.first_name, "LNAME": action.last_name}}
+
+
+# The SDK method of the single call each batch operation stands for (ROUTES gives its route).
+_OPERATION_CALLS: Mapping[str, str] = {"update_names": "update_list_member",
+                                       "clear_extra_fields": "update_list_member",
+                                       "erase": "delete_list_member_permanent"}
+
+
+def _update_body(action: Action) -> dict[str, Any]:
+    """The PATCH body of an ``update_names`` or ``clear_extra_fields``: merge fields only."""
+    if action.kind == "update_names":
+        return {"merge_fields": {"FNAME": action.first_name, "LNAME": action.last_name}}
+    return {"merge_fields": dict.fromkeys(action.fields, "")}
+
+
+def _operation(list_id: str, position: int, action: Action) -> dict[str, Any]:
+    """One ``POST /batches`` operation: exactly the single call, its body a JSON *string*.
+
+    Args:
+        list_id: the audience.
+        position: the action's position in the apply: the ``operation_id`` results come back by.
+        action: an action of a kind in :data:`OPERATION_KINDS`.
+
+    Returns:
+        ``{method, path, operation_id}``, with ``params`` and ``body`` for a PATCH (A2.9).
+
+    Raises:
+        TypeError, ValueError: the body cannot be encoded as JSON.
+    """
+    method, template = ROUTES[_OPERATION_CALLS[action.kind]]
+    path = template.format(list_id=list_id, subscriber_hash=_hash(cast(str, action.email)))
+    operation: dict[str, Any] = {"method": method, "path": path,
+                                 "operation_id": str(position)}
+    if action.kind != "erase":
+        operation["params"] = {"skip_merge_validation": "true"}
+        operation["body"] = json.dumps(_update_body(action))
+    return operation
+
+
+def _archived_results(archive: bytes) -> dict[str, Mapping[str, Any]] | None:
+    """Results by ``operation_id`` from a ``response_body_url`` download, or None.
+
+    The download is a gzipped tar of JSON files, each a JSON array of
+    ``{status_code, operation_id, response}``; every file is read (how many there are and how
+    they are named is not documented). A file that is not such an array is skipped (its
+    operations read as missing); an archive that cannot be unpacked at all gives None.
+    """
+    results: dict[str, Mapping[str, Any]] = {}
+    skipped = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            for entry in tar:
+                member = tar.extractfile(entry) if entry.isfile() else None
+                if member is None:
+                    continue
+                try:
+                    rows = json.loads(member.read())
+                except ValueError:
+                    rows = None
+                if not isinstance(rows, list):
+                    skipped += 1
+                    continue
+                results.update((str(row.get("operation_id")), row) for row in rows
+                               if isinstance(row, dict))
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        return None
+    if skipped:
+        log.warning("mailchimp_operations_results_skipped", files=skipped)
+    return results
 
 
 def _batch_outcome(action: Action, error: Mapping[str, Any] | None) -> Outcome:

@@ -6,11 +6,16 @@ is met as it is on the wire: problem+json errors, empty-bodied answers, network 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import re
+import tarfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +25,7 @@ import requests
 import responses
 
 import connectors
+from connectors import mailchimp
 from connectors.base import Action, MemberRecord
 from connectors.mailchimp import MailchimpConnector
 from syncd.config import MailchimpSettings
@@ -50,14 +56,35 @@ ERASE_URL = f"{MEMBER_URL}/actions/delete-permanent"
 
 
 def make_connector(
-    *, attempts: int = 3, sleeps: list[float] | None = None, **settings: Any
+    *, attempts: int = 3, sleeps: list[float] | None = None, time_: FakeTime | None = None,
+    **settings: Any
 ) -> MailchimpConnector:
+    """A connector on the test settings; waits are recorded in ``sleeps``, never slept, or
+    pass through ``time_``, whose clock they advance."""
     values: dict[str, Any] = {"api_key": KEY, "list_id": LIST_ID, "timeout_seconds": 7}
     values.update(settings)
     sink = sleeps if sleeps is not None else []
+    timing: dict[str, Any] = {"sleep": sink.append}
+    if time_ is not None:
+        timing = {"sleep": time_.sleep, "clock": time_.clock}
     return MailchimpConnector(
-        MailchimpSettings(**values), retry=RetryPolicy(attempts=attempts), sleep=sink.append
+        MailchimpSettings(**values), retry=RetryPolicy(attempts=attempts), **timing
     )
+
+
+class FakeTime:
+    """A monotonic clock that moves only when the connector sleeps: deadlines pass at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 def problem(status: int, title: str, detail: str = "", **extra: Any) -> dict[str, Any]:
@@ -102,6 +129,89 @@ def query(call: Any) -> dict[str, list[str]]:
 
 def body_of(call: Any) -> Any:
     return json.loads(call.request.body)
+
+
+# -- POST /batches, faked at the wire ------------------------------------------------------
+
+BATCHES_URL = f"{ROOT}/batches"
+# The real response_body_url is a pre-signed S3 URL (A2.9): no credentials are sent to it.
+RESULTS_ROOT = "https://mailchimp-api-batch.s3.amazonaws.com"
+JSON = {"Content-Type": "application/json; charset=utf-8"}
+Answer = Callable[[dict[str, Any]], "tuple[int, str] | None"]
+
+
+def tar_gz(*files: Any, names: list[str] | None = None) -> bytes:
+    """A ``response_body_url`` body: a gzipped tar whose files hold these JSON values."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        folder = tarfile.TarInfo("b1")  # a directory entry: only files hold results
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for n, content in enumerate(files):
+            data = content if isinstance(content, bytes) else json.dumps(content).encode()
+            info = tarfile.TarInfo(names[n] if names else f"b1/{n}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def problem_text(status: int, title: str) -> str:
+    """The ``response`` of a failed operation: the problem+json a single call gets, a string."""
+    return problem(status, title)["body"]
+
+
+def all_done(operation: dict[str, Any]) -> tuple[int, str]:
+    if operation["method"] == "POST":  # delete-permanent: 204, nothing to say
+        return 204, ""
+    return 200, json.dumps(member_json())
+
+
+class Batches:
+    """Mailchimp's ``/batches`` at the wire: submit, status, and the results archive.
+
+    Every batch finishes at its first status poll unless ``statuses`` says otherwise;
+    ``answer`` gives each operation's ``(status_code, response)``, or None to leave it out
+    of the results; results are spread over files of ``per_file``.
+    """
+
+    def __init__(self, wire: responses.RequestsMock, answer: Answer = all_done, *,
+                 per_file: int = 100, statuses: tuple[str, ...] = ("finished",)) -> None:
+        self.submitted: list[list[dict[str, Any]]] = []
+        self.answer, self.per_file, self.statuses = answer, per_file, statuses
+        self.polls: Counter[str] = Counter()
+        wire.add_callback(responses.POST, BATCHES_URL, callback=self.start)
+        wire.add_callback(responses.GET, re.compile(rf"{BATCHES_URL}/b\d+"), callback=self.status)
+        wire.add_callback(responses.GET, re.compile(rf"{RESULTS_ROOT}/b\d+\.tar\.gz"),
+                          callback=self.results)
+
+    def start(self, request: Any) -> tuple[int, dict[str, str], str]:
+        self.submitted.append(json.loads(request.body)["operations"])
+        batch_id = f"b{len(self.submitted)}"
+        return 200, JSON, json.dumps({"id": batch_id, "status": "pending",
+                                    "total_operations": len(self.submitted[-1])})
+
+    def status(self, request: Any) -> tuple[int, dict[str, str], str]:
+        batch_id = request.url.rsplit("/", 1)[1].split("?")[0]
+        self.polls[batch_id] += 1
+        status = self.statuses[min(self.polls[batch_id], len(self.statuses)) - 1]
+        url = f"{RESULTS_ROOT}/{batch_id}.tar.gz?X-Amz-Signature=s" if status == "finished" else ""
+        return 200, JSON, json.dumps({"id": batch_id, "status": status,
+                                    "response_body_url": url})
+
+    def results(self, request: Any) -> tuple[int, dict[str, str], bytes]:
+        batch_id = request.url.rsplit("/", 1)[1].split(".")[0]
+        rows = []
+        for operation in self.submitted[int(batch_id[1:]) - 1]:
+            answered = self.answer(operation)
+            if answered is not None:
+                rows.append({"status_code": answered[0],
+                             "operation_id": operation["operation_id"],
+                             "response": answered[1]})
+        files = [rows[n:n + self.per_file] for n in range(0, len(rows), self.per_file)]
+        return 200, {"Content-Type": "application/gzip"}, tar_gz(*reversed(files))
+
+    def operations(self) -> list[dict[str, Any]]:
+        return [op for batch in self.submitted for op in batch]
 
 
 
@@ -512,16 +622,16 @@ def test_1200_unsubscribes_go_as_three_batches_and_no_patch(
     assert all("pending" not in str(call.request.body) for call in wire.calls)
 
 
-def test_subscribes_and_unsubscribes_share_a_batch_while_updates_stay_patches(
+def test_subscribes_and_unsubscribes_share_a_batch_that_never_carries_updates(
     wire: responses.RequestsMock,
 ) -> None:
     wire.add(responses.POST, LIST_URL, json={"errors": []})
-    names, extra = "n@example.com", "e@example.com"
+    names, moved = "n@example.com", "m@example.com"
     wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5(names)}", json=member_json(names))
-    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5(extra)}", json=member_json(extra))
+    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5(moved)}", json=member_json(NEW_EMAIL))
     todo = [subscribe("s@example.com"), action("unsubscribe", "u@example.com"),
             action("update_names", names, first_name="Zed", last_name="Q"),
-            action("clear_extra_fields", extra, fields=("PHONE",))]
+            action("move_email", moved, new_email=NEW_EMAIL)]
     outcomes = make_connector().apply(todo)
     assert [o.status for o in outcomes] == ["done"] * 4
     [batch] = [c for c in wire.calls if c.request.method == "POST"]
@@ -531,8 +641,9 @@ def test_subscribes_and_unsubscribes_share_a_batch_while_updates_stay_patches(
         {"email_address": "u@example.com", "status": "unsubscribed"},
     ]
     patches = sorted(json.dumps(body_of(c)) for c in wire.calls if c.request.method == "PATCH")
-    assert patches == sorted(json.dumps({"merge_fields": f}) for f in
-                             ({"FNAME": "Zed", "LNAME": "Q"}, {"PHONE": ""}))
+    assert patches == sorted(json.dumps(b) for b in
+                             ({"merge_fields": {"FNAME": "Zed", "LNAME": "Q"}},
+                              {"email_address": NEW_EMAIL}))
 
 
 def test_batch_errors_are_mapped_back_by_address_and_kind(
@@ -689,22 +800,58 @@ def test_actions_on_one_address_run_in_the_order_given(wire: responses.RequestsM
 def test_calls_in_flight_never_exceed_max_connections(wire: responses.RequestsMock) -> None:
     lock, in_flight, peak = threading.Lock(), [0], [0]
 
-    def slow(request: Any) -> tuple[int, dict[str, str], str]:
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.01)
-        with lock:
-            in_flight[0] -= 1
-        return 200, {"Content-Type": "application/json"}, json.dumps(member_json())
+    def slow(body: bytes | Any, content_type: str = "application/json") -> Any:
+        def reply(request: Any) -> tuple[int, dict[str, str], Any]:
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            time.sleep(0.01)
+            with lock:
+                in_flight[0] -= 1
+            return 200, {"Content-Type": content_type}, body() if callable(body) else body
 
+        return reply
+
+    wire.add_callback(responses.POST, BATCHES_URL, callback=slow(
+        lambda: json.dumps({"id": "b1", "status": "pending"})))
+    wire.add_callback(responses.GET, f"{BATCHES_URL}/b1", callback=slow(json.dumps(
+        {"id": "b1", "status": "finished", "response_body_url": f"{RESULTS_ROOT}/b1.tar.gz"})))
     emails = [f"p{n}@example.com" for n in range(12)]
     for email in emails:
-        wire.add_callback(responses.PATCH, f"{MEMBERS_URL}/{md5(email)}", callback=slow)
-    todo = [action("update_names", e, first_name="Zed") for e in emails]  # PATCHes, not a batch
+        wire.add_callback(responses.PATCH, f"{MEMBERS_URL}/{md5(email)}",
+                          callback=slow(json.dumps(member_json(email))))
+    names = [action("update_names", f"n{n}@example.com", first_name="Zed") for n in range(3)]
+    results = tar_gz([{"status_code": 200, "operation_id": str(12 + n), "response": "{}"}
+                      for n in range(3)])
+    wire.add_callback(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz",
+                      callback=slow(results, "application/gzip"))
+    # Moves are always single PATCHes; the update_names go through /batches, whose submit,
+    # status poll and results download take a connection slot like any call (next test).
+    todo = [action("move_email", e, new_email=f"new.{e}") for e in emails] + names
     outcomes = make_connector(max_connections=2).apply(todo)
-    assert [o.status for o in outcomes] == ["done"] * 12
+    assert [o.status for o in outcomes] == ["done"] * 15
     assert peak[0] == 2
+    assert [c.request.url for c in wire.calls].count(f"{RESULTS_ROOT}/b1.tar.gz") == 1
+
+
+def test_the_results_download_holds_a_connection_slot(wire: responses.RequestsMock) -> None:
+    connector = make_connector(max_connections=1)
+    held: list[bool] = []
+
+    def download(request: Any) -> tuple[int, dict[str, str], bytes]:
+        free = connector._slots.acquire(blocking=False)
+        if free:
+            connector._slots.release()
+        held.append(not free)
+        rows = [{"status_code": 204, "operation_id": str(n), "response": ""} for n in (0, 1)]
+        return 200, {"Content-Type": "application/gzip"}, tar_gz(rows)
+
+    wire.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    wire.add(responses.GET, f"{BATCHES_URL}/b1", json={
+        "id": "b1", "status": "finished", "response_body_url": f"{RESULTS_ROOT}/b1.tar.gz"})
+    wire.add_callback(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz", callback=download)
+    outcomes = connector.apply([action("erase"), action("erase", "b@example.com")])
+    assert [o.status for o in outcomes] == ["done", "done"] and held == [True]
 
 
 def test_dry_run_writes_nothing_and_says_what_it_would_do(
@@ -717,6 +864,364 @@ def test_dry_run_writes_nothing_and_says_what_it_would_do(
     lines = [json.loads(line) for line in captured_log.getvalue().splitlines()]
     said = {(e["event"], e.get("count"), e.get("label")) for e in lines}
     assert {("would_subscribe", 2, "(dry run)"), ("would_erase", 1, "(dry run)")} <= said
+
+
+# -- Writing through POST /batches: update_names, clear_extra_fields, erase --------------------
+
+
+def names(email: str, first: str = "Zed") -> Action:
+    return action("update_names", email, first_name=first, last_name="Q")
+
+
+def test_updates_clears_and_erases_go_as_one_batch_of_the_single_calls(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire)
+    todo = [subscribe("s@example.com"), names("a@example.com"),
+            action("clear_extra_fields", "B@example.com", fields=("PHONE", "ADDRESS")),
+            action("move_email", "m@example.com", new_email=NEW_EMAIL),
+            action("erase", " c@example.com ")]
+    wire.add(responses.PUT, f"{MEMBERS_URL}/{md5('s@example.com')}", json=member_json())
+    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5('m@example.com')}", json=member_json())
+    sleeps: list[float] = []
+    outcomes = make_connector(sleeps=sleeps).apply(todo)
+    assert [(o.action, o.status, o.reason) for o in outcomes] == [(a, "done", None) for a in todo]
+    path = f"/lists/{LIST_ID}/members"
+    assert batches.submitted == [[
+        {"method": "PATCH", "path": f"{path}/{md5('a@example.com')}",
+         "params": {"skip_merge_validation": "true"}, "operation_id": "1",
+         "body": json.dumps({"merge_fields": {"FNAME": "Zed", "LNAME": "Q"}})},
+        {"method": "PATCH", "path": f"{path}/{md5('b@example.com')}",
+         "params": {"skip_merge_validation": "true"}, "operation_id": "2",
+         "body": json.dumps({"merge_fields": {"PHONE": "", "ADDRESS": ""}})},
+        {"method": "POST", "path": f"{path}/{md5('c@example.com')}/actions/delete-permanent",
+         "operation_id": "4"},
+    ]]
+    singles = sorted(c.request.method for c in wire.calls if "/members/" in c.request.url)
+    assert singles == ["PATCH", "PUT"]  # the move and the lone subscribe
+    download = next(c for c in wire.calls if c.request.url.startswith(RESULTS_ROOT))
+    assert "Authorization" not in download.request.headers  # pre-signed: no API key
+    assert download.request.req_kwargs["timeout"] == 7
+    assert sleeps == [0.5]  # one wait before the first status poll
+
+
+@pytest.mark.parametrize(
+    ("todo", "status", "title", "list_answer", "expected"),
+    [
+        pytest.param(action("erase"), 404, "Resource Not Found", LIST_OK, ("done", "absent"),
+                     id="erase-404-absent"),
+        pytest.param(action("erase"), 404, "Resource Not Found", LIST_GONE,
+                     ("permanent", "list_not_found"), id="erase-404-but-the-list-is-gone"),
+        pytest.param(action("erase"), 405, "Method Not Allowed", None,
+                     ("permanent", "cannot_delete"), id="erase-405"),
+        pytest.param(action("erase"), 400, "Forgotten Email Not Subscribed", None,
+                     ("done", "forgotten"), id="erase-forgotten"),
+        pytest.param(names(SEEDED_EMAIL), 400, "Forgotten Email Not Subscribed", None,
+                     ("done", "forgotten"), id="names-forgotten"),
+        pytest.param(names(SEEDED_EMAIL), 404, "Resource Not Found", LIST_OK,
+                     ("done", "absent"), id="names-404-absent"),
+        pytest.param(action("clear_extra_fields", fields=("PHONE",)), 404, "Resource Not Found",
+                     LIST_OK, ("done", "absent"), id="clear-404-absent"),
+        pytest.param(names(SEEDED_EMAIL), 400, "Member In Compliance State", None,
+                     ("needs_person", "needs_client_resubscribe"), id="names-compliance-state"),
+        pytest.param(names(SEEDED_EMAIL), 400, "Invalid Resource", None,
+                     ("permanent", "invalid_resource"), id="names-invalid-resource"),
+        pytest.param(names(SEEDED_EMAIL), 401, "API Key Invalid", None,
+                     ("permanent", "api_key_invalid"), id="401"),
+        pytest.param(action("clear_extra_fields", fields=("PHONE",)), 429, "TooManyRequests",
+                     None, ("retriable", "toomanyrequests"), id="429"),
+        pytest.param(action("erase"), 500, "Internal Server Error", None,
+                     ("retriable", "internal_server_error"), id="500"),
+        pytest.param(names(SEEDED_EMAIL), 503, "Service Unavailable", None,
+                     ("retriable", "service_unavailable"), id="503"),
+        pytest.param(action("clear_extra_fields", fields=("PHONE",)), 503, "ComplianceRelated",
+                     None, ("permanent", "compliancerelated"), id="503-compliance-related"),
+    ],
+)
+def test_an_operation_result_is_classified_exactly_as_its_single_call(
+    wire: responses.RequestsMock,
+    todo: Action,
+    status: int,
+    title: str,
+    list_answer: tuple[str, str, dict[str, Any]] | None,
+    expected: tuple[str, str],
+) -> None:
+    if list_answer is not None:
+        wire.add(list_answer[0], list_answer[1], **list_answer[2])
+    single_url = ERASE_URL if todo.kind == "erase" else MEMBER_URL
+    wire.add(responses.POST if todo.kind == "erase" else responses.PATCH, single_url,
+             **problem(status, title))
+    [single] = make_connector(attempts=1).apply([todo])
+
+    def answer(operation: dict[str, Any]) -> tuple[int, str]:
+        if operation["path"].split("/")[4] == md5(SEEDED_EMAIL):
+            return status, problem_text(status, title)
+        return all_done(operation)
+
+    batches = Batches(wire, answer)
+    other = names("other@example.com")
+    batched = make_connector(attempts=1).apply([other, todo])
+    assert len(batches.submitted) == 1
+    assert (batched[1].action, batched[1].status, batched[1].reason) == (todo, *expected)
+    assert (single.status, single.reason) == expected
+    assert batched[1].request_id == single.request_id == REQUEST_ID
+    assert (batched[0].status, batched[0].reason) == ("done", None)
+
+
+def test_results_spread_over_files_in_any_order_are_all_read(
+    wire: responses.RequestsMock,
+) -> None:
+    def answer(operation: dict[str, Any]) -> tuple[int, str]:
+        if int(operation["operation_id"]) % 7 == 0:
+            return 400, problem_text(400, "Member In Compliance State")
+        return all_done(operation)
+
+    batches = Batches(wire, answer, per_file=30)  # 8 files, the last one first
+    todo = [names(f"p{n}@example.com") for n in range(230)]
+    outcomes = make_connector().apply(todo)
+    assert [o.action for o in outcomes] == todo
+    assert [o.status for o in outcomes] == [
+        "needs_person" if n % 7 == 0 else "done" for n in range(230)]
+    assert len(batches.submitted) == 1
+
+
+def test_operations_missing_from_the_results_are_retriable(
+    wire: responses.RequestsMock,
+) -> None:
+    Batches(wire, lambda op: None if op["operation_id"] in {"1", "3"} else all_done(op))
+    outcomes = make_connector().apply([names(f"p{n}@example.com") for n in range(4)])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("done", None), ("retriable", "batch_result_missing"),
+        ("done", None), ("retriable", "batch_result_missing")]
+
+
+def test_a_batch_unfinished_at_the_deadline_is_retriable_and_polled_at_growing_intervals(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire, statuses=("pending", "preprocessing", "started"))
+    fake = FakeTime()
+    outcomes = make_connector(time_=fake).apply([names("a@example.com"), action("erase")])
+    assert {(o.status, o.reason) for o in outcomes} == {("retriable", "batch_unfinished")}
+    assert fake.sleeps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert set(fake.sleeps[5:-1]) == {10.0} and fake.sleeps[-1] <= 10.0
+    assert sum(fake.sleeps) == mailchimp.OPERATIONS_DEADLINE_SECONDS == 15 * 60
+    assert batches.polls["b1"] == len(fake.sleeps)
+    assert not any(c.request.url.startswith(RESULTS_ROOT) for c in wire.calls)
+
+
+def test_the_deadline_can_be_shortened(
+    wire: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mailchimp, "OPERATIONS_DEADLINE_SECONDS", 3.0)
+    Batches(wire, statuses=("started",))
+    fake = FakeTime()
+    outcomes = make_connector(time_=fake).apply([names("a@example.com"), action("erase")])
+    assert {o.reason for o in outcomes} == {"batch_unfinished"}
+    assert fake.sleeps == [0.5, 1.0, 1.5]
+
+
+def test_batches_still_running_are_polled_together_until_each_finishes(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire, statuses=("pending", "started", "finalizing", "finished"))
+    fake = FakeTime()
+    outcomes = make_connector(time_=fake).apply([names(f"p{n}@example.com") for n in range(501)])
+    assert {o.status for o in outcomes} == {"done"}
+    assert fake.sleeps == [0.5, 1.0, 2.0, 4.0]
+    assert dict(batches.polls) == {"b1": 4, "b2": 4}
+
+
+def test_a_status_poll_that_fails_for_now_is_asked_again(script: responses.RequestsMock) -> None:
+    script.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    script.add(responses.GET, f"{BATCHES_URL}/b1", **problem(503, "Service Unavailable"))
+    script.add(responses.GET, f"{BATCHES_URL}/b1", json={
+        "id": "b1", "status": "finished", "response_body_url": f"{RESULTS_ROOT}/b1.tar.gz"})
+    results = [{"status_code": 200, "operation_id": str(n), "response": "{}"} for n in (0, 1)]
+    script.add(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz", body=tar_gz(results))
+    outcomes = make_connector(attempts=1).apply([names("a@example.com"), names("b@example.com")])
+    assert [o.status for o in outcomes] == ["done", "done"]
+
+
+def test_a_batch_whose_status_is_refused_is_retriable(wire: responses.RequestsMock) -> None:
+    wire.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    wire.add(responses.GET, f"{BATCHES_URL}/b1", **problem(404, "Resource Not Found"))
+    outcomes = make_connector().apply([names("a@example.com"), action("erase")])
+    assert {(o.status, o.reason) for o in outcomes} == {("retriable", "batch_status_refused")}
+    assert len(wire.calls) == 2  # not polled again, and no list check: not a member's 404
+
+
+@pytest.mark.parametrize(
+    ("answer", "calls"),
+    [
+        pytest.param(problem(500, "Internal Server Error"), 2, id="500-retried-in-call"),
+        pytest.param(problem(503, "Service Unavailable"), 2, id="503-retried-in-call"),
+        pytest.param({"body": requests.ReadTimeout("read")}, 2, id="read-timeout"),
+        pytest.param(problem(404, "Resource Not Found"), 1, id="404-no-list-check"),
+        pytest.param(problem(400, "Invalid Resource"), 1, id="400"),
+        pytest.param({"json": {"status": "pending"}}, 1, id="no-batch-id"),
+    ],
+)
+def test_a_failed_submit_makes_every_operation_in_it_retriable(
+    wire: responses.RequestsMock, answer: dict[str, Any], calls: int
+) -> None:
+    wire.add(responses.POST, BATCHES_URL, **answer)
+    todo = [names("a@example.com"), action("erase"), action("clear_extra_fields", "c@example.com",
+                                                           fields=("PHONE",))]
+    outcomes = make_connector(attempts=2).apply(todo)
+    assert [(o.action, o.status, o.reason) for o in outcomes] == [
+        (a, "retriable", "batch_submit_failed") for a in todo]
+    assert len(wire.calls) == calls  # nothing else: no poll, no list check
+
+
+def test_one_failed_submit_leaves_the_other_batches_of_the_wave_alone(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire)
+    refused = iter([True, False, False])
+
+    def start(request: Any) -> tuple[int, dict[str, str], str]:
+        if next(refused):
+            return 503, {"Content-Type": PROBLEM_JSON}, problem_text(503, "Service Unavailable")
+        return batches.start(request)
+
+    wire.remove(responses.POST, BATCHES_URL)
+    wire.add_callback(responses.POST, BATCHES_URL, callback=start)
+    outcomes = make_connector(attempts=1).apply([names(f"p{n}@example.com") for n in range(1001)])
+    assert Counter((o.status, o.reason) for o in outcomes) == {
+        ("retriable", "batch_submit_failed"): 500, ("done", None): 501}
+
+
+@pytest.mark.parametrize(
+    ("download", "reason"),
+    [
+        pytest.param({"body": b"<html>AccessDenied</html>"}, "batch_results_unreadable",
+                     id="not-gzip"),
+        pytest.param({"body": tar_gz([])[:40]}, "batch_results_unreadable", id="truncated"),
+        pytest.param({"body": gzip.compress(b"not a tar")},
+                     "batch_results_unreadable", id="gzip-but-not-tar"),
+        pytest.param({"status": 403, "body": "<Error>Request has expired</Error>"},
+                     "batch_results_unreadable", id="expired-link-403"),
+        pytest.param({"body": requests.ConnectionError("reset")}, "batch_results_unreadable",
+                     id="connection-failed"),
+        pytest.param({"body": tar_gz(b"{not json", {"status_code": 200})},
+                     "batch_result_missing", id="files-that-are-not-result-arrays"),
+        pytest.param({"body": tar_gz([{"status_code": "200", "operation_id": "0"},
+                                      {"operation_id": "1", "response": ""}])},
+                     "batch_result_missing", id="results-without-a-status-code"),
+    ],
+)
+def test_results_that_cannot_be_read_are_retriable(
+    wire: responses.RequestsMock, download: dict[str, Any], reason: str
+) -> None:
+    wire.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    wire.add(responses.GET, f"{BATCHES_URL}/b1", json={
+        "id": "b1", "status": "finished", "response_body_url": f"{RESULTS_ROOT}/b1.tar.gz"})
+    wire.add(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz", **download)
+    outcomes = make_connector(attempts=1).apply([names("a@example.com"), action("erase")])
+    assert {(o.status, o.reason) for o in outcomes} == {("retriable", reason)}
+
+
+def test_a_finished_batch_without_a_results_url_is_retriable(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    wire.add(responses.GET, f"{BATCHES_URL}/b1", json={"id": "b1", "status": "finished",
+                                                       "response_body_url": ""})
+    outcomes = make_connector().apply([names("a@example.com"), action("erase")])
+    assert {o.reason for o in outcomes} == {"batch_results_unreadable"}
+
+
+def test_a_results_download_that_fails_for_now_is_retried(script: responses.RequestsMock) -> None:
+    script.add(responses.POST, BATCHES_URL, json={"id": "b1", "status": "pending"})
+    script.add(responses.GET, f"{BATCHES_URL}/b1", json={
+        "id": "b1", "status": "finished", "response_body_url": f"{RESULTS_ROOT}/b1.tar.gz"})
+    script.add(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz", status=503, body="SlowDown")
+    results = [{"status_code": 204, "operation_id": str(n), "response": ""} for n in (0, 1)]
+    script.add(responses.GET, f"{RESULTS_ROOT}/b1.tar.gz", body=tar_gz(results))
+    outcomes = make_connector().apply([action("erase"), action("erase", "b@example.com")])
+    assert [o.status for o in outcomes] == ["done", "done"]
+
+
+def test_1001_updates_go_as_three_batches_of_at_most_500(wire: responses.RequestsMock) -> None:
+    batches = Batches(wire)
+    todo = [names(f"p{n}@example.com", first=f"N{n}") for n in range(1001)]
+    outcomes = make_connector().apply(todo)
+    assert [o.action for o in outcomes] == todo and {o.status for o in outcomes} == {"done"}
+    assert [len(b) for b in batches.submitted] == [500, 500, 1]
+    operations = batches.operations()
+    assert [op["operation_id"] for op in operations] == [str(n) for n in range(1001)]
+    assert json.loads(operations[1000]["body"]) == {"merge_fields": {"FNAME": "N1000",
+                                                                     "LNAME": "Q"}}
+    assert len(wire.calls) == 3 * 3  # submit, one poll and one download per batch
+    assert all("pending" not in op.get("body", "") and '"status"' not in op.get("body", "")
+               for op in operations)
+
+
+def test_a_lone_update_in_its_wave_is_still_a_patch(wire: responses.RequestsMock) -> None:
+    batches = Batches(wire)
+    wire.add(responses.POST, LIST_URL, json={"errors": []})
+    wire.add(responses.PATCH, MEMBER_URL, json=member_json())
+    wire.add(responses.PATCH, f"{MEMBERS_URL}/{md5('m@example.com')}", json=member_json())
+    # Two updates of one address fall in two waves: each alone in its wave, each a PATCH.
+    todo = [names(SEEDED_EMAIL, "One"), subscribe("s@example.com"), subscribe("t@example.com"),
+            action("move_email", "m@example.com", new_email=NEW_EMAIL), names(SEEDED_EMAIL, "Two")]
+    outcomes = make_connector().apply(todo)
+    assert [o.status for o in outcomes] == ["done"] * 5
+    assert batches.submitted == []
+    patched = [body_of(c) for c in wire.calls if c.request.url.split("?")[0] == MEMBER_URL]
+    assert patched == [{"merge_fields": {"FNAME": f, "LNAME": "Q"}} for f in ("One", "Two")]
+
+
+def test_waves_of_operations_on_one_address_run_one_batch_after_the_other(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire)
+    todo = [names("a@example.com"), names("b@example.com"),
+            action("erase", "a@example.com"), action("erase", "b@example.com")]
+    outcomes = make_connector().apply(todo)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    assert [[(op["method"], op["operation_id"]) for op in b] for b in batches.submitted] == [
+        [("PATCH", "0"), ("PATCH", "1")], [("POST", "2"), ("POST", "3")]]
+    urls = [c.request.url.split("?")[0] for c in wire.calls]
+    assert urls.index(f"{RESULTS_ROOT}/b1.tar.gz") < urls.index(BATCHES_URL, 1)
+
+
+def test_an_operation_whose_body_cannot_be_encoded_is_permanent_alone(
+    wire: responses.RequestsMock,
+) -> None:
+    batches = Batches(wire)
+    unencodable = (object(),)
+    bad = action("clear_extra_fields", "x@example.com", fields=unencodable)
+    outcomes = make_connector().apply([names("a@example.com"), bad, action("erase")])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("done", None), ("permanent", "request_failed"), ("done", None)]
+    assert [op["operation_id"] for op in batches.operations()] == ["0", "2"]
+
+
+def test_dry_run_submits_no_batch(wire: responses.RequestsMock) -> None:
+    outcomes = make_connector().apply([names("a@example.com"), action("erase")], dry_run=True)
+    assert [o.reason for o in outcomes] == ["dry_run"] * 2 and len(wire.calls) == 0
+
+
+def test_batch_operations_log_counts_and_batch_ids_never_an_address(
+    wire: responses.RequestsMock, captured_log: io.StringIO
+) -> None:
+    def answer(operation: dict[str, Any]) -> tuple[int, str]:
+        if operation["method"] == "POST":
+            return 400, problem_text(400, "Forgotten Email Not Subscribed")
+        return 400, problem_text(400, "Member In Compliance State")
+
+    Batches(wire, answer)
+    outcomes = make_connector().apply([names(SEEDED_EMAIL, SEEDED_FIRST_NAME),
+                                       action("erase", NEW_EMAIL)])
+    assert [o.reason for o in outcomes] == ["needs_client_resubscribe", "forgotten"]
+    text = captured_log.getvalue()
+    events = {e["event"]: e for e in map(json.loads, text.splitlines())}
+    assert events["mailchimp_operations_submitted"]["batch_id"] == "b1"
+    assert events["mailchimp_operations_results"]["statuses"] == {"400": 2}
+    for value in (*SEEDED, NEW_EMAIL, md5(SEEDED_EMAIL), md5(NEW_EMAIL), "could not be processed",
+                  "X-Amz-Signature"):
+        assert value.lower() not in text.lower()
 
 
 # -- check() ------------------------------------------------------------------------------
