@@ -19,6 +19,9 @@ import pytest
 import requests
 from mailchimp_marketing.api_client import ApiClientError
 
+from connectors.base import Action
+from connectors.mailchimp import MailchimpConnector
+from syncd.config import MailchimpSettings
 from syncd.sandbox import http as sandbox_http
 from syncd.sandbox.http import SandboxServer
 from syncd.sandbox.mailchimp import MailchimpEmulator
@@ -552,7 +555,8 @@ def test_batch_operations_run_in_the_background_and_finish_with_results(
 def archived_results(archive: bytes) -> dict[str, list[dict[str, Any]]]:
     """The JSON files of a ``response_body_url`` download (a ``.tar.gz``), by name."""
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        return {m.name: json.load(tar.extractfile(m)) for m in tar if m.isfile()}  # type: ignore[arg-type]
+        files = [(m.name, tar.extractfile(m)) for m in tar if m.isfile()]
+        return {name: json.load(file) for name, file in files if file is not None}
 
 
 def finished(client: mailchimp_marketing.Client, batch_id: str) -> dict[str, Any]:
@@ -605,6 +609,52 @@ def test_operations_inside_a_batch_do_not_pay_the_injected_latency(
     summary = server.traffic.summary()["mailchimp"]
     assert waits == [0.1] * summary["total"]  # the start and each poll: one wait each
     assert set(summary["routes"]) == {"POST /3.0/batches", "GET /3.0/batches/{batch_id}"}
+
+
+def test_the_connector_rectifies_and_erases_through_batches_end_to_end(
+    emulator: MailchimpEmulator, server: SandboxServer
+) -> None:
+    # The real connector against the emulator: 600 update_names + 300 clear_extra_fields +
+    # 50 erases (+ 1 of an absent address) are 951 operations, so 2 POST /batches, no PATCH.
+    renamed = [f"n{i}@example.com" for i in range(600)]
+    cleared = [f"c{i}@example.com" for i in range(300)]
+    erased = [f"e{i}@example.com" for i in range(50)]
+    emulator.add_members(
+        [{"email": e, "status": "unsubscribed" if i % 10 == 0 else "subscribed",
+          "merge_fields": {"FNAME": "Old", "LNAME": "Name", "PHONE": "555-0100"}}
+         for i, e in enumerate(renamed)]
+        + [{"email": e, "merge_fields": {"FNAME": f"C{i}", "PHONE": "555-0101"}}
+           for i, e in enumerate(cleared)]
+        + [{"email": e} for e in erased])
+    todo = ([Action("update_names", f"k{i}", email=e, first_name=f"New{i}", last_name="N")
+             for i, e in enumerate(renamed)]
+            + [Action("clear_extra_fields", "k", email=e, fields=("PHONE",)) for e in cleared]
+            + [Action("erase", "k", email=e) for e in [*erased, "ghost@example.com"]])
+    settings = MailchimpSettings(api_key=KEY, list_id=LIST_ID, base_url=server.base_url + "/3.0",
+                                 max_connections=4)
+    connector = MailchimpConnector(settings, sleep=lambda seconds: time.sleep(seconds / 50))
+    server.traffic.reset_counts()
+    outcomes = connector.apply(todo)
+    assert [o.action for o in outcomes] == todo
+    assert [(o.status, o.reason) for o in outcomes] == (
+        [("done", None)] * 950 + [("done", "absent")])
+    routes = server.traffic.summary()["mailchimp"]["routes"]
+    assert routes["POST /3.0/batches"] == {"200": 2}
+    assert routes["GET /3.0/_batch_results/{batch_id}.tar.gz"] == {"200": 2}
+    assert routes["GET /3.0/lists/{list_id}"] == {"200": 1}  # the list check of the absent one
+    assert set(routes) == {"POST /3.0/batches", "GET /3.0/batches/{batch_id}",
+                           "GET /3.0/_batch_results/{batch_id}.tar.gz", "GET /3.0/lists/{list_id}"}
+    members = {r.email: r for r in connector.scan()}
+    assert len(members) == 900
+    for i, email in enumerate(renamed):  # renamed, and never (re)subscribed
+        record = members[email]
+        assert (record.first_name, record.last_name, record.extra_fields) == (
+            f"New{i}", "N", ("PHONE",))
+        assert record.status == ("unsubscribed" if i % 10 == 0 else "subscribed")
+    for i, email in enumerate(cleared):
+        assert (members[email].first_name, members[email].extra_fields) == (f"C{i}", ())
+    assert all(emulator.member(e) is None for e in erased)
+    assert emulator.members_count() == 900
 
 
 # ---------------------------------------------------------------------------- limits and faults
