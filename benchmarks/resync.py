@@ -246,8 +246,9 @@ def _progress(t0: float) -> Any:
     """Stage changes on stderr, so a run cut short still shows where the time went."""
     last: dict[str, int] = {}
 
-    def report(stage: str, count: int) -> None:
-        if stage in ("planned", "applied") or count - last.get(stage, 0) >= 20_000:
+    def report(stage: str, count: int, total: int | None) -> None:
+        del total
+        if stage == "planned" or count - last.get(stage, 0) >= 20_000 or count == 0:
             last[stage] = count
             print(f"{time.perf_counter() - t0:8.1f}s {stage}: {count}", file=sys.stderr, flush=True)
 

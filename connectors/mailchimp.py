@@ -83,6 +83,7 @@ ROUTES: Mapping[str, tuple[str, str]] = {  # SDK method -> HTTP method, path tem
     "get": ("GET", "/ping"),
     "get_list": ("GET", "/lists/{list_id}"),
     "get_list_members_info": ("GET", "/lists/{list_id}/members"),
+    "get_list_member": ("GET", MEMBER),
     "batch_list_members": ("POST", "/lists/{list_id}"),
     "set_list_member": ("PUT", MEMBER),
     "update_list_member": ("PATCH", MEMBER),
@@ -165,6 +166,35 @@ class MailchimpConnector:
             PermanentError: credentials or list refused, or a page that is not a collection.
         """
         yield from self._pages({})
+
+    def member(self, email: str) -> MemberRecord | None:
+        """The member at ``email`` (one GET by subscriber hash), or None when there is none.
+
+        Raises:
+            RetriableError: the member could not be read after the in-call retries, or a 404
+                whose cause (missing member or missing list) could not be told.
+            PermanentError: credentials refused, the list does not exist, or an answer that
+                is not a member.
+        """
+        try:
+            raw = self._call(self._lists.get_list_member, self._list_id, _hash(email),
+                             fields=[f.removeprefix("members.") for f in MEMBER_FIELDS[:-1]])
+        except ConnectorError as error:
+            if error.status != 404:
+                raise
+            self._list_found = None
+            found = self._list_exists()
+            if found is None:
+                raise RetriableError("GET /lists/{list_id}: list unverified", status=404,
+                                     title="list_unverified", reached_server=True) from None
+            if not found:
+                raise PermanentError("GET /lists/{list_id}: HTTP 404", status=404,
+                                     title="list_not_found", reached_server=True) from None
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("email_address"), str):
+            raise PermanentError("GET " + MEMBER + ": not a member", title="bad_response",
+                                 reached_server=True)
+        return _record(raw)
 
     def changes(self, cursor: str | None) -> Changes:
         """Members changed since ``cursor`` minus an overlap; None or "" scans everything.
@@ -427,17 +457,21 @@ class MailchimpConnector:
                 yield i, Outcome(actions[i], "retriable", "batch_result_missing")
                 continue
             answered[str(code)] += 1
-            yield i, self._operation_outcome(actions[i], code, result)
+            yield i, self._operation_outcome(actions[i], code, result, batch_id)
         log.info("mailchimp_operations_results", batch_id=batch_id, operations=len(chunk),
                  statuses=dict(sorted(answered.items())))
 
     def _operation_outcome(self, action: Action, code: int,
-                           result: Mapping[str, Any]) -> Outcome:
-        """One operation's result, classified exactly as the same single call's answer."""
+                           result: Mapping[str, Any], batch_id: str) -> Outcome:
+        """One operation's result, classified exactly as the same single call's answer.
+
+        The batch id stands in for the request id (the audit trail's reference), unless the
+        operation's problem document names its own ``instance``.
+        """
         if 200 <= code < 300:
-            return Outcome(action, "done")
+            return Outcome(action, "done", request_id=batch_id)
         method, template = ROUTES[_OPERATION_CALLS[action.kind]]
-        error = _error(f"{method} {template}", code, result.get("response"))
+        error = _error(f"{method} {template}", code, result.get("response"), request_id=batch_id)
         return self._refused(action, error)
 
     def _download(self, url: str) -> bytes:

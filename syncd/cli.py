@@ -276,31 +276,43 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 
 class _ResyncProgress:
-    """A rich progress display on a terminal; a no-op callback otherwise."""
+    """A rich progress display on a terminal (a bar once the total is known); else a no-op."""
+
+    LABELS = {"phorest": "Reading Phorest clients", "mailchimp": "Reading Mailchimp members",
+              "planned": "Planning", "applied": "Applying actions"}
 
     def __init__(self, *, enabled: bool) -> None:
         self._enabled = enabled
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> Callable[[str, int], None] | None:
+    def __enter__(self) -> Callable[[str, int, int | None], None] | None:
         if not self._enabled:
             return None
         from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                  console=Console(stderr=True), transient=True)
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )  # fmt: skip
         self._progress.start()
         return self._update
 
-    def _update(self, stage: str, count: int) -> None:
-        labels = {"phorest": "Phorest clients read", "mailchimp": "Mailchimp members read",
-                  "planned": "actions planned", "applied": "actions applied"}
-        text = f"{labels.get(stage, stage)}: {count}"
+    def _update(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(text, total=None)
-        self._progress.update(self._tasks[stage], description=text)
+            label = self.LABELS.get(stage, stage)
+            self._tasks[stage] = self._progress.add_task(label, total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)
 
     def __exit__(self, *_: object) -> None:
         if self._progress is not None:

@@ -51,11 +51,16 @@ log = structlog.get_logger(__name__)
 
 PROCESSORS = ("phorest", "mailchimp")
 PROGRESS_EVERY_RECORDS = 200
+PHOREST_CURSOR = "phorest.clients"
+MAILCHIMP_CURSOR = "mailchimp.members"
+# Past this many changed addresses (two lookups each), a poll reads everything.
+POLL_MAX_ADDRESSES = 300
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
-# (stage, records so far): stages are "phorest", "mailchimp", "planned", "applied".
-Progress = Callable[[str, int], None]
+# (stage, done so far, total or None when unknown): stages are "phorest" and
+# "mailchimp" (records read), "planned" (actions) and "applied" (tasks finished).
+Progress = Callable[[str, int, "int | None"], None]
 CountKey = tuple[str, str, str, str]  # processor, action kind, rule, why
 
 
@@ -144,6 +149,7 @@ class _Subject:
     consent_at: datetime | None
     link_email_key: str | None = None
     synced_email_key: str | None = None
+    client_seen: str | None = None
 
 
 def resync(
@@ -179,78 +185,320 @@ def resync(
         LedgerError: SQLite failed.
     """
     del settings  # the engine has no options of its own yet
-    now = now or datetime.now(UTC)
-    report_progress = progress or (lambda _stage, _count: None)
-    wanted = set(processors) if processors is not None else set(PROCESSORS)
+    report_progress = progress or (lambda _stage, _done, _total: None)
+    index = _read(connectors, keys, report_progress)
+    result = _reconcile(ledger, connectors, keys, index.addresses, index.dead_by_key,
+                        index.stats, dry_run=dry_run, now=now or datetime.now(UTC),
+                        progress=report_progress, processors=processors, policy=policy,
+                        event="resync")
+    if not dry_run and processors is None:
+        # Everything was read: the next poll needs only what changed since.
+        _set_cursors(ledger, index.cursors())
+    return result
 
-    addresses, dead_by_key, stats = _read(connectors, keys, report_progress)
+
+def poll(
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    keys: SubjectKeys,
+    *,
+    now: datetime | None = None,
+    policy: RetryPolicy | None = None,
+) -> ResyncResult:
+    """Reconcile what changed in Phorest or Mailchimp since the last poll.
+
+    Reads both change feeds from the ledger's cursors, keeps the changes the
+    ledger does not already account for (see :func:`_needs_look`), reads the
+    other side of each changed address, and plans, queues and runs what they
+    need, exactly as :func:`resync` does for every address. The cursors move
+    only once that is done, so a crash means the next poll reads the same
+    changes again (the tasks are deduplicated).
+
+    The first poll (no cursor yet) is a :func:`resync`. An answer in which
+    Phorest ignored the filter, or more than :data:`POLL_MAX_ADDRESSES` changed
+    addresses, is reconciled from a full read: by then that is cheaper.
+
+    Args:
+        ledger: the ledger (cursors, facts, tasks).
+        connectors: ``"phorest"`` and ``"mailchimp"``; the Mailchimp one must
+            offer ``member(email)`` and the Phorest one ``find_by_email(email)``.
+        keys: turns identifiers into subject keys.
+        now: the current time for retry scheduling (default: the system clock).
+        policy: the persisted retry policy for the task runner.
+
+    Returns:
+        What was planned and done (``clients`` and ``members`` count the records read).
+
+    Raises:
+        ConnectorError: a feed or a lookup could not be read; no cursor moves.
+        LedgerError: SQLite failed.
+    """
+    now = now or datetime.now(UTC)
+    if ledger.get_cursor(PHOREST_CURSOR) is None or ledger.get_cursor(MAILCHIMP_CURSOR) is None:
+        log.info("poll_first_is_resync")
+        return resync(None, ledger, connectors, keys, now=now, policy=policy)
+    phorest, mailchimp = connectors["phorest"], connectors["mailchimp"]
+    clients = phorest.changes(ledger.get_cursor(PHOREST_CURSOR))
+    members = mailchimp.changes(ledger.get_cursor(MAILCHIMP_CURSOR))
+    index = _Index(keys)
+    full_read = clients.full or members.full
+    if full_read:
+        log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
+        for client in clients.records if clients.full else phorest.scan():
+            index.add_client(client)  # type: ignore[arg-type]
+        for member in members.records if members.full else mailchimp.scan():
+            index.add_member(member)  # type: ignore[arg-type]
+    else:
+        wanted, blank = _needs_look(ledger, keys, clients.records, members.records)
+        if len(wanted) > POLL_MAX_ADDRESSES:
+            log.info("poll_full", changed_addresses=len(wanted))
+            _scan_into(index, connectors)
+            full_read = True
+        else:
+            _look_up(index, ledger, keys, connectors, wanted, blank)
+    result = _reconcile(ledger, connectors, keys, index.addresses, index.dead_by_key,
+                        index.stats, dry_run=False, now=now, progress=lambda *_: None,
+                        processors=None, policy=policy, event="poll")
+    # After a full read, the newest times seen; the feeds' own cursors otherwise
+    # (a looked-up record may be older than the last poll: never move back to it).
+    cursors = index.cursors() if full_read else {}
+    cursors.update({name: value for name, value in (
+        (PHOREST_CURSOR, clients.cursor), (MAILCHIMP_CURSOR, members.cursor)) if value})
+    _set_cursors(ledger, cursors)
+    return result
+
+
+def _set_cursors(ledger: Ledger, cursors: Mapping[str, str]) -> None:
+    """Store the change-feed cursors together."""
+    with ledger.transaction():
+        for name, value in cursors.items():
+            ledger.set_cursor(name, value)
+
+
+def _scan_into(index: _Index, connectors: Mapping[str, Connector]) -> None:
+    """Read everything both systems hold into ``index``."""
+    for client in connectors["phorest"].scan():
+        index.add_client(client)  # type: ignore[arg-type]
+    for member in connectors["mailchimp"].scan():
+        index.add_member(member)  # type: ignore[arg-type]
+
+
+def _needs_look(
+    ledger: Ledger,
+    keys: SubjectKeys,
+    clients: Iterable[Any],
+    members: Iterable[Any],
+) -> tuple[dict[str, MemberRecord | None], list[ClientRecord]]:
+    """The changes the ledger does not already account for.
+
+    Skipped: a client version the ledger already reconciled (the feed's overlap
+    window shows changes twice), a client without consent whom the ledger
+    already knows without consent at the same address (typically syncd's own
+    withdrawal), an opted-out member whose address no subject has or whose
+    subject is already without consent (syncd's own unsubscribes), and a
+    subscribed member the ledger put there (syncd's own subscribe or move). Everything else is looked at: a Phorest change may be
+    consent, a name or an address; a Mailchimp one an opt-out or a sign-up.
+
+    Returns:
+        normalised address -> the changed member read from the feed (None when
+        only a Phorest client changed there), and the erased clients that no
+        longer show an address (forgotten): their addresses are known by key only.
+    """
+    wanted: dict[str, MemberRecord | None] = {}
+    blank: list[ClientRecord] = []
+    client_records = [c for c in clients if isinstance(c, ClientRecord)]
+    facts = ledger.subject_facts([keys.client_id(c.client_id) for c in client_records])
+    for client in client_records:
+        email = _normalised(client.email) if client.email else None
+        if email is None:
+            if client.state in ERASED_CLIENT_STATES:
+                blank.append(client)
+            continue
+        stored = facts.get(keys.client_id(client.client_id))
+        if stored is not None and stored.client_seen == _seen(client):
+            continue  # this very version was reconciled (the feed's overlap re-reads it)
+        if (client.state not in ERASED_CLIENT_STATES and not client.email_consent
+                and stored is not None and stored.consent is False
+                and stored.synced_email_key in (None, keys.email(email))):
+            continue
+        wanted.setdefault(email, None)
+    for member in members:
+        email = _normalised(member.email) if isinstance(member, MemberRecord) else None
+        if email is None:
+            continue
+        email_key = keys.email(email)
+        subject_key = ledger.subject_for(email_key)
+        stored = ledger.subject_facts([subject_key]).get(subject_key) if subject_key else None
+        if member.status in OPTED_OUT_STATUSES and (stored is None or stored.consent is False):
+            # Nothing to withdraw: no client was ever linked to the address (a new client
+            # with it shows in Phorest's feed), or its consent is already off.
+            continue
+        if stored is not None:
+            if (member.status == "subscribed" and stored.consent
+                    and stored.synced_email_key == email_key):
+                continue
+        wanted[email] = member
+    return wanted, blank
+
+
+def _look_up(
+    index: _Index,
+    ledger: Ledger,
+    keys: SubjectKeys,
+    connectors: Mapping[str, Connector],
+    wanted: Mapping[str, MemberRecord | None],
+    blank: Iterable[ClientRecord],
+) -> None:
+    """Read both sides of each wanted address into ``index``.
+
+    Phorest: every client holding the address (``find_by_email``), so a shared
+    address is governed as in a full resync. Mailchimp: the member there, and
+    the members at addresses the ledger knows only by key (a moved client's
+    previous address, an erased client's): those take one scan of the audience,
+    stopped as soon as all are found.
+    """
+    phorest: Any = connectors["phorest"]
+    mailchimp: Any = connectors["mailchimp"]
+    for client in blank:
+        index.add_client(client)
+    for email, member in wanted.items():
+        for client in phorest.find_by_email(email):
+            index.add_client(client)
+        found = member if member is not None else mailchimp.member(email)
+        if found is not None:
+            index.add_member(found)
+    by_key: set[str] = set()
+    moved = [(keys.client_id(slot.live.client_id), email)
+             for email, slot in index.addresses.items()
+             if slot.live is not None and slot.member is None]  # fmt: skip
+    facts = ledger.subject_facts([subject_key for subject_key, _ in moved])
+    for subject_key, email in moved:
+        stored = facts.get(subject_key)
+        if stored and stored.synced_email_key and stored.synced_email_key != keys.email(email):
+            by_key.add(stored.synced_email_key)  # the client's previous address
+    for dead_key in index.dead_by_key:
+        by_key.update(ledger.identifier_keys(dead_key, "email"))
+    by_key -= {keys.email(email) for email in index.addresses}
+    if not by_key:
+        return
+    log.info("poll_member_search", keys=len(by_key))
+    for member in mailchimp.scan():
+        email = _normalised(member.email)
+        if email is not None and keys.email(email) in by_key:
+            by_key.discard(keys.email(email))
+            index.add_member(member)
+            if not by_key:
+                return
+
+
+def _reconcile(
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    keys: SubjectKeys,
+    addresses: Mapping[str, _Address],
+    dead_by_key: Mapping[str, ClientRecord],
+    stats: dict[str, int],
+    *,
+    dry_run: bool,
+    now: datetime,
+    progress: Progress,
+    processors: Collection[str] | None,
+    policy: RetryPolicy | None,
+    event: str,
+) -> ResyncResult:
+    """Plan what the addresses read need; unless a dry run, queue and run it.
+
+    Shared by :func:`resync` (every address) and :func:`poll` (the changed ones).
+    """
+    wanted = set(processors) if processors is not None else set(PROCESSORS)
     subjects = _views(addresses, dead_by_key, ledger, keys)
     planned: list[Planned] = []
     for subject in subjects:
         planned.extend(p for p in plan(subject.view) if p.processor in wanted)
-    report_progress("planned", len(planned))
+    progress("planned", len(planned), len(planned))
 
     counts = Counter((p.processor, p.action.kind, p.rule, p.why) for p in planned)
     rows = [
         PlannedRow(p.action.client_id or "-", p.processor, p.action.kind, p.rule, p.why)
         for p in planned
     ]
-    log.info("resync_planned", planned=len(planned), dry_run=dry_run, **stats)
+    log.info(f"{event}_planned", planned=len(planned), dry_run=dry_run, **stats)
     if dry_run:
         return ResyncResult(dict(counts), rows, None, 0, True, **stats)
 
     _store_facts(ledger, subjects)
     task_ids = enqueue(ledger, planned)
     runners = {name: connectors[name] for name in PROCESSORS if name in wanted}
-    report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now)
-    report_progress("applied", len(planned))
+    progress("applied", 0, len(planned))
+    report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
+                     on_batch=lambda done: progress("applied", done, len(planned)))
     _record_results(ledger, planned, task_ids, keys)
-    log.info("resync_done", planned=len(planned), failed=report.failed, counts=report.counts)
+    log.info(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
     return ResyncResult(dict(counts), rows, report, report.failed, False, **stats)
 
 
-def _read(
-    connectors: Mapping[str, Connector], keys: SubjectKeys, progress: Progress
-) -> tuple[dict[str, _Address], dict[str, ClientRecord], dict[str, int]]:
-    """Scan both systems, keeping per address only the records that can govern it."""
-    addresses: dict[str, _Address] = {}
-    # Dead clients by client-id key: a forgotten client's blanked record no
-    # longer shows its address, but the ledger linked that address to it.
-    dead_by_key: dict[str, ClientRecord] = {}
-    clients = members = unusable = 0
-    for client in connectors["phorest"].scan():
-        assert isinstance(client, ClientRecord)
-        clients += 1
-        if clients % PROGRESS_EVERY_RECORDS == 0:
-            progress("phorest", clients)
+class _Index:
+    """Per normalised address, only the records that can govern it, as they are read."""
+
+    def __init__(self, keys: SubjectKeys) -> None:
+        self.keys = keys
+        self.addresses: dict[str, _Address] = {}
+        # Dead clients by client-id key: a forgotten client's blanked record no
+        # longer shows its address, but the ledger linked that address to it.
+        self.dead_by_key: dict[str, ClientRecord] = {}
+        self.stats = {"clients": 0, "members": 0, "unusable_addresses": 0}
+        # The newest change time each system showed: where the next poll starts.
+        self.newest: dict[str, datetime] = {}
+
+    def _seen(self, processor: str, moment: datetime | None) -> None:
+        if moment is not None and (processor not in self.newest or moment > self.newest[processor]):
+            self.newest[processor] = moment
+
+    def cursors(self) -> dict[str, str]:
+        """Change-feed cursors (ISO 8601 instants) for a poll after this full read."""
+        names = {"phorest": PHOREST_CURSOR, "mailchimp": MAILCHIMP_CURSOR}
+        return {names[p]: moment.isoformat() for p, moment in self.newest.items()}
+
+    def add_client(self, client: ClientRecord) -> None:
+        self.stats["clients"] += 1
+        self._seen("phorest", client.updated_at)
         dead = client.state in ERASED_CLIENT_STATES
         if dead:
-            dead_by_key[keys.client_id(client.client_id)] = client
+            self.dead_by_key[self.keys.client_id(client.client_id)] = client
         if not client.email:
-            continue
+            return
         email = _normalised(client.email)
         if email is None:
-            unusable += 1
-            continue
-        slot = addresses.setdefault(email, _Address())
+            self.stats["unusable_addresses"] += 1
+            return
+        slot = self.addresses.setdefault(email, _Address())
         if dead:
             slot.dead = _newest(slot.dead, client)
         else:
             slot.live = _newest(slot.live, client)
-    progress("phorest", clients)
-    for member in connectors["mailchimp"].scan():
-        assert isinstance(member, MemberRecord)
-        members += 1
-        if members % PROGRESS_EVERY_RECORDS == 0:
-            progress("mailchimp", members)
+
+    def add_member(self, member: MemberRecord) -> None:
+        self.stats["members"] += 1
+        self._seen("mailchimp", member.last_changed)
         email = _normalised(member.email)
         if email is None:
-            unusable += 1
-            continue
-        addresses.setdefault(email, _Address()).member = member
-    progress("mailchimp", members)
-    stats = {"clients": clients, "members": members, "unusable_addresses": unusable}
-    return addresses, dead_by_key, stats
+            self.stats["unusable_addresses"] += 1
+            return
+        self.addresses.setdefault(email, _Address()).member = member
+
+
+def _read(connectors: Mapping[str, Connector], keys: SubjectKeys, progress: Progress) -> _Index:
+    """Scan both systems, keeping per address only the records that can govern it."""
+    index = _Index(keys)
+    for stage, add in (("phorest", index.add_client), ("mailchimp", index.add_member)):
+        count = 0
+        for record in connectors[stage].scan():
+            add(record)  # type: ignore[arg-type]
+            count += 1
+            if count % PROGRESS_EVERY_RECORDS == 0:
+                progress(stage, count, None)
+        progress(stage, count, count)
+    return index
 
 
 def _views(
@@ -316,6 +564,7 @@ def _views(
             consent_at=client.updated_at if live else None,
             link_email_key=email_key if live else None,
             synced_email_key=synced_key,
+            client_seen=_seen(client) if client is not None else None,
         ))  # fmt: skip
     return subjects
 
@@ -365,6 +614,8 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
                 stored.synced_email_key if stored else None
             ):
                 changes["synced_email_key"] = subject.synced_email_key
+            if subject.client_seen != (stored.client_seen if stored else None):
+                changes["client_seen"] = subject.client_seen
             if changes or (stored is None and view.client is not None):
                 ledger.upsert_subject(view.subject_key, **changes)
                 written += 1
@@ -381,14 +632,19 @@ def _record_results(
     A ``subscribe`` or ``move_email`` that is done puts the member under the
     client's address: that address becomes the subject's synced one (R6). A
     ``subscribe`` Mailchimp refused (compliance state) waits for the person (R2).
+    A ``withdraw_consent`` that is done leaves the client without consent.
     """
     with ledger.transaction():
         for item, task_id in zip(planned, task_ids):
             action = item.action
-            if action.kind not in ("subscribe", "move_email"):
+            if action.kind not in ("subscribe", "move_email", "withdraw_consent"):
                 continue
             task = ledger.task(task_id)
             if task is None:
+                continue
+            if action.kind == "withdraw_consent":
+                if task.state == "done":  # what Phorest holds now
+                    ledger.upsert_subject(action.subject_key, consent=False)
                 continue
             if task.state == "done":
                 address = action.new_email if action.kind == "move_email" else action.email
@@ -404,6 +660,11 @@ def _email_key(keys: SubjectKeys, address: str | None) -> str | None:
     """The keyed hash of an address, or None when it is not a usable one."""
     email = _normalised(address) if address else None
     return keys.email(email) if email else None
+
+
+def _seen(client: ClientRecord) -> str:
+    """Which version of a Phorest record this is (no personal data)."""
+    return f"{client.version}|{client.updated_at.isoformat()}|{client.state}"
 
 
 def _newest(current: ClientRecord | None, candidate: ClientRecord) -> ClientRecord:

@@ -189,14 +189,17 @@ ALTER TABLE subjects ADD COLUMN resubscribe_refused INTEGER NOT NULL DEFAULT 0
     CHECK (resubscribe_refused IN (0, 1));
 """
 
-# The keyed hash of the address the subject's Mailchimp member was last seen or put
-# under, so an email change in Phorest moves that member (R6) instead of adding one.
-_V4_SYNCED_EMAIL_KEY = """
+# synced_email_key: the keyed hash of the address the subject's Mailchimp member was
+# last seen or put under, so an email change in Phorest moves that member (R6).
+# client_seen: which version of the Phorest record syncd last reconciled (version,
+# updatedAt and state; no personal data), so a poll skips changes already handled.
+_V4_SUBJECT_SYNC_STATE = """
 ALTER TABLE subjects ADD COLUMN synced_email_key TEXT;
+ALTER TABLE subjects ADD COLUMN client_seen TEXT;
 """
 
 MIGRATIONS: tuple[str, ...] = (
-    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SYNCED_EMAIL_KEY
+    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -224,6 +227,7 @@ class SubjectFacts:
     opted_in_at: datetime | None
     resubscribe_refused: bool
     synced_email_key: str | None = None
+    client_seen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -776,6 +780,7 @@ class Ledger:
         opted_in_at: datetime | None = _KEEP,
         resubscribe_refused: bool = _KEEP,
         synced_email_key: str | None = _KEEP,
+        client_seen: str | None = _KEEP,
     ) -> None:
         """Create the subject or update the columns passed (others keep their value).
 
@@ -786,6 +791,7 @@ class Ledger:
             "consent": consent, "consent_at": consent_at, "restricted": restricted,
             "opted_out_at": opted_out_at, "opted_in_at": opted_in_at,
             "resubscribe_refused": resubscribe_refused, "synced_email_key": synced_email_key,
+            "client_seen": client_seen,
         }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
         for name, value in given.items():
@@ -879,6 +885,16 @@ class Ledger:
         sql = "SELECT subject_key FROM identifiers WHERE identifier_key = ?"
         row = self._run(sql, (identifier_key,)).fetchone()
         return None if row is None else str(row[0])
+
+    def identifier_keys(self, subject_key: str, kind: str) -> list[str]:
+        """The identifier keys of one kind linked to a subject, oldest first.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = ("SELECT identifier_key FROM identifiers WHERE subject_key = ? AND kind = ?"
+               " ORDER BY created_at, identifier_key")
+        return [str(row[0]) for row in self._run(sql, (subject_key, kind))]
 
     def set_digest(self, subject_key: str, processor: str, digest: str) -> None:
         """Remember the digest of what ``processor`` last held for the subject.

@@ -14,7 +14,7 @@ final state); alerts and log lines carry processors, reasons, counts and task id
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -99,6 +99,7 @@ def run_due(
     now: datetime,
     batch_size: int = 500,
     dry_run: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> RunReport:
     """Carry out the due tasks of every processor that has a connector.
 
@@ -111,6 +112,8 @@ def run_due(
         batch_size: tasks per ``apply`` call.
         dry_run: only ask each connector what it would do (one batch per
             processor); nothing is claimed or recorded.
+        on_batch: called after each batch with the number of tasks finished
+            or rescheduled so far in this run (for a progress bar).
 
     Returns:
         The counts; falsy when a task failed.
@@ -121,7 +124,7 @@ def run_due(
         LedgerError: SQLite failed.
     """
     counts: dict[str, Counter[str]] = {}
-    failed = skipped = 0
+    failed = skipped = handled = 0
     for processor, connector in connectors.items():
         tally, seen = counts.setdefault(processor, Counter()), set[int]()
         for _ in range(1 if dry_run else MAX_BATCHES_PER_RUN):
@@ -140,6 +143,9 @@ def run_due(
                 failed += _run_batch(
                     ledger, connector, processor, claimed, policy, keys, now, tally
                 )
+                handled += len(claimed)
+                if on_batch is not None:
+                    on_batch(handled)
         else:
             if not dry_run:
                 log.warning("tasks_batch_limit", processor=processor, batches=MAX_BATCHES_PER_RUN)

@@ -161,3 +161,30 @@ def test_show_json_redacts_secrets(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_example_command_prints_the_sample_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "example"]) == 0
     assert capsys.readouterr().out == EXAMPLE.read_text()
+
+
+def test_resync_progress_shows_a_bar_with_totals_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.console import Console
+
+    from syncd import cli
+
+    screen = Console(record=True, width=100, force_terminal=True)
+    monkeypatch.setattr("rich.console.Console", lambda **_: screen)
+    with cli._ResyncProgress(enabled=True) as update:
+        assert update is not None
+        update("phorest", 200, None)
+        update("phorest", 300, 300)
+        update("applied", 0, 40)
+        update("applied", 30, 40)
+    text = screen.export_text()
+    assert "Reading Phorest clients" in text and "300/300" in text
+    assert "Applying actions" in text and "30/40" in text
+
+
+def test_resync_progress_is_silent_off_a_terminal() -> None:
+    from syncd import cli
+
+    with cli._ResyncProgress(enabled=False) as update:
+        assert update is None

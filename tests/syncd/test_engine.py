@@ -11,7 +11,7 @@ import pytest
 import connectors
 from connectors.base import ClientRecord, Connector, MemberRecord
 from syncd import config
-from syncd.engine import ResyncResult, resync
+from syncd.engine import ResyncResult, poll, resync
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger
 from syncd.reconcile import ERASED_CLIENT_STATES
@@ -234,3 +234,99 @@ def test_an_email_change_in_phorest_moves_the_same_member(world: World) -> None:
         ("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 1}
     again = world.sandbox.mailchimp.member("moved.again@example.org")
     assert again is not None and again["unique_email_id"] == old["unique_email_id"]
+
+
+# -- poll: the change feeds -------------------------------------------------
+
+
+def _poll(world: World) -> ResyncResult:
+    world.clock.advance(seconds=5)
+    return poll(world.ledger, world.live, world.keys, now=world.clock.now, policy=POLICY)
+
+
+def _subscribed_client(world: World) -> ClientRecord:
+    members = _members(world)
+    return next(
+        c for c in _clients(world)
+        if c.state == "active" and c.email_consent and c.email
+        and getattr(members.get(normalise_email(c.email)), "status", None) == "subscribed"
+        and sum(1 for o in _clients(world) if o.email == c.email) == 1
+    )  # fmt: skip
+
+
+def _calls(world: World) -> int:
+    return sum(world.sandbox.traffic.counts.values())
+
+
+def test_the_first_poll_is_a_full_resync_and_a_quiet_poll_costs_two_reads(world: World) -> None:
+    first = _poll(world)
+    assert first.planned > 0 and first.failed == 0
+    before = _calls(world)
+
+    quiet = _poll(world)
+
+    assert quiet.planned == 0
+    # Each feed is one page; syncd's own writes are recognised without lookups.
+    assert _calls(world) - before <= 4
+
+
+def test_a_staff_opt_out_in_phorest_reaches_mailchimp_by_poll(world: World) -> None:
+    world.resync()
+    client = _subscribed_client(world)
+    world.sandbox.phorest.edit_client(client.client_id, emailMarketingConsent=False)
+
+    result = _poll(world)
+
+    assert result.counts == {("mailchimp", "unsubscribe", "R1", "no_consent_in_phorest"): 1}
+    member = world.sandbox.mailchimp.member(client.email or "")
+    assert member is not None and member["status"] == "unsubscribed"
+    assert _poll(world).planned == 0
+
+
+def test_an_unsubscribe_in_mailchimp_reaches_phorest_by_poll_without_a_webhook(
+    world: World,
+) -> None:
+    world.resync()
+    client = _subscribed_client(world)
+    world.sandbox.mailchimp.click_unsubscribe(client.email or "")
+
+    result = _poll(world)
+
+    assert result.counts == {("phorest", "withdraw_consent", "R2", "unsubscribed_in_mailchimp"): 1}
+    assert world.sandbox.phorest.client(client.client_id)["emailMarketingConsent"] is False
+    assert _poll(world).planned == 0
+
+
+def test_an_email_change_and_a_rename_in_phorest_reach_mailchimp_by_poll(world: World) -> None:
+    world.resync()
+    moved, renamed = _subscribed_client(world), None
+    old = world.sandbox.mailchimp.member(moved.email or "")
+    world.sandbox.phorest.edit_client(moved.client_id, email="poll.moved@example.net")
+    renamed = next(c for c in _clients(world) if c.client_id != moved.client_id
+                   and c.email_consent and c.state == "active" and c.email
+                   and (world.sandbox.mailchimp.member(c.email) or {}).get("status") == "subscribed")
+    world.sandbox.phorest.edit_client(renamed.client_id, lastName="Newname")
+
+    result = _poll(world)
+
+    assert result.counts == {
+        ("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 1,
+        ("mailchimp", "update_names", "R6", "name_changed_in_phorest"): 1,
+    }
+    member = world.sandbox.mailchimp.member("poll.moved@example.net")
+    assert old is not None and member is not None
+    assert member["unique_email_id"] == old["unique_email_id"]
+    assert world.sandbox.mailchimp.member(renamed.email or "")["merge_fields"]["LNAME"] == "Newname"
+    assert _poll(world).planned == 0
+
+
+def test_a_client_forgotten_in_phorest_is_erased_from_mailchimp_by_poll(world: World) -> None:
+    world.resync()
+    client = _subscribed_client(world)
+    world.sandbox.phorest.forget(client.client_id)
+
+    result = _poll(world)
+
+    assert result.counts == {("mailchimp", "erase", "R5", "client_forgotten"): 1}
+    assert world.sandbox.mailchimp.member(client.email or "") is None
+    assert _poll(world).planned == 0

@@ -7,7 +7,6 @@ Phorest work and :func:`run_due` carries it out against Phorest's emulator.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,24 +189,15 @@ def test_no_seeded_address_stays_in_the_ledger_file(world: World) -> None:
     assert leaked == []
 
 
-def test_click_to_phorest_latency_over_20_events(
-    world: World, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_twenty_clicks_in_a_row_each_reach_phorest(world: World) -> None:
+    # The latency of this path is measured by benchmarks/propagation.py.
     chosen = world.candidates()[:20]
     assert len(chosen) == 20
-    timings_ms = []
     for client_id, email in chosen:
-        started = time.perf_counter()
         world.sandbox.mailchimp.click_unsubscribe(email)
-        deadline = started + 10
+        deadline = time.monotonic() + 30  # a hang guard, not a speed check
         while world.consent(client_id):
-            assert time.perf_counter() < deadline, "consent not withdrawn within 10 s"
+            assert time.monotonic() < deadline, "consent not withdrawn"
             world.process()
             world.run()
-        timings_ms.append((time.perf_counter() - started) * 1000)
-    p95 = statistics.quantiles(timings_ms, n=20, method="inclusive")[-1]
-    with capsys.disabled():
-        print(f"\nclick_unsubscribe -> Phorest consent off over {len(timings_ms)} events: "
-              f"p50 {statistics.median(timings_ms):.1f} ms, p95 {p95:.1f} ms, "
-              f"max {max(timings_ms):.1f} ms")  # fmt: skip
     assert tasks(world) == {"done": 20}
