@@ -546,6 +546,53 @@ def test_changes_with_nothing_new_keeps_the_cursor(wire: responses.RequestsMock)
     assert (changes.records, changes.cursor) == ((), "2026-01-02T03:04:05+00:00")
 
 
+def test_member_reads_one_member_by_its_hash(wire: responses.RequestsMock) -> None:
+    wire.add(responses.GET, MEMBER_URL, json=member_json(status="unsubscribed"))
+    record = make_connector().member(SEEDED_EMAIL.upper())
+    assert record is not None and (record.email, record.status) == (SEEDED_EMAIL, "unsubscribed")
+    assert query(wire.calls[0])["fields"] == [
+        "email_address,status,merge_fields,last_changed"]
+
+
+@pytest.mark.parametrize(
+    ("list_answer", "expected"),
+    [
+        ({"json": {"id": LIST_ID}}, None),
+        (problem(404, "Resource Not Found"), PermanentError),
+        (problem(503, "Service Unavailable"), RetriableError),
+    ],
+    ids=["member-absent", "list-missing", "list-unverifiable"],
+)
+def test_member_tells_an_absent_member_from_a_missing_list(
+    wire: responses.RequestsMock, list_answer: dict[str, Any], expected: type[Exception] | None
+) -> None:
+    wire.add(responses.GET, MEMBER_URL, **problem(404, "Resource Not Found"))
+    wire.add(responses.GET, LIST_URL, **list_answer)
+    connector = make_connector(attempts=1)
+    if expected is None:
+        assert connector.member(SEEDED_EMAIL) is None
+    else:
+        with pytest.raises(expected):
+            connector.member(SEEDED_EMAIL)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (problem(401, "API Key Invalid"), PermanentError),
+        (problem(500, "Internal Server Error"), RetriableError),
+        ({"json": {"status": "subscribed"}}, PermanentError),
+    ],
+    ids=["refused", "server-error", "not-a-member"],
+)
+def test_member_raises_what_cannot_be_read(
+    wire: responses.RequestsMock, answer: dict[str, Any], expected: type[Exception]
+) -> None:
+    wire.add(responses.GET, MEMBER_URL, **answer)
+    with pytest.raises(expected):
+        make_connector(attempts=1).member(SEEDED_EMAIL)
+
+
 @pytest.mark.parametrize("cursor", [None, "", "yesterday"], ids=["none", "empty", "garbage"])
 def test_changes_without_a_usable_cursor_is_a_full_scan(
     wire: responses.RequestsMock, cursor: str | None
