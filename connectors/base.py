@@ -165,6 +165,10 @@ class Connector(Protocol):
     """What every connector offers. One module and one class per system."""
 
     name: str
+    # How many actions one ``apply`` call should be given: a connector that groups
+    # actions into bulk calls wants many, one that writes record by record fewer
+    # (so progress and a crash's redo stay small).
+    apply_batch_size: int
 
     def check(self) -> CheckResult:
         """Verify reachability and credentials with one cheap call."""

@@ -116,6 +116,8 @@ class MailchimpConnector:
     """
 
     name = "mailchimp"
+    # One apply sees enough actions to fill 500-member batches of every kind at once.
+    apply_batch_size = 10_000
 
     def __init__(
         self,

@@ -73,6 +73,8 @@ class PhorestConnector:
     """
 
     name = "phorest"
+    # Writes are one record at a time (no bulk endpoint): small applies keep progress fine.
+    apply_batch_size = 200
 
     def __init__(
         self,

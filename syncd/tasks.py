@@ -30,6 +30,7 @@ from syncd.retry import RetryPolicy
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_BATCH_SIZE = 500
 MAX_BATCHES_PER_RUN = 1000  # 500 x 1000: a 100k-task resync finishes in one run_due
 PAYLOAD_FIELDS = ("email", "new_email", "client_id", "first_name", "last_name", "fields")
 
@@ -97,7 +98,7 @@ def run_due(
     keys: SubjectKeys,
     *,
     now: datetime,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     dry_run: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> RunReport:
@@ -109,7 +110,8 @@ def run_due(
         policy: decides the next attempt time and when retries are exhausted.
         keys: turns a forgotten address into its suppression key.
         now: the current time, for ``next_attempt_at``.
-        batch_size: tasks per ``apply`` call.
+        batch_size: tasks per ``apply`` call (default: the connector's
+            ``apply_batch_size``, else :data:`DEFAULT_BATCH_SIZE`).
         dry_run: only ask each connector what it would do (one batch per
             processor); nothing is claimed or recorded.
         on_batch: called after each batch with the number of tasks finished
@@ -127,8 +129,9 @@ def run_due(
     failed = skipped = handled = 0
     for processor, connector in connectors.items():
         tally, seen = counts.setdefault(processor, Counter()), set[int]()
+        size = batch_size or getattr(connector, "apply_batch_size", DEFAULT_BATCH_SIZE)
         for _ in range(1 if dry_run else MAX_BATCHES_PER_RUN):
-            due = [t for t in ledger.due_tasks(batch_size, processor) if t.id not in seen]
+            due = [t for t in ledger.due_tasks(size, processor) if t.id not in seen]
             if not due:
                 break
             seen.update(t.id for t in due)

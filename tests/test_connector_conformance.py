@@ -55,6 +55,7 @@ def test_connector_implements_the_protocol_under_its_registered_name(
     connector = build(kind, getattr(settings, kind))
     assert isinstance(connector, Connector)
     assert connector.name == kind
+    assert isinstance(connector.apply_batch_size, int) and connector.apply_batch_size >= 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
