@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,7 @@ PHOREST_CURSOR = "phorest.clients"
 MAILCHIMP_CURSOR = "mailchimp.members"
 # Past this many changed addresses (two lookups each), a poll reads everything.
 POLL_MAX_ADDRESSES = 300
+POLL_LOOKUP_WORKERS = 8
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
@@ -136,6 +138,14 @@ class _Address:
 
     live: ClientRecord | None = None
     dead: ClientRecord | None = None
+    member: MemberRecord | None = None
+
+
+@dataclass
+class _Change:
+    """What the change feeds showed at one address."""
+
+    client: ClientRecord | None = None  # the newest live client that changed
     member: MemberRecord | None = None
 
 
@@ -288,7 +298,7 @@ def _needs_look(
     keys: SubjectKeys,
     clients: Iterable[Any],
     members: Iterable[Any],
-) -> tuple[dict[str, MemberRecord | None], list[ClientRecord]]:
+) -> tuple[dict[str, _Change], list[ClientRecord]]:
     """The changes the ledger does not already account for.
 
     Skipped: a client version the ledger already reconciled (the feed's overlap
@@ -296,15 +306,16 @@ def _needs_look(
     already knows without consent at the same address (typically syncd's own
     withdrawal), an opted-out member whose address no subject has or whose
     subject is already without consent (syncd's own unsubscribes), and a
-    subscribed member the ledger put there (syncd's own subscribe or move). Everything else is looked at: a Phorest change may be
-    consent, a name or an address; a Mailchimp one an opt-out or a sign-up.
+    subscribed member the ledger put there (syncd's own subscribe or move).
+    Everything else is looked at: a Phorest change may be consent, a name or an
+    address; a Mailchimp one an opt-out or a sign-up.
 
     Returns:
-        normalised address -> the changed member read from the feed (None when
-        only a Phorest client changed there), and the erased clients that no
-        longer show an address (forgotten): their addresses are known by key only.
+        normalised address -> what the feeds showed there, and the erased
+        clients that no longer show an address (forgotten): their addresses are
+        known by key only.
     """
-    wanted: dict[str, MemberRecord | None] = {}
+    wanted: dict[str, _Change] = {}
     blank: list[ClientRecord] = []
     client_records = [c for c in clients if isinstance(c, ClientRecord)]
     facts = ledger.subject_facts([keys.client_id(c.client_id) for c in client_records])
@@ -321,7 +332,9 @@ def _needs_look(
                 and stored is not None and stored.consent is False
                 and stored.synced_email_key in (None, keys.email(email))):
             continue
-        wanted.setdefault(email, None)
+        change = wanted.setdefault(email, _Change())
+        if client.state not in ERASED_CLIENT_STATES:
+            change.client = _newest(change.client, client)
     for member in members:
         email = _normalised(member.email) if isinstance(member, MemberRecord) else None
         if email is None:
@@ -337,7 +350,7 @@ def _needs_look(
             if (member.status == "subscribed" and stored.consent
                     and stored.synced_email_key == email_key):
                 continue
-        wanted[email] = member
+        wanted.setdefault(email, _Change()).member = member
     return wanted, blank
 
 
@@ -346,27 +359,37 @@ def _look_up(
     ledger: Ledger,
     keys: SubjectKeys,
     connectors: Mapping[str, Connector],
-    wanted: Mapping[str, MemberRecord | None],
+    wanted: Mapping[str, _Change],
     blank: Iterable[ClientRecord],
 ) -> None:
     """Read both sides of each wanted address into ``index``.
 
-    Phorest: every client holding the address (``find_by_email``), so a shared
-    address is governed as in a full resync. Mailchimp: the member there, and
+    Phorest: every client holding the address (``find_by_email``), so it is
+    governed as in a full resync, except where a live client just changed: being
+    the most recently updated holder, that client governs the address whoever
+    else holds it. Mailchimp: the member there (one GET unless the feed showed
+    it). The lookups run concurrently, within each connector's own limits. Then
     the members at addresses the ledger knows only by key (a moved client's
-    previous address, an erased client's): those take one scan of the audience,
-    stopped as soon as all are found.
+    previous address, an erased client's): those take one scan of the
+    audience, stopped as soon as all are found.
     """
     phorest: Any = connectors["phorest"]
     mailchimp: Any = connectors["mailchimp"]
     for client in blank:
         index.add_client(client)
-    for email, member in wanted.items():
-        for client in phorest.find_by_email(email):
-            index.add_client(client)
-        found = member if member is not None else mailchimp.member(email)
-        if found is not None:
-            index.add_member(found)
+
+    def read(item: tuple[str, _Change]) -> tuple[list[Any], MemberRecord | None]:
+        email, change = item
+        clients = [change.client] if change.client else phorest.find_by_email(email)
+        member = change.member if change.member is not None else mailchimp.member(email)
+        return clients, member
+
+    with ThreadPoolExecutor(max_workers=POLL_LOOKUP_WORKERS) as pool:
+        for clients, member in pool.map(read, wanted.items()):
+            for client in clients:
+                index.add_client(client)
+            if member is not None:
+                index.add_member(member)
     by_key: set[str] = set()
     moved = [(keys.client_id(slot.live.client_id), email)
              for email, slot in index.addresses.items()
