@@ -15,6 +15,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sandbox_scale.py
 	$(BIN)/python benchmarks/resync.py
+	$(BIN)/python benchmarks/propagation.py
 
 install: $(STAMP)
 
