@@ -1,9 +1,11 @@
-"""The resync engine: one full reconciliation of Phorest and Mailchimp, now.
+"""The engine: reconcile Phorest and Mailchimp in full (:func:`resync`) or by change (:func:`poll`).
 
-Reads everything both systems hold, builds one :class:`~syncd.reconcile.SubjectView`
-per email address, lets :func:`~syncd.reconcile.plan` decide, and (unless it is a
-dry run) queues the actions as ledger tasks and runs them (STYLE 6: the task is
-written before the call, the outcome after).
+:func:`resync` reads everything both systems hold, builds one
+:class:`~syncd.reconcile.SubjectView` per email address, lets
+:func:`~syncd.reconcile.plan` decide, and (unless it is a dry run) queues the
+actions as ledger tasks and runs them (STYLE 6: the task is written before the
+call, the outcome after). :func:`poll` does the same for the addresses the two
+change feeds show since the last poll or resync.
 
 Which Phorest client governs an address: the newest (by ``updatedAt``) active
 or archived client holding it; when none is live, the newest deleted,
