@@ -6,8 +6,8 @@ injected on every vendor request), runs one real ``syncd`` resync through
 own config, then a second resync (which should plan nothing). Prints JSON: API
 calls by vendor, writes planned, the lower bound
 L = ceil(clients/page_size) + ceil(members/1000) + ceil(writes/500), calls/L,
-wall time and peak RSS (the sandbox runs in this process: the RSS it had on its
-own before the resync is reported too, so the difference approximates syncd's).
+wall time and peak RSS. The sandbox runs in this process and syncd's first
+resync in a spawned one, so the peak RSS reported is syncd's own.
 
 Then, on a fresh sandbox with the same seed, the same changes are made the way
 per-subject tools make them: for each subject that needs a change, one GET of
@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -89,37 +90,27 @@ def _syncd(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], list[Pl
     sandbox = Sandbox(clients=args.clients, members=args.members, seed=SEED, smtp_port=None,
                       latency_ms=args.latency_ms, drift=DRIFT)
     seed_seconds = time.perf_counter() - started
-    captured: list[Planned] = []
-    enqueue = engine.enqueue
-
-    def recording_enqueue(ledger: Ledger, planned: list[Planned]) -> list[int]:
-        captured.extend(planned)
-        return enqueue(ledger, planned)
-
     with sandbox:
-        settings = config.load(sandbox.write_config(tmp / "syncd.toml",
-                                                    ledger_path=tmp / "ledger.sqlite3"))
-        sections = dict(settings.sections())
-        built = {name: connectors.load(name)(sections[name]) for name in engine.PROCESSORS}
-        keys = SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
-                           settings.identity.default_phone_region)
+        config_path = sandbox.write_config(tmp / "syncd.toml", ledger_path=tmp / "ledger.sqlite3")
+        settings = config.load(config_path)
         sandbox_rss_mb = _rss_mb()
         sandbox.traffic.reset_counts()
-        engine.enqueue = recording_enqueue
-        try:
-            with Ledger.open(settings.ledger.path) as ledger:
-                t0 = time.perf_counter()
-                first = engine.resync(settings, ledger, built, keys, progress=_progress(t0))
-                wall = time.perf_counter() - t0
-                peak_rss_mb = _rss_mb()
-                calls = _calls(sandbox.traffic.summary())
-                sandbox.traffic.reset_counts()
-                t0 = time.perf_counter()
-                second = engine.resync(settings, ledger, built, keys)
-                second_wall = time.perf_counter() - t0
-                second_calls = _calls(sandbox.traffic.summary())
-        finally:
-            engine.enqueue = enqueue
+        # syncd runs in a process of its own, so its peak RSS is its own, not the sandbox's.
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        child = context.Process(target=_first_resync, args=(str(config_path), results))
+        child.start()
+        first, captured, wall, peak_rss_mb = results.get()
+        child.join()
+        calls = _calls(sandbox.traffic.summary())
+        sandbox.traffic.reset_counts()
+        sections = dict(settings.sections())
+        built = {name: connectors.load(name)(sections[name]) for name in engine.PROCESSORS}
+        with Ledger.open(settings.ledger.path) as ledger:
+            t0 = time.perf_counter()
+            second = engine.resync(settings, ledger, built, _keys(settings))
+            second_wall = time.perf_counter() - t0
+            second_calls = _calls(sandbox.traffic.summary())
     writes = first.planned
     bound = (math.ceil(first.clients / PHOREST_PAGE_SIZE) + math.ceil(first.members / MEMBER_PAGE)
              + math.ceil(writes / BATCH_MEMBERS))
@@ -135,9 +126,8 @@ def _syncd(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], list[Pl
         "lower_bound_L": bound,
         "calls_over_L": round(calls["total"] / max(1, bound), 3),
         "wall_seconds": round(wall, 2),
-        "sandbox_rss_mb_before_resync": sandbox_rss_mb,
-        "peak_rss_mb": peak_rss_mb,
-        "peak_rss_minus_sandbox_mb": round(peak_rss_mb - sandbox_rss_mb, 1),
+        "sandbox_process_rss_mb": sandbox_rss_mb,
+        "syncd_process_peak_rss_mb": peak_rss_mb,
         "second_resync": {
             "planned": second.planned,
             "api_calls": second_calls["total"],
@@ -145,6 +135,32 @@ def _syncd(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], list[Pl
         },
     }
     return report, captured
+
+
+def _first_resync(config_path: str, results: Any) -> None:
+    """In a spawned process: one resync; sends (result, plan, wall seconds, peak RSS MB)."""
+    log.configure("warning", "json")
+    settings = config.load(config_path)
+    sections = dict(settings.sections())
+    built = {name: connectors.load(name)(sections[name]) for name in engine.PROCESSORS}
+    captured: list[Planned] = []
+    enqueue = engine.enqueue
+
+    def recording_enqueue(ledger: Ledger, planned: list[Planned]) -> list[int]:
+        captured.extend(planned)
+        return enqueue(ledger, planned)
+
+    engine.enqueue = recording_enqueue  # type: ignore[assignment]
+    with Ledger.open(settings.ledger.path) as ledger:
+        t0 = time.perf_counter()
+        first = engine.resync(settings, ledger, built, _keys(settings), progress=_progress(t0))
+        wall = time.perf_counter() - t0
+    results.put((first, captured, wall, _rss_mb()))
+
+
+def _keys(settings: Any) -> SubjectKeys:
+    return SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
+                       settings.identity.default_phone_region)
 
 
 def _per_subject(args: argparse.Namespace, planned: list[Planned]) -> dict[str, Any]:
