@@ -33,7 +33,7 @@ ActionKind = Literal[
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientRecord:
     """One client as the controller (Phorest) holds them.
 
@@ -65,7 +65,7 @@ class ClientRecord:
     merged_into: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemberRecord:
     """One audience member as the processor (Mailchimp) holds them.
 
@@ -89,7 +89,7 @@ class MemberRecord:
 Record = ClientRecord | MemberRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Changes:
     """What changed since a cursor, and the cursor to ask from next time.
 
@@ -102,7 +102,7 @@ class Changes:
     full: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     """One thing to do in one system, for one subject.
 
@@ -129,7 +129,7 @@ class Action:
     fields: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one action.
 
@@ -151,7 +151,7 @@ class Outcome:
     retry_after_seconds: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckResult:
     """The answer to :meth:`Connector.check`: reachable and credentials accepted."""
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,7 +68,7 @@ Progress = Callable[[str, int, "int | None"], None]
 CountKey = tuple[str, str, str, str]  # processor, action kind, rule, why
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedRow:
     """One planned action as shown to the operator (no email, no name).
 
@@ -129,12 +129,12 @@ class ResyncResult:
                 {"processor": p, "action": a, "rule": r, "why": w, "count": n}
                 for (p, a, r, w), n in sorted(self.counts.items())
             ],
-            "rows": [row.__dict__ for row in self.rows],
+            "rows": [asdict(row) for row in self.rows],
             "outcomes": self.report.counts if self.report is not None else None,
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Address:
     """What both systems hold at one normalised address (only what planning needs)."""
 
@@ -143,7 +143,7 @@ class _Address:
     member: MemberRecord | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Change:
     """What the change feeds showed at one address."""
 
@@ -151,7 +151,7 @@ class _Change:
     member: MemberRecord | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Subject:
     """One view plus the ledger facts it would write back."""
 
@@ -447,7 +447,9 @@ def _reconcile(
         PlannedRow(p.action.client_id or "-", p.processor, p.action.kind, p.rule, p.why)
         for p in planned
     ]
-    log.info(f"{event}_planned", planned=len(planned), dry_run=dry_run, **stats)
+    # A quiet poll every minute is not news: only work done is logged at info.
+    quiet = log.debug if not planned and event == "poll" else log.info
+    quiet(f"{event}_planned", planned=len(planned), dry_run=dry_run, **stats)
     if dry_run:
         return ResyncResult(dict(counts), rows, None, 0, True, **stats)
 
@@ -458,7 +460,7 @@ def _reconcile(
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
                      on_batch=lambda done: progress("applied", done, len(planned)))
     _record_results(ledger, planned, task_ids, keys)
-    log.info(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
+    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
     return ResyncResult(dict(counts), rows, report, report.failed, False, **stats)
 
 
@@ -646,7 +648,7 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
                 written += 1
             if subject.link_email_key is not None and stored is None:
                 ledger.link_identifier(subject.link_email_key, "email", view.subject_key)
-    log.info("resync_facts_stored", subjects=written)
+    (log.info if written else log.debug)("resync_facts_stored", subjects=written)
 
 
 def _record_results(

@@ -204,7 +204,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Subject:
     """One person known to syncd (``consent`` is None while unknown)."""
 
@@ -216,7 +216,7 @@ class Subject:
     updated_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubjectFacts:
     """What the ledger knows about a subject's marketing state (see :meth:`Ledger.subject_facts`)."""
 
@@ -230,7 +230,7 @@ class SubjectFacts:
     client_seen: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Task:
     """One action on one processor for one subject."""
 
@@ -251,7 +251,7 @@ class Task:
     dedupe_key: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """A data-subject request (erase, restrict, unrestrict, export)."""
 
@@ -266,7 +266,7 @@ class Request:
     note: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One entry of the append-only evidence trail."""
 
@@ -282,7 +282,7 @@ class AuditEvent:
     detail: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Alert:
     """A problem the manager has been, or will be, told about."""
 
@@ -297,7 +297,7 @@ class Alert:
     resolved_at: datetime | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboxEvent:
     """One pushed event waiting to be (or already) processed."""
 
@@ -708,6 +708,15 @@ class Ledger:
             LedgerError: SQLite failed.
         """
         return self._row(Task, "tasks", "id", task_id)
+
+    def oldest_pending_task_at(self) -> datetime | None:
+        """When the oldest pending task was created, or None when none is pending.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        row = self._run("SELECT MIN(created_at) FROM tasks WHERE state = 'pending'").fetchone()
+        return _from_text(row[0]) if row and row[0] else None
 
     def count_tasks_by_state(self, processor: str | None = None) -> dict[str, int]:
         """Number of tasks in every state (zeros included), optionally for one processor.

@@ -66,7 +66,7 @@ MARKETED_STATUSES: Final = frozenset({"subscribed", "pending"})
 MOVABLE_STATUSES: Final = frozenset({"subscribed", "pending", "transactional"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LedgerFacts:
     """What the ledger knows about a subject beyond what the two systems show now.
 
@@ -91,7 +91,7 @@ class LedgerFacts:
     resubscribe_refused: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubjectView:
     """Everything :func:`plan` needs about one person.
 
@@ -129,7 +129,7 @@ class SubjectView:
             raise ValueError("member is at neither the client's address nor the synced one")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Planned:
     """One action :func:`plan` decided on, and why.
 

@@ -87,7 +87,7 @@ def enqueue(
                 dedupe_key=f"{item.processor}:{action.kind}:{action.subject_key}",
                 request_id=request_id,
             ))  # fmt: skip
-    log.info("tasks_enqueued", count=len(ids), unique=len(set(ids)))
+    (log.info if ids else log.debug)("tasks_enqueued", count=len(ids), unique=len(set(ids)))
     return ids
 
 
@@ -153,7 +153,9 @@ def run_due(
             if not dry_run:
                 log.warning("tasks_batch_limit", processor=processor, batches=MAX_BATCHES_PER_RUN)
     report = RunReport({p: dict(c) for p, c in counts.items()}, failed, skipped, dry_run)
-    log.info("tasks_run", counts=report.counts, failed=failed, skipped=skipped, dry_run=dry_run)
+    busy = any(report.counts.values()) or skipped
+    (log.info if busy else log.debug)("tasks_run", counts=report.counts, failed=failed,
+                                      skipped=skipped, dry_run=dry_run)
     return report
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -92,7 +92,7 @@ def test_dry_run_lists_the_differences_and_changes_nothing(world: World) -> None
             ("mailchimp", "erase"), ("phorest", "withdraw_consent")} <= kinds  # fmt: skip
     ids = {c["clientId"] for c in clients_before}
     assert all(row.client_id in ids or row.client_id == "-" for row in result.rows)
-    assert all("@" not in value for row in result.rows for value in row.__dict__.values())
+    assert all("@" not in value for row in result.rows for value in asdict(row).values())
     assert world.sandbox.mailchimp.snapshot_members() == members_before
     assert world.sandbox.phorest.snapshot_clients() == clients_before
     assert not any(world.ledger.count_tasks_by_state().values())
