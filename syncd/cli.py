@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
 import structlog
 
 from syncd import __version__, config, log
@@ -120,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only apply actions on this processor")
     resync.add_argument("--json", action="store_true", help="print JSON instead of a table")
     resync.set_defaults(handler=cmd_resync)
+
+    check = commands.add_parser(
+        "check",
+        help="verify credentials and reachability of every configured processor",
+        description="One line per processor (and the ledger): OK, FAILED or SKIPPED. "
+        "Exit 0 when nothing failed, 1 otherwise.",
+        parents=[common],
+    )
+    check.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                       help="cap each network call (default: each section's own timeout)")
+    check.set_defaults(handler=cmd_check)
+
+    run = commands.add_parser(
+        "run",
+        help="run the service (polls, webhooks, tasks, nightly resync, /healthz, /metrics)",
+        description="Run syncd as a long-running service until SIGTERM or SIGINT; SIGHUP "
+        "re-reads the configuration. Under systemd it reports readiness and pings the watchdog.",
+        parents=[common],
+    )
+    run.set_defaults(handler=cmd_run)
 
     parser.set_defaults(handler=_help_for(parser))
     return parser
@@ -275,6 +296,24 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return EXIT_ERROR if result.failed else EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """``syncd check``: reachability and credentials, one line each."""
+    from syncd.check import check_all, render
+
+    settings = load_settings(args, require_secrets=False, interactive=True)
+    text, code = render(check_all(settings, timeout_seconds=args.timeout))
+    print(text.rstrip("\n"))
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``syncd run``: the daemon, until a signal asks it to stop."""
+    from syncd.daemon import Daemon
+
+    load_settings(args)  # all configuration errors at once, before anything starts
+    return Daemon(args.config).run()
+
+
 class _ResyncProgress:
     """A rich progress display on a terminal (a bar once the total is known); else a no-op."""
 
@@ -399,6 +438,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 

@@ -1,0 +1,509 @@
+"""``syncd run``: the long-running service.
+
+One process, one writer. The daemon holds an exclusive lock on a file beside
+the ledger (``<ledger>.lock``) for as long as it runs, so no second daemon or
+one-shot command mutates the ledger at the same time.
+
+The loop (``schedule``), on the main thread:
+
+- every second, or at once when a webhook arrives: process the inbox and run
+  the due tasks;
+- every ``[phorest] poll_interval_seconds``: poll both change feeds
+  (:func:`syncd.engine.poll`);
+- at ``[daemon] nightly_resync_at`` (local time): a full resync.
+
+A job that raises is logged (type only), counted, recorded as an open alert
+in the ledger and tried again after a growing pause (5 s doubling to 5 min),
+so it neither kills the loop nor spins. Its alert is resolved when it next
+succeeds.
+
+HTTP (a threaded stdlib WSGI server on ``[daemon] listen``): ``/healthz``
+(200 when every processor was reached within the health window, else 503, with
+a JSON body per processor), ``/metrics`` (Prometheus text) and the Mailchimp
+webhook. Requests time out after :data:`HTTP_TIMEOUT_SECONDS`; only GET and
+HEAD are served except on the webhook, whose body is capped by
+:mod:`syncd.web`.
+
+Signals only set flags. SIGTERM and SIGINT finish the job in flight and exit 0;
+SIGHUP re-reads the configuration (an invalid new file is logged and the old
+one kept). Under systemd (``$NOTIFY_SOCKET``) the daemon sends READY=1 once the
+ledger is open and HTTP listens (before the first poll, which may be a long
+first resync), STATUS= lines and STOPPING=1. WATCHDOG=1 goes out at half
+``$WATCHDOG_USEC`` from a thread, but only while the loop turns or a long job
+(the resync's progress) shows movement: a hung loop stops the pings and
+systemd restarts the service.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import schedule
+import structlog
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+import connectors
+from syncd import config, engine
+from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
+from syncd.identity import SubjectKeys
+from syncd.inbox import process_inbox
+from syncd.ledger import Ledger
+from syncd.retry import RetryPolicy
+from syncd.tasks import run_due
+from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+
+log = structlog.get_logger(__name__)
+
+HTTP_TIMEOUT_SECONDS = 10
+WORK_EVERY_SECONDS = 1
+JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
+HEALTH_WINDOW_MIN_SECONDS = 180.0  # or three poll intervals, whichever is longer
+
+
+class AlreadyRunning(SyncdError):
+    """Another syncd holds the ledger's writer lock."""
+
+
+@dataclass
+class ProcessorHealth:
+    """When a processor was last reached, and the last problem seen."""
+
+    last_ok: float | None = None  # wall-clock seconds
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass
+class _Job:
+    name: str
+    run: Callable[[], None]
+    failures: int = 0
+    paused_until: float = 0.0
+
+
+@dataclass
+class _Runtime:
+    """What a configuration builds: rebuilt whole on SIGHUP."""
+
+    settings: config.Settings
+    connectors: dict[str, Any]
+    keys: SubjectKeys
+    webhook_secret: str | None
+    scheduler: schedule.Scheduler = field(default_factory=schedule.Scheduler)
+
+
+@contextmanager
+def writer_lock(ledger_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the exclusive writer lock beside the ledger (``<ledger>.lock``) while inside.
+
+    The lock is an ``flock`` on an open file: the kernel drops it when the process
+    ends, however it ends, so a crash never leaves a stale lock behind.
+
+    Raises:
+        AlreadyRunning: another process holds it.
+    """
+    path = Path(f"{ledger_path}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another syncd is running on this ledger (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def notify(message: str) -> bool:
+    """Send one sd_notify message; False when not under systemd (or it failed)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as error:
+        log.warning("sd_notify_failed", error=type(error).__name__)
+        return False
+
+
+class Daemon:
+    """The service: build it from a config path, then :meth:`run` until a signal.
+
+    Args:
+        config_path: the TOML file (re-read on SIGHUP).
+        install_signals: install the SIGTERM/SIGINT/SIGHUP handlers (tests that
+            run the daemon on a thread call :meth:`stop` instead).
+    """
+
+    def __init__(self, config_path: str | None, *, install_signals: bool = True) -> None:
+        self.config_path = config_path
+        self._install_signals = install_signals
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self.health: dict[str, ProcessorHealth] = {}
+        self.registry = CollectorRegistry()
+        self._polls = Counter("syncd_polls", "Change-feed polls, by outcome.", ["outcome"],
+                              registry=self.registry)
+        self._job_failures = Counter("syncd_job_failures", "Jobs that raised, by job.", ["job"],
+                                     registry=self.registry)
+        self.registry.register(_LedgerCollector(self))
+        self.runtime: _Runtime | None = None
+        self.http_port: int | None = None
+        self.ledger_path: Path | None = None
+        self._jobs: dict[str, Callable[[], None]] = {}
+        self._last_beat = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish the job in flight and return."""
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`). Returns the exit code (0).
+
+        Raises:
+            ConfigError: the configuration is unusable at start.
+            AlreadyRunning: another syncd holds the ledger.
+            LedgerError: the ledger cannot be opened.
+            OSError: the listen address cannot be bound.
+        """
+        if self._install_signals:  # first, so a signal during start-up is not lost
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_stop)
+            signal.signal(signal.SIGHUP, self._on_reload)
+        runtime = self.runtime = self._build(config.load(self.config_path))
+        with writer_lock(runtime.settings.ledger.path):
+            with Ledger.open(runtime.settings.ledger.path) as ledger:
+                self.ledger_path = runtime.settings.ledger.path
+                # Holding the lock, every in-flight task is a dead process's: redo it.
+                released = ledger.release_stale_in_flight(timedelta(0))
+                if released:
+                    log.warning("tasks_released_after_restart", count=released)
+                server = self._serve(runtime.settings)
+                try:
+                    self._loop(ledger, runtime)
+                finally:
+                    notify("STOPPING=1")
+                    server.shutdown()
+                    server.server_close()
+        log.info("daemon_stopped")
+        return 0
+
+    def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
+        self._schedule(ledger, runtime)
+        watchdog = _watchdog_interval()
+        if watchdog is not None:
+            threading.Thread(target=self._watchdog, args=(watchdog,), name="syncd-watchdog",
+                             daemon=True).start()
+        notify("READY=1\nSTATUS=running")
+        log.info("daemon_ready", listen=runtime.settings.daemon.listen, port=self.http_port)
+        self._jobs["poll"]()  # the first poll now (a resync if there is no cursor yet)
+        while not self._stop.is_set():
+            self.beat()
+            if self._reload.is_set():
+                self._reload.clear()
+                runtime = self.runtime = self._reloaded(ledger, runtime)
+            runtime.scheduler.run_pending()
+            idle = runtime.scheduler.idle_seconds
+            self._wake.wait(timeout=max(0.05, min(WORK_EVERY_SECONDS, idle or WORK_EVERY_SECONDS)))
+            if self._wake.is_set() and not self._stop.is_set() and not self._reload.is_set():
+                self._wake.clear()
+                self._jobs["work"]()  # a webhook arrived: work now, not at the next tick
+
+    def beat(self) -> None:
+        """Show the watchdog that work is moving (the loop turned, or a long job progressed)."""
+        self._last_beat = time.monotonic()
+
+    def _watchdog(self, interval: float) -> None:
+        """Ping systemd while the loop or a long job keeps beating; a hang stops the pings."""
+        while not self._stop.wait(interval):
+            if time.monotonic() - self._last_beat < 2 * interval:
+                notify("WATCHDOG=1")
+            else:
+                log.error("watchdog_withheld", seconds_since_progress=round(
+                    time.monotonic() - self._last_beat))
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _on_reload(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload.set()
+        self._wake.set()
+
+    def _reloaded(self, ledger: Ledger, current: _Runtime) -> _Runtime:
+        """The runtime from the re-read configuration, or ``current`` if it is unusable."""
+        try:
+            fresh = self._build(config.load(self.config_path))
+            if str(fresh.settings.ledger.path) != str(current.settings.ledger.path):
+                raise ConfigError(["ledger.path cannot change while running; restart syncd"])
+            if fresh.settings.daemon.listen != current.settings.daemon.listen:
+                log.warning("reload_listen_unchanged", reason="restart to move the listener")
+        except ConfigError as error:
+            for line in error.errors:
+                log.error("reload_rejected", problem=line)
+            notify("STATUS=running; the new configuration was rejected (see the log)")
+            return current
+        current.scheduler.clear()
+        self._schedule(ledger, fresh)
+        log.info("reload_applied")
+        notify("STATUS=running; configuration reloaded")
+        return fresh
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _build(self, settings: config.Settings) -> _Runtime:
+        """Connectors, keys and the webhook secret from a configuration.
+
+        Raises:
+            ConfigError: a section the daemon needs is missing, or a secret is unset.
+        """
+        sections = {name: section for name, section in settings.sections()
+                    if name in engine.PROCESSORS and section.is_active()}  # fmt: skip
+        missing = [f"the daemon needs the [{name}] section" for name in engine.PROCESSORS
+                   if name not in sections]  # fmt: skip
+        secret = settings.identity.hmac_key
+        if secret is None:
+            missing.append("identity.hmac_key is not set")
+        if missing:
+            raise ConfigError(missing)
+        assert secret is not None
+        built = {name: connectors.load(name)(section) for name, section in sections.items()}
+        keys = SubjectKeys(secret.get_secret_value().encode(),
+                           settings.identity.default_phone_region)  # fmt: skip
+        hook = getattr(settings.mailchimp, "webhook_secret", None)
+        for name in built:
+            self.health.setdefault(name, ProcessorHealth())
+        return _Runtime(settings, built, keys, hook.get_secret_value() if hook else None)
+
+    def _schedule(self, ledger: Ledger, runtime: _Runtime) -> None:
+        settings, policy = runtime.settings, RetryPolicy()
+        now = lambda: datetime.now(UTC)  # noqa: E731
+
+        def work() -> None:
+            process_inbox(ledger, runtime.connectors["phorest"], runtime.keys, now=now())
+            run_due(ledger, runtime.connectors, policy, runtime.keys, now=now())
+
+        def poll() -> None:
+            try:
+                engine.poll(ledger, runtime.connectors, runtime.keys, now=now(), policy=policy)
+            except ConnectorError:
+                self._polls.labels("failed").inc()
+                self._probe(runtime)
+                raise
+            self._polls.labels("ok").inc()
+            self._reached(runtime.connectors)
+
+        def resync() -> None:
+            engine.resync(settings, ledger, runtime.connectors, runtime.keys, now=now(),
+                          policy=policy, progress=lambda *_: self.beat())
+            ledger.set_cursor(LAST_RESYNC_CURSOR, now().isoformat())
+            self._reached(runtime.connectors)
+
+        jobs = {"work": work, "poll": poll, "resync": resync}
+        self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
+        interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
+        runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
+        runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
+        runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
+
+    def _guarded(self, ledger: Ledger, job: _Job) -> Callable[[], None]:
+        """``job`` wrapped so a failure is logged, counted, alerted and paused, never raised."""
+
+        def run() -> None:
+            if time.monotonic() < job.paused_until:
+                return
+            try:
+                job.run()
+            except (SyncdError, OSError, ValueError, KeyError, RuntimeError) as error:
+                job.failures += 1
+                first, longest = JOB_BACKOFF_SECONDS
+                pause = min(longest, first * 2 ** (job.failures - 1))
+                job.paused_until = time.monotonic() + pause
+                self._job_failures.labels(job.name).inc()
+                log.error("job_failed", job=job.name, error=type(error).__name__,
+                          failures=job.failures, retry_in_seconds=pause)
+                try:
+                    ledger.raise_alert(f"job_failed:{job.name}", "job_failed",
+                                       f"the {job.name} job keeps failing "
+                                       f"({type(error).__name__}); syncd retries it")
+                except LedgerError:
+                    log.exception("job_alert_failed", job=job.name)
+                return
+            if job.failures:
+                log.info("job_recovered", job=job.name, after_failures=job.failures)
+                job.failures, job.paused_until = 0, 0.0
+                try:
+                    ledger.resolve_alert(f"job_failed:{job.name}")
+                except LedgerError:
+                    log.exception("job_alert_failed", job=job.name)
+
+        return run
+
+    def _reached(self, reached: Iterable[str]) -> None:
+        for name in reached:
+            self.health.setdefault(name, ProcessorHealth()).last_ok = time.time()
+
+    def _probe(self, runtime: _Runtime) -> None:
+        """After a failed poll: find out which processor is unreachable."""
+        for name, connector in runtime.connectors.items():
+            result = connector.check()
+            state = self.health.setdefault(name, ProcessorHealth())
+            if result.ok:
+                state.last_ok = time.time()
+            else:
+                state.last_error, state.last_error_at = result.detail, time.time()
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _serve(self, settings: config.Settings) -> WSGIServer:
+        daemon = settings.daemon
+        server = make_server(daemon.host, daemon.port, self._app, server_class=_Server,
+                             handler_class=_Handler)
+        self.http_port = server.server_port
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="syncd-http", daemon=True).start()
+        return server
+
+    def _record(self, event: WebhookEvent) -> bool:
+        with Ledger.open(self.ledger_path) as own:  # one connection per serving thread
+            added = own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
+                                        event.payload, event.dedupe_key)
+        self._wake.set()
+        return added
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        runtime = self.runtime
+        if path.startswith(WEBHOOK_PREFIX) and runtime and runtime.webhook_secret:
+            return list(mailchimp_webhook_app(runtime.webhook_secret, self._record)(
+                environ, start_response))
+        if method not in ("GET", "HEAD"):
+            return _reply(start_response, 405, b"method not allowed\n", "text/plain")
+        if path == "/healthz":
+            status, body = self.healthz()
+            return _reply(start_response, status, json.dumps(body).encode() + b"\n",
+                          "application/json")
+        if path == "/metrics":
+            return _reply(start_response, 200, generate_latest(self.registry),
+                          "text/plain; version=0.0.4; charset=utf-8")
+        return _reply(start_response, 404, b"not found\n", "text/plain")
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body): 200 when every processor was reached within the window."""
+        runtime = self.runtime
+        interval = runtime.settings.phorest.poll_interval_seconds if runtime else 60  # type: ignore[union-attr]
+        window = max(HEALTH_WINDOW_MIN_SECONDS, 3.0 * interval)
+        now = time.time()
+        processors: dict[str, Any] = {}
+        for name, state in sorted(self.health.items()):
+            fresh = state.last_ok is not None and now - state.last_ok <= window
+            processors[name] = {
+                "state": "ok" if fresh else "unreachable",
+                "last_ok": _iso(state.last_ok),
+                "last_error": state.last_error,
+                "last_error_at": _iso(state.last_error_at),
+            }
+        healthy = bool(processors) and all(p["state"] == "ok" for p in processors.values())
+        return (200 if healthy else 503), {"status": "ok" if healthy else "degraded",
+                                           "processors": processors}
+
+
+LAST_RESYNC_CURSOR = "daemon.last_resync"
+
+
+class _LedgerCollector(Collector):
+    """Task gauges read from the ledger at scrape time (a connection of its own)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        path = getattr(self.daemon, "ledger_path", None)
+        up = GaugeMetricFamily("syncd_processor_up", "1 when the processor was reached "
+                               "within the health window.", labels=["processor"])
+        _status, body = self.daemon.healthz()
+        for name, state in body["processors"].items():
+            up.add_metric([name], 1.0 if state["state"] == "ok" else 0.0)
+        yield up
+        if path is None:
+            return
+        tasks = GaugeMetricFamily("syncd_tasks", "Ledger tasks by processor and state.",
+                                  labels=["processor", "state"])
+        depth = GaugeMetricFamily("syncd_queue_depth", "Tasks pending or in flight.")
+        oldest = GaugeMetricFamily("syncd_oldest_pending_task_age_seconds",
+                                   "Age of the oldest pending task (0 when none).")
+        resync = GaugeMetricFamily("syncd_last_resync_timestamp_seconds",
+                                   "When the last full resync succeeded (0: never).")
+        with Ledger.open(path) as ledger:
+            queued = 0
+            for processor in engine.PROCESSORS:
+                for state, count in ledger.count_tasks_by_state(processor).items():
+                    tasks.add_metric([processor, state], count)
+                    if state in ("pending", "in_flight"):
+                        queued += count
+            depth.add_metric([], queued)
+            first = ledger.oldest_pending_task_at()
+            oldest.add_metric([], max(0.0, time.time() - first.timestamp()) if first else 0.0)
+            last = ledger.get_cursor(LAST_RESYNC_CURSOR)
+            resync.add_metric([], datetime.fromisoformat(last).timestamp() if last else 0.0)
+        yield from (tasks, depth, oldest, resync)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT_SECONDS  # a slow or silent client cannot hold a thread for long
+
+    def log_message(self, *_: Any) -> None:
+        """No access log: a webhook path holds the secret."""
+
+
+def _reply(start_response: Callable[..., Any], status: int, body: bytes,
+           content_type: str) -> list[bytes]:
+    reasons = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+    start_response(f"{status} {reasons[status]}", [("Content-Type", content_type),
+                                                   ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's watchdog timeout, or None when there is no watchdog for us."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def _iso(moment: float | None) -> str | None:
+    return datetime.fromtimestamp(moment, UTC).isoformat() if moment is not None else None
