@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
     import connectors
     from syncd import engine
+    from syncd.daemon import writer_lock
     from syncd.identity import SubjectKeys
     from syncd.ledger import Ledger
 
@@ -285,7 +287,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
         raise ConfigError(["identity.hmac_key is not set"])
     keys = SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
     processors = [args.processor] if args.processor else None
-    with Ledger.open(settings.ledger.path) as ledger:
+    # One writer: a real run holds the daemon's lock (AlreadyRunning while it runs).
+    lock = nullcontext() if args.dry_run else writer_lock(settings.ledger.path)
+    with lock, Ledger.open(settings.ledger.path) as ledger:
         with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
             result = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
                                    progress=progress, processors=processors)

@@ -218,3 +218,15 @@ def test_check_prints_one_line_per_processor_and_fails_on_an_unreachable_one(
     assert down.returncode == 1
     assert "mailchimp  FAILED  unreachable" in down.stdout
     assert "phorest  OK" in down.stdout and "Traceback" not in down.stderr
+
+
+def test_a_real_resync_is_refused_while_the_daemon_runs_and_a_dry_run_is_not(
+    running: Running,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    base = [str(SYNCD), "--config", str(running.config_path), "resync"]
+    real = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert real.returncode == 1 and "another syncd is running" in real.stderr
+    dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, env=env,
+                         timeout=60, check=False)
+    assert dry.returncode == 0, dry.stderr
