@@ -199,8 +199,7 @@ def resync(
     del settings  # the engine has no options of its own yet
     report_progress = progress or (lambda _stage, _done, _total: None)
     index = _read(connectors, keys, report_progress)
-    result = _reconcile(ledger, connectors, keys, index.addresses, index.dead_by_key,
-                        index.stats, dry_run=dry_run, now=now or datetime.now(UTC),
+    result = _reconcile(ledger, connectors, keys, index, dry_run=dry_run, now=now or datetime.now(UTC),
                         progress=report_progress, processors=processors, policy=policy,
                         event="resync")
     if not dry_run and processors is None:
@@ -268,8 +267,7 @@ def poll(
             full_read = True
         else:
             _look_up(index, ledger, keys, connectors, wanted, blank)
-    result = _reconcile(ledger, connectors, keys, index.addresses, index.dead_by_key,
-                        index.stats, dry_run=False, now=now, progress=lambda *_: None,
+    result = _reconcile(ledger, connectors, keys, index, dry_run=False, now=now, progress=lambda *_: None,
                         processors=None, policy=policy, event="poll")
     # After a full read, the newest times seen; the feeds' own cursors otherwise
     # (a looked-up record may be older than the last poll: never move back to it).
@@ -420,9 +418,7 @@ def _reconcile(
     ledger: Ledger,
     connectors: Mapping[str, Connector],
     keys: SubjectKeys,
-    addresses: Mapping[str, _Address],
-    dead_by_key: Mapping[str, ClientRecord],
-    stats: dict[str, int],
+    index: _Index,
     *,
     dry_run: bool,
     now: datetime,
@@ -434,9 +430,12 @@ def _reconcile(
     """Plan what the addresses read need; unless a dry run, queue and run it.
 
     Shared by :func:`resync` (every address) and :func:`poll` (the changed ones).
+    The index is emptied once the plan is queued: the records it held are not
+    needed while the tasks run, and at 100,000 people they are most of the memory.
     """
     wanted = set(processors) if processors is not None else set(PROCESSORS)
-    subjects = _views(addresses, dead_by_key, ledger, keys)
+    stats = dict(index.stats)
+    subjects = _views(index.addresses, index.dead_by_key, ledger, keys)
     planned: list[Planned] = []
     for subject in subjects:
         planned.extend(p for p in plan(subject.view) if p.processor in wanted)
@@ -455,6 +454,8 @@ def _reconcile(
 
     _store_facts(ledger, subjects)
     task_ids = enqueue(ledger, planned)
+    del subjects
+    index.release()
     runners = {name: connectors[name] for name in PROCESSORS if name in wanted}
     progress("applied", 0, len(planned))
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
@@ -485,6 +486,11 @@ class _Index:
         """Change-feed cursors (ISO 8601 instants) for a poll after this full read."""
         names = {"phorest": PHOREST_CURSOR, "mailchimp": MAILCHIMP_CURSOR}
         return {names[p]: moment.isoformat() for p, moment in self.newest.items()}
+
+    def release(self) -> None:
+        """Drop the records (counts and change times stay)."""
+        self.addresses.clear()
+        self.dead_by_key.clear()
 
     def add_client(self, client: ClientRecord) -> None:
         self.stats["clients"] += 1
