@@ -40,12 +40,12 @@ import connectors
 from connectors.base import Connector
 from syncd import config, engine, log
 from syncd.identity import SubjectKeys
-from syncd.inbox import process_inbox
+from syncd.inbox import process_inbox, recorder
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 
 POLL_TIMEOUT_SECONDS = 60
 
@@ -105,17 +105,10 @@ class _World:
         self.arrived = threading.Event()
         self.webhook_secret = self.settings.mailchimp.webhook_secret.get_secret_value()
         self.server = make_server("127.0.0.1", 0, mailchimp_webhook_app(
-            self.webhook_secret, self._record), server_class=_Server, handler_class=_Quiet)
+            self.webhook_secret, recorder(self.ledger_path, self.arrived.set)), server_class=_Server, handler_class=_Quiet)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{self.server.server_port}{WEBHOOK_PREFIX}{self.webhook_secret}"
         sandbox.mailchimp.add_webhook(url, validate=True)
-
-    def _record(self, event: WebhookEvent) -> bool:
-        with Ledger.open(self.ledger_path) as own:  # one connection per serving thread
-            added = own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
-                                        event.payload, event.dedupe_key)
-        self.arrived.set()
-        return added
 
     def close(self) -> None:
         self.server.shutdown()

@@ -63,11 +63,11 @@ import connectors
 from syncd import config, engine
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
-from syncd.inbox import process_inbox
+from syncd.inbox import process_inbox, recorder
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 
 log = structlog.get_logger(__name__)
 
@@ -392,18 +392,12 @@ class Daemon:
                          name="syncd-http", daemon=True).start()
         return server
 
-    def _record(self, event: WebhookEvent) -> bool:
-        with Ledger.open(self.ledger_path) as own:  # one connection per serving thread
-            added = own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
-                                        event.payload, event.dedupe_key)
-        self._wake.set()
-        return added
-
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
         runtime = self.runtime
         if path.startswith(WEBHOOK_PREFIX) and runtime and runtime.webhook_secret:
-            return list(mailchimp_webhook_app(runtime.webhook_secret, self._record)(
+            record = recorder(self.ledger_path, self._wake.set)  # type: ignore[arg-type]
+            return list(mailchimp_webhook_app(runtime.webhook_secret, record)(
                 environ, start_response))
         if method not in ("GET", "HEAD"):
             return _reply(start_response, 405, b"method not allowed\n", "text/plain")

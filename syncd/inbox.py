@@ -30,6 +30,7 @@ already off, so no task is queued (and a task that raced it answers "already").
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -43,6 +44,7 @@ from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import InboxEvent, Ledger
 from syncd.reconcile import ERASED_CLIENT_STATES, Planned
 from syncd.tasks import enqueue
+from syncd.web import WebhookEvent
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +61,33 @@ IGNORED = "ignored"
 MALFORMED = "malformed"
 DEFERRED = "deferred"  # Phorest could not be read: left pending for the next run (count only)
 RACED = "already_processed"  # another worker finished it first (count only)
+
+def recorder(
+    ledger_path: str | os.PathLike[str], after: Callable[[], None] | None = None
+) -> Callable[[WebhookEvent], bool]:
+    """What the webhook app calls to keep an event: the ledger's inbox, durably, first.
+
+    Each call opens its own ledger connection (the web server serves each request
+    on a thread of its own; SQLite connections stay on the thread that made them).
+
+    Args:
+        ledger_path: the ledger file.
+        after: called once the event is stored (e.g. to wake the worker).
+
+    Returns:
+        ``record(event) -> bool``: True when the event was new, False for a replay.
+    """
+
+    def record(event: WebhookEvent) -> bool:
+        with Ledger.open(ledger_path) as own:
+            added = own.add_inbox_event(SOURCE, event.kind, event.occurred_at, event.payload,
+                                        event.dedupe_key)
+        if after is not None:
+            after()
+        return added
+
+    return record
+
 
 # email -> the Phorest clients holding that address (dead ones are filtered out here).
 Lookup = Callable[[str], Sequence[ClientRecord]]

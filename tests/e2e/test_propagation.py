@@ -27,12 +27,12 @@ from syncd import config
 from syncd import log as syncd_log
 from syncd.engine import poll, resync
 from syncd.identity import SubjectKeys
-from syncd.inbox import process_inbox
+from syncd.inbox import process_inbox, recorder
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 from tests.support import serve_wsgi
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -100,10 +100,7 @@ def world(tmp_path: Path) -> Iterator[World]:
                 for kind in ("phorest", "mailchimp")
             }
 
-            def record(event: WebhookEvent) -> bool:
-                with Ledger.open(ledger_path) as own:  # one connection per serving thread
-                    return own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
-                                               event.payload, event.dedupe_key)
+            record = recorder(ledger_path)
 
             with serve_wsgi(mailchimp_webhook_app(secret, record)) as base:
                 sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)

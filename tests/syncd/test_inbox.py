@@ -18,12 +18,12 @@ import pytest
 from connectors.phorest import PhorestConnector
 from syncd import config
 from syncd.identity import SubjectKeys
-from syncd.inbox import ALREADY, IGNORED, NO_CLIENT, NOTED, QUEUED, process_inbox
+from syncd.inbox import ALREADY, IGNORED, NO_CLIENT, NOTED, QUEUED, process_inbox, recorder
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, WebhookEvent, mailchimp_webhook_app
+from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 from tests.support import serve_wsgi
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -82,10 +82,7 @@ def world(tmp_path: Path) -> Iterator[World]:
                            settings.identity.default_phone_region)  # fmt: skip
         secret = settings.mailchimp.webhook_secret.get_secret_value()
 
-        def record(event: WebhookEvent) -> bool:
-            with Ledger.open(ledger_path) as own:  # one connection per serving thread
-                return own.add_inbox_event("mailchimp", event.kind, event.occurred_at,
-                                           event.payload, event.dedupe_key)  # fmt: skip
+        record = recorder(ledger_path)
 
         with serve_wsgi(mailchimp_webhook_app(secret, record)) as base:
             sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
