@@ -314,8 +314,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``syncd run``: the daemon, until a signal asks it to stop."""
     from syncd.daemon import Daemon
 
-    load_settings(args)  # all configuration errors at once, before anything starts
-    return Daemon(args.config).run()
+    settings = load_settings(args)  # all configuration errors at once, before anything starts
+    return Daemon(args.config, settings=settings).run()
 
 
 class _ResyncProgress:

@@ -155,12 +155,15 @@ class Daemon:
 
     Args:
         config_path: the TOML file (re-read on SIGHUP).
+        settings: that file, already loaded (default: load it at :meth:`run`).
         install_signals: install the SIGTERM/SIGINT/SIGHUP handlers (tests that
             run the daemon on a thread call :meth:`stop` instead).
     """
 
-    def __init__(self, config_path: str | None, *, install_signals: bool = True) -> None:
+    def __init__(self, config_path: str | None, *, settings: config.Settings | None = None,
+                 install_signals: bool = True) -> None:
         self.config_path = config_path
+        self._settings = settings
         self._install_signals = install_signals
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -198,7 +201,7 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_stop)
             signal.signal(signal.SIGHUP, self._on_reload)
-        runtime = self.runtime = self._build(config.load(self.config_path))
+        runtime = self.runtime = self._build(self._settings or config.load(self.config_path))
         with writer_lock(runtime.settings.ledger.path):
             with Ledger.open(runtime.settings.ledger.path) as ledger:
                 self.ledger_path = runtime.settings.ledger.path

@@ -197,8 +197,9 @@ def resync(
         LedgerError: SQLite failed.
     """
     del settings  # the engine has no options of its own yet
-    report_progress = progress or (lambda _stage, _done, _total: None)
-    index = _read(connectors, keys, report_progress)
+    report_progress = progress or _no_progress
+    index = _Index(keys)
+    _read(index, connectors["phorest"].scan(), connectors["mailchimp"].scan(), report_progress)
     result = _reconcile(ledger, connectors, keys, index, dry_run=dry_run, now=now or datetime.now(UTC),
                         progress=report_progress, processors=processors, policy=policy,
                         event="resync")
@@ -253,22 +254,20 @@ def poll(
     members = mailchimp.changes(ledger.get_cursor(MAILCHIMP_CURSOR))
     index = _Index(keys)
     full_read = clients.full or members.full
-    if full_read:
-        log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
-        for client in clients.records if clients.full else phorest.scan():
-            index.add_client(client)  # type: ignore[arg-type]
-        for member in members.records if members.full else mailchimp.scan():
-            index.add_member(member)  # type: ignore[arg-type]
-    else:
+    if not full_read:
         wanted, blank = _needs_look(ledger, keys, clients.records, members.records)
-        if len(wanted) > POLL_MAX_ADDRESSES:
-            log.info("poll_full", changed_addresses=len(wanted))
-            _scan_into(index, connectors)
-            full_read = True
+        full_read = len(wanted) > POLL_MAX_ADDRESSES
+        if full_read:
+            log.info("poll_many_changes", changed_addresses=len(wanted))
         else:
             _look_up(index, ledger, keys, connectors, wanted, blank)
-    result = _reconcile(ledger, connectors, keys, index, dry_run=False, now=now, progress=lambda *_: None,
-                        processors=None, policy=policy, event="poll")
+    if full_read:
+        log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
+        # A feed that answered with everything is already the full read of its side.
+        _read(index, clients.records if clients.full else phorest.scan(),
+              members.records if members.full else mailchimp.scan())
+    result = _reconcile(ledger, connectors, keys, index, dry_run=False, now=now,
+                        progress=_no_progress, processors=None, policy=policy, event="poll")
     # After a full read, the newest times seen; the feeds' own cursors otherwise
     # (a looked-up record may be older than the last poll: never move back to it).
     cursors = index.cursors() if full_read else {}
@@ -283,14 +282,6 @@ def _set_cursors(ledger: Ledger, cursors: Mapping[str, str]) -> None:
     with ledger.transaction():
         for name, value in cursors.items():
             ledger.set_cursor(name, value)
-
-
-def _scan_into(index: _Index, connectors: Mapping[str, Connector]) -> None:
-    """Read everything both systems hold into ``index``."""
-    for client in connectors["phorest"].scan():
-        index.add_client(client)  # type: ignore[arg-type]
-    for member in connectors["mailchimp"].scan():
-        index.add_member(member)  # type: ignore[arg-type]
 
 
 def _needs_look(
@@ -335,13 +326,13 @@ def _needs_look(
         change = wanted.setdefault(email, _Change())
         if client.state not in ERASED_CLIENT_STATES:
             change.client = _newest(change.client, client)
-    for member in members:
-        email = _normalised(member.email) if isinstance(member, MemberRecord) else None
-        if email is None:
-            continue
-        email_key = keys.email(email)
-        subject_key = ledger.subject_for(email_key)
-        stored = ledger.subject_facts([subject_key]).get(subject_key) if subject_key else None
+    addressed = [(member, email, keys.email(email)) for member in members
+                 if isinstance(member, MemberRecord) and (email := _normalised(member.email))]
+    subject_of = ledger.subjects_for([email_key for _, _, email_key in addressed])
+    member_facts = ledger.subject_facts(list(set(subject_of.values())))
+    for member, email, email_key in addressed:
+        subject_key = subject_of.get(email_key)
+        stored = member_facts.get(subject_key) if subject_key else None
         if member.status in OPTED_OUT_STATUSES and (stored is None or stored.consent is False):
             # Nothing to withdraw: no client was ever linked to the address (a new client
             # with it shows in Phorest's feed), or its consent is already off.
@@ -520,18 +511,26 @@ class _Index:
         self.addresses.setdefault(email, _Address()).member = member
 
 
-def _read(connectors: Mapping[str, Connector], keys: SubjectKeys, progress: Progress) -> _Index:
-    """Scan both systems, keeping per address only the records that can govern it."""
-    index = _Index(keys)
-    for stage, add in (("phorest", index.add_client), ("mailchimp", index.add_member)):
+def _no_progress(_stage: str, _done: int, _total: int | None) -> None:
+    """A :data:`Progress` that shows nothing."""
+
+
+def _read(
+    index: _Index,
+    clients: Iterable[Any],
+    members: Iterable[Any],
+    progress: Progress = _no_progress,
+) -> None:
+    """Read every client, then every member, into ``index`` (a full read of both sides)."""
+    for stage, records, add in (("phorest", clients, index.add_client),
+                                ("mailchimp", members, index.add_member)):
         count = 0
-        for record in connectors[stage].scan():
-            add(record)  # type: ignore[arg-type]
+        for record in records:
+            add(record)
             count += 1
             if count % PROGRESS_EVERY_RECORDS == 0:
                 progress(stage, count, None)
         progress(stage, count, count)
-    return index
 
 
 def _views(

@@ -905,6 +905,21 @@ class Ledger:
                " ORDER BY created_at, identifier_key")
         return [str(row[0]) for row in self._run(sql, (subject_key, kind))]
 
+    def subjects_for(self, identifier_keys: Sequence[str]) -> dict[str, str]:
+        """Identifier key -> subject key, for those of ``identifier_keys`` that are linked.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        found: dict[str, str] = {}
+        for start in range(0, len(identifier_keys), KEYS_PER_QUERY):
+            batch = list(identifier_keys[start : start + KEYS_PER_QUERY])
+            marks = ", ".join("?" * len(batch))
+            sql = ("SELECT identifier_key, subject_key FROM identifiers"
+                   f" WHERE identifier_key IN ({marks})")
+            found.update((str(row[0]), str(row[1])) for row in self._run(sql, batch))
+        return found
+
     def set_digest(self, subject_key: str, processor: str, digest: str) -> None:
         """Remember the digest of what ``processor`` last held for the subject.
 

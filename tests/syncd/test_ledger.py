@@ -538,3 +538,12 @@ def test_requests_open_close_and_link_to_tasks(ledger: Ledger) -> None:
     assert [r.id for r in ledger.open_requests()] == [late]
     with pytest.raises(ValueError):
         ledger.add_request("delete", "s1", "cli", START)
+
+
+def test_subjects_for_answers_many_identifiers_in_one_call(ledger: Ledger) -> None:
+    for n in range(1200):  # more than one query's worth of keys
+        ledger.link_identifier(f"email-{n}", "email", f"s{n % 7}")
+    asked = [f"email-{n}" for n in range(0, 1200, 3)] + ["never-linked"]
+    found = ledger.subjects_for(asked)
+    assert found == {f"email-{n}": f"s{n % 7}" for n in range(0, 1200, 3)}
+    assert all(ledger.subject_for(key) == subject for key, subject in found.items())
