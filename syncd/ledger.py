@@ -46,6 +46,8 @@ TASK_STATES = OPEN_TASK_STATES + FINAL_TASK_STATES
 IDENTIFIER_KINDS = ("email", "phone", "client_id")
 REQUEST_KINDS = ("erase", "restrict", "unrestrict", "export")
 REQUEST_FINAL_STATES = ("done", "failed", "cancelled")
+COMMAND_KINDS = ("resync",)
+COMMAND_FINAL_STATES = ("done", "failed")
 
 Clock = Callable[[], datetime]
 
@@ -198,8 +200,42 @@ ALTER TABLE subjects ADD COLUMN synced_email_key TEXT;
 ALTER TABLE subjects ADD COLUMN client_seen TEXT;
 """
 
+# processor_health: what the daemon last learned about each processor, kept so
+# that ``syncd status`` (another process) and a restarted daemon can see it.
+# commands: work an operator asked the running daemon to do (``syncd resync``
+# while the daemon holds the writer lock), with its progress and outcome.
+# alerts.recovery_notified_at: when the manager was told a problem cleared.
+_V5_DAEMON_STATE = """
+CREATE TABLE processor_health (
+    processor      TEXT PRIMARY KEY,
+    last_ok_at     TEXT,
+    last_error     TEXT,
+    last_error_at  TEXT,
+    credentials_ok INTEGER CHECK (credentials_ok IN (0, 1)),
+    down_since     TEXT,
+    updated_at     TEXT NOT NULL
+);
+
+CREATE TABLE commands (
+    id           INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL CHECK (kind IN ('resync')),
+    options      TEXT NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    requested_at TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    progress     TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX commands_by_state ON commands (state, id);
+
+ALTER TABLE alerts ADD COLUMN recovery_notified_at TEXT;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
-    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE
+    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -295,6 +331,54 @@ class Alert:
     last_notified_at: datetime | None
     notify_count: int
     resolved_at: datetime | None
+    recovery_notified_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorHealth:
+    """What the daemon last learned about one processor (no personal data).
+
+    Attributes:
+        processor: the connector's name.
+        last_ok_at: the last successful contact.
+        last_error: the last problem, one line.
+        last_error_at: when it was seen.
+        credentials_ok: False when the processor refused the credentials,
+            True once they worked, None before any contact.
+        down_since: when the current run of failed contacts began (None while up).
+        updated_at: when this row was last written.
+    """
+
+    processor: str
+    last_ok_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    credentials_ok: bool | None
+    down_since: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Work an operator asked the running daemon to do.
+
+    Attributes:
+        options: the command's arguments (e.g. ``{"processor": "mailchimp"}``).
+        progress: the latest ``{"stage", "done", "total"}`` while it runs.
+        result: the outcome summary once done.
+        error: one line when it failed.
+    """
+
+    id: int
+    kind: str
+    options: dict[str, Any]
+    state: str
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +396,8 @@ class InboxEvent:
     outcome: str | None
 
 
-_Row = TypeVar("_Row", Subject, SubjectFacts, Task, Request, AuditEvent, Alert, InboxEvent)
+_Row = TypeVar("_Row", Subject, SubjectFacts, Task, Request, AuditEvent, Alert, InboxEvent,
+               ProcessorHealth, Command)
 _KEEP: Any = object()  # "leave this column as it is" in upsert_subject
 
 
@@ -336,11 +421,11 @@ def _from_row(cls: type[_Row], row: sqlite3.Row) -> _Row:
     for field in fields(cls):
         value = row[field.name]
         if value is not None:
-            if field.name == "at" or field.name.endswith("_at"):
+            if field.name in ("at", "down_since") or field.name.endswith("_at"):
                 value = _from_text(value)
-            elif field.name in ("consent", "restricted", "resubscribe_refused"):
+            elif field.name in ("consent", "restricted", "resubscribe_refused", "credentials_ok"):
                 value = bool(value)
-            elif field.name == "payload":
+            elif field.name in ("payload", "options", "progress", "result"):
                 value = json.loads(value)
         values[field.name] = value
     return cls(**values)
@@ -1115,6 +1200,196 @@ class Ledger:
             " WHERE id = ?",
             (self._now(), alert_id),
         )
+
+    def alerts_recovered(self) -> list[Alert]:
+        """Resolved alerts the manager was told about but not yet told had cleared.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = (f"SELECT {_columns(Alert)} FROM alerts WHERE state = 'resolved'"
+               " AND notify_count > 0 AND recovery_notified_at IS NULL ORDER BY resolved_at, id")
+        return [_from_row(Alert, row) for row in self._run(sql)]
+
+    def mark_recovery_notified(self, alert_id: int) -> None:
+        """Record that the manager was told this alert's problem cleared.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        self._run("UPDATE alerts SET recovery_notified_at = ? WHERE id = ?",
+                  (self._now(), alert_id))
+
+    # -- processor health ---------------------------------------------------
+
+    def record_contact(self, processor: str, *, ok: bool, error: str | None = None,
+                       credentials_ok: bool | None = None) -> None:
+        """Record one contact with a processor: a success, or a failure and why.
+
+        A success clears ``down_since``; the first failure after a success sets it.
+        ``credentials_ok`` None leaves the stored value as it is (a success sets True).
+
+        Args:
+            processor: the connector's name.
+            ok: the processor answered as expected.
+            error: one line, no personal data (failures only).
+            credentials_ok: whether the credentials were accepted, when known.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        now = self._now()
+        if ok:
+            self._run(
+                "INSERT INTO processor_health (processor, last_ok_at, credentials_ok, updated_at)"
+                " VALUES (?, ?, 1, ?) ON CONFLICT (processor) DO UPDATE SET"
+                " last_ok_at = excluded.last_ok_at, credentials_ok = 1, down_since = NULL,"
+                " updated_at = excluded.updated_at",
+                (processor, now, now),
+            )
+            return
+        creds = None if credentials_ok is None else int(credentials_ok)
+        self._run(
+            "INSERT INTO processor_health (processor, last_error, last_error_at, credentials_ok,"
+            " down_since, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (processor) DO UPDATE"
+            " SET last_error = excluded.last_error, last_error_at = excluded.last_error_at,"
+            " credentials_ok = COALESCE(excluded.credentials_ok, credentials_ok),"
+            " down_since = COALESCE(down_since, excluded.down_since),"
+            " updated_at = excluded.updated_at",
+            (processor, _short(error), now, creds, now, now),
+        )
+
+    def processor_health(self) -> dict[str, ProcessorHealth]:
+        """What is known about every processor contacted so far, by name.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = f"SELECT {_columns(ProcessorHealth)} FROM processor_health ORDER BY processor"
+        return {row["processor"]: _from_row(ProcessorHealth, row) for row in self._run(sql)}
+
+    # -- task summaries for status -----------------------------------------
+
+    def oldest_failing_task(self) -> Task | None:
+        """The oldest task that failed for good, or is retrying after an error.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = (f"SELECT {_columns(Task)} FROM tasks WHERE state = 'failed'"
+               " OR (state IN ('pending', 'in_flight') AND last_error IS NOT NULL)"
+               " ORDER BY created_at, id LIMIT 1")
+        row = self._run(sql).fetchone()
+        return None if row is None else _from_row(Task, row)
+
+    def tasks_in_state(self, state: str, limit: int = 20) -> list[Task]:
+        """Up to ``limit`` tasks in ``state``, oldest first (e.g. the manual steps).
+
+        Raises:
+            ValueError: ``state`` is not a task state.
+            LedgerError: SQLite failed.
+        """
+        if state not in TASK_STATES:
+            raise ValueError(f"unknown task state {state!r}")
+        sql = (f"SELECT {_columns(Task)} FROM tasks WHERE state = ?"
+               " ORDER BY created_at, id LIMIT ?")
+        return [_from_row(Task, row) for row in self._run(sql, (state, limit))]
+
+    # -- commands -----------------------------------------------------------
+
+    def add_command(self, kind: str, options: Mapping[str, Any]) -> int:
+        """Queue work for the running daemon.
+
+        Returns:
+            The command's id.
+
+        Raises:
+            ValueError: ``kind`` is not one of ``COMMAND_KINDS``.
+            LedgerError: SQLite failed.
+        """
+        if kind not in COMMAND_KINDS:
+            raise ValueError(f"unknown command kind {kind!r}")
+        cursor = self._run(
+            "INSERT INTO commands (kind, options, state, requested_at) VALUES (?, ?, 'queued', ?)",
+            (kind, json.dumps(dict(options), sort_keys=True), self._now()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def command(self, command_id: int) -> Command | None:
+        """The command with this id, or None.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        return self._row(Command, "commands", "id", command_id)
+
+    def next_command(self) -> Command | None:
+        """The oldest queued command, or None.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = f"SELECT {_columns(Command)} FROM commands WHERE state = 'queued' ORDER BY id LIMIT 1"
+        row = self._run(sql).fetchone()
+        return None if row is None else _from_row(Command, row)
+
+    def start_command(self, command_id: int) -> bool:
+        """Claim a queued command (compare-and-set). False if it was not queued.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run(
+            "UPDATE commands SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'",
+            (self._now(), command_id),
+        )
+        return cursor.rowcount == 1
+
+    def command_progress(self, command_id: int, progress: Mapping[str, Any]) -> None:
+        """Record how far a running command has got.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        self._run("UPDATE commands SET progress = ? WHERE id = ? AND state = 'running'",
+                  (json.dumps(dict(progress), sort_keys=True), command_id))
+
+    def finish_command(self, command_id: int, state: str, *,
+                       result: Mapping[str, Any] | None = None, error: str | None = None) -> bool:
+        """Close a running command as done or failed.
+
+        Returns:
+            False if it was not running.
+
+        Raises:
+            ValueError: ``state`` is not one of ``COMMAND_FINAL_STATES``.
+            LedgerError: SQLite failed.
+        """
+        if state not in COMMAND_FINAL_STATES:
+            raise ValueError(f"{state!r} is not a final command state")
+        cursor = self._run(
+            "UPDATE commands SET state = ?, finished_at = ?, result = ?, error = ?"
+            " WHERE id = ? AND state = 'running'",
+            (state, self._now(), None if result is None else json.dumps(dict(result)),
+             _short(error), command_id),
+        )
+        return cursor.rowcount == 1
+
+    def fail_abandoned_commands(self, reason: str) -> int:
+        """Fail every command left running by a process that is gone (call holding the lock).
+
+        Returns:
+            How many were failed.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run(
+            "UPDATE commands SET state = 'failed', finished_at = ?, error = ?"
+            " WHERE state = 'running'",
+            (self._now(), _short(reason)),
+        )
+        return cursor.rowcount
 
     # -- requests -----------------------------------------------------------
 

@@ -547,3 +547,96 @@ def test_subjects_for_answers_many_identifiers_in_one_call(ledger: Ledger) -> No
     found = ledger.subjects_for(asked)
     assert found == {f"email-{n}": f"s{n % 7}" for n in range(0, 1200, 3)}
     assert all(ledger.subject_for(key) == subject for key, subject in found.items())
+
+
+def test_recovery_notice_is_owed_only_for_notified_alerts(ledger: Ledger, clock: FakeClock) -> None:
+    told = ledger.raise_alert("down:mailchimp", "processor_down", "Mailchimp unreachable")
+    untold = ledger.raise_alert("down:phorest", "processor_down", "Phorest unreachable")
+    ledger.mark_notified(told.id)
+    clock.advance(minutes=5)
+    ledger.resolve_alert("down:mailchimp")
+    ledger.resolve_alert("down:phorest")
+    assert [a.id for a in ledger.alerts_recovered()] == [told.id]
+    ledger.mark_recovery_notified(told.id)
+    assert ledger.alerts_recovered() == []
+    assert untold.id not in [a.id for a in ledger.open_alerts()]
+
+
+def test_processor_health_tracks_contact_and_down_since(ledger: Ledger, clock: FakeClock) -> None:
+    assert ledger.processor_health() == {}
+    ledger.record_contact("mailchimp", ok=True)
+    clock.advance(minutes=1)
+    ledger.record_contact("mailchimp", ok=False, error="ConnectionError", credentials_ok=None)
+    first_failure = clock.now
+    clock.advance(minutes=1)
+    ledger.record_contact("mailchimp", ok=False, error="401 API Key Invalid", credentials_ok=False)
+    state = ledger.processor_health()["mailchimp"]
+    assert state.last_ok_at == START
+    assert (state.last_error, state.last_error_at) == ("401 API Key Invalid", clock.now)
+    assert state.down_since == first_failure  # the first failure of the run, not the latest
+    assert state.credentials_ok is False
+    clock.advance(minutes=1)
+    ledger.record_contact("mailchimp", ok=True)
+    state = ledger.processor_health()["mailchimp"]
+    assert (state.last_ok_at, state.down_since, state.credentials_ok) == (clock.now, None, True)
+    assert state.last_error == "401 API Key Invalid"  # kept as history
+
+    ledger.record_contact("phorest", ok=False, error="x" * 2000)
+    fresh = ledger.processor_health()["phorest"]
+    assert fresh.last_ok_at is None and fresh.credentials_ok is None
+    assert len(fresh.last_error or "") == ledger_module.ERROR_TEXT_LIMIT_CHARS
+
+
+def test_commands_queue_claim_progress_and_finish(ledger: Ledger) -> None:
+    assert ledger.next_command() is None
+    first = ledger.add_command("resync", {"processor": "mailchimp"})
+    second = ledger.add_command("resync", {})
+    queued = ledger.next_command()
+    assert queued is not None and (queued.id, queued.options) == (first, {"processor": "mailchimp"})
+    assert ledger.start_command(first) is True
+    assert ledger.start_command(first) is False  # compare-and-set: one claimant
+    ledger.command_progress(first, {"stage": "phorest", "done": 200, "total": None})
+    running = ledger.command(first)
+    assert running is not None and running.state == "running"
+    assert running.progress == {"stage": "phorest", "done": 200, "total": None}
+    assert ledger.finish_command(first, "done", result={"planned": 3}) is True
+    assert ledger.finish_command(first, "failed", error="late") is False
+    done = ledger.command(first)
+    assert done is not None and (done.state, done.result, done.error) == ("done", {"planned": 3}, None)
+    assert done.finished_at is not None
+    next_up = ledger.next_command()
+    assert next_up is not None and next_up.id == second
+    with pytest.raises(ValueError, match="unknown command kind"):
+        ledger.add_command("purge", {})
+    with pytest.raises(ValueError, match="not a final command state"):
+        ledger.finish_command(second, "queued")
+
+
+def test_abandoned_running_commands_are_failed(ledger: Ledger) -> None:
+    running = ledger.add_command("resync", {})
+    waiting = ledger.add_command("resync", {})
+    ledger.start_command(running)
+    assert ledger.fail_abandoned_commands("the daemon stopped before it finished") == 1
+    gone, still = ledger.command(running), ledger.command(waiting)
+    assert gone is not None and (gone.state, gone.error) == (
+        "failed", "the daemon stopped before it finished")
+    assert still is not None and still.state == "queued"
+
+
+def test_status_task_summaries(ledger: Ledger, clock: FakeClock) -> None:
+    assert ledger.oldest_failing_task() is None
+    ok = ledger.add_task("s1", "mailchimp", "unsubscribe", "R1")
+    retrying = ledger.add_task("s2", "phorest", "withdraw_consent", "R1")
+    clock.advance(minutes=1)
+    manual = ledger.add_task("s3", "mailchimp", "subscribe", "R2")
+    assert ledger.oldest_failing_task() is None
+    ledger.claim(retrying)
+    ledger.retry_later(retrying, clock.now + timedelta(minutes=5), "503 Service Unavailable")
+    ledger.claim(manual)
+    ledger.finish(manual, "needs_person", error="compliance state")
+    failing = ledger.oldest_failing_task()
+    assert failing is not None and failing.id == retrying
+    assert [t.id for t in ledger.tasks_in_state("needs_person")] == [manual]
+    assert ok not in [t.id for t in ledger.tasks_in_state("needs_person")]
+    with pytest.raises(ValueError, match="unknown task state"):
+        ledger.tasks_in_state("lost")
