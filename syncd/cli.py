@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resync",
         help="reconcile Phorest and Mailchimp fully, now",
         description="Read every Phorest client and Mailchimp member, decide what the rules "
-        "require, and carry it out. With --dry-run, print the differences and change nothing.",
+        "require, and carry it out. With --dry-run, print the differences and change nothing. "
+        "While `syncd run` is running, a real resync is handed to it (one writer at a time) and "
+        "this command follows its progress; Ctrl-C stops following, not the resync.",
         parents=[common],
     )
     resync.add_argument("--dry-run", action="store_true",
@@ -133,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                        help="cap each network call (default: each section's own timeout)")
     check.set_defaults(handler=cmd_check)
+
+    status = commands.add_parser(
+        "status",
+        help="health of the daemon and each processor, queues, manual steps, requests",
+        description="Read the ledger (never change it) and report: the daemon, each processor's "
+        "last successful contact and last error, tasks by state, the oldest failing task, "
+        "manual steps, open requests with due dates, open alerts, the last poll and resync. "
+        "Exit 0 healthy, 1 degraded, 2 down (also for an unusable configuration).",
+        parents=[common],
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(handler=cmd_status)
 
     run = commands.add_parser(
         "run",
@@ -271,7 +285,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
     import connectors
     from syncd import engine
-    from syncd.daemon import writer_lock
+    from syncd.lock import AlreadyRunning, writer_lock
     from syncd.identity import SubjectKeys
     from syncd.ledger import Ledger
 
@@ -287,17 +301,76 @@ def cmd_resync(args: argparse.Namespace) -> int:
         raise ConfigError(["identity.hmac_key is not set"])
     keys = SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
     processors = [args.processor] if args.processor else None
-    # One writer: a real run holds the daemon's lock (AlreadyRunning while it runs).
+    # One writer: a real run holds the lock; while the daemon holds it, the daemon does it.
     lock = nullcontext() if args.dry_run else writer_lock(settings.ledger.path)
-    with lock, Ledger.open(settings.ledger.path) as ledger:
-        with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
-            result = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
-                                   progress=progress, processors=processors)
+    try:
+        with lock, Ledger.open(settings.ledger.path) as ledger:
+            with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
+                summary = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
+                                        progress=progress, processors=processors).as_json()
+    except AlreadyRunning:
+        summary = _resync_in_daemon(settings.ledger.path, args)
     if args.json:
-        print(json.dumps(result.as_json(), indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        _print_resync(result)
-    return EXIT_ERROR if result.failed else EXIT_OK
+        _print_resync(summary)
+    return EXIT_ERROR if summary["failed"] else EXIT_OK
+
+
+FOLLOW_EVERY_SECONDS = 0.25
+
+
+def _resync_in_daemon(ledger_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Ask the running daemon to resync (a command row), follow it, return its summary.
+
+    Raises:
+        SyncdError: the resync failed in the daemon, or the daemon stopped first.
+    """
+    import time
+
+    from syncd.ledger import Ledger
+    from syncd.lock import lock_holder
+
+    options = {"processor": args.processor} if args.processor else {}
+    with Ledger.open(ledger_path) as ledger:
+        command_id = ledger.add_command("resync", options)
+        print(f"syncd is running: resync request #{command_id} handed to it; following its "
+              "progress (Ctrl-C stops following, not the resync)", file=sys.stderr)
+        try:
+            with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
+                while True:
+                    command = ledger.command(command_id)
+                    assert command is not None
+                    if command.state == "done" and command.result is not None:
+                        return command.result
+                    if command.state == "failed":
+                        raise SyncdError(f"the daemon's resync #{command_id} failed: "
+                                         f"{command.error or 'no detail'}")
+                    if progress is not None and command.progress:
+                        p = command.progress
+                        progress(p["stage"], p["done"], p["total"])
+                    if lock_holder(ledger_path) is None:
+                        raise SyncdError(
+                            f"the daemon stopped before resync #{command_id} finished; "
+                            "start it again (a queued resync runs then) or run syncd resync")
+                    time.sleep(FOLLOW_EVERY_SECONDS)
+        except KeyboardInterrupt:
+            print(f"stopped following; resync #{command_id} goes on in the daemon "
+                  "(see syncd status)", file=sys.stderr)
+            raise
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``syncd status``: the verdict as the exit code, the details as tables or JSON."""
+    from syncd import status
+
+    settings = load_settings(args, require_secrets=False, interactive=True)
+    report = status.gather(settings)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        status.render(report)
+    return report.exit_code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -362,46 +435,46 @@ class _ResyncProgress:
             self._progress.stop()
 
 
-def _print_resync(result: Any) -> None:
+def _print_resync(summary: dict[str, Any]) -> None:
+    """Print a resync's summary (:meth:`syncd.engine.ResyncResult.as_json`) as tables."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    seen = f"{result.clients} Phorest clients, {result.members} Mailchimp members read"
-    if result.unusable_addresses:
-        seen += f"; {result.unusable_addresses} unusable address(es) ignored"
+    seen = f"{summary['clients']} Phorest clients, {summary['members']} Mailchimp members read"
+    if summary["unusable_addresses"]:
+        seen += f"; {summary['unusable_addresses']} unusable address(es) ignored"
     console.print(seen)
-    if not result.rows:
+    if not summary["planned"]:
         console.print("Nothing to do: Mailchimp and Phorest agree.")
         return
-    title = "Differences (dry run: nothing changed)" if result.dry_run else "Actions taken"
+    title = "Differences (dry run: nothing changed)" if summary["dry_run"] else "Actions taken"
     table = Table(title=title)
     for column in ("rule", "why", "processor", "action", "count"):
         table.add_column(column, justify="right" if column == "count" else "left",
                          overflow="fold")
-    for (processor, action, rule, why), count in sorted(
-        result.counts.items(), key=lambda item: (item[0][2], item[0][3], item[0][0], item[0][1])
-    ):
-        table.add_row(rule, why, processor, action, str(count))
+    for row in sorted(summary["counts"], key=lambda c: (c["rule"], c["why"], c["processor"],
+                                                       c["action"])):
+        table.add_row(row["rule"], row["why"], row["processor"], row["action"], str(row["count"]))
     console.print(table)
-    if result.dry_run:
+    if summary["dry_run"]:
         rows = Table(title="Per client (Phorest client id; - = no client)")
         for column in ("client", "processor", "action", "rule", "why"):
             rows.add_column(column, no_wrap=column == "client", overflow="fold")
-        for row in result.rows[:RESYNC_ROWS_SHOWN]:
-            rows.add_row(row.client_id, row.processor, row.action, row.rule, row.why)
+        for row in summary["rows"][:RESYNC_ROWS_SHOWN]:
+            rows.add_row(row["client_id"], row["processor"], row["action"], row["rule"],
+                         row["why"])
         console.print(rows)
-        more = len(result.rows) - RESYNC_ROWS_SHOWN
+        more = len(summary["rows"]) - RESYNC_ROWS_SHOWN
         if more > 0:
             console.print(f"... and {more} more (use --json for every row)")
         return
-    report = result.report
     outcomes = ", ".join(
         f"{processor}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))
-        for processor, c in sorted(report.counts.items()) if c
+        for processor, c in sorted((summary["outcomes"] or {}).items()) if c
     ) or "none run"
-    console.print(f"{result.planned} action(s) planned; outcomes: {outcomes}; "
-                  f"{result.failed} failed")
+    console.print(f"{summary['planned']} action(s) planned; outcomes: {outcomes}; "
+                  f"{summary['failed']} failed")
 
 
 def _print_sandbox(sandbox: Any, config_path: Path | None) -> None:

@@ -36,7 +36,6 @@ systemd restarts the service.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -44,7 +43,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,11 +58,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import connectors
-from syncd import config, engine
+from syncd import config, engine, status
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
+from syncd.log import redact_text
 from syncd.ledger import Ledger
+from syncd.lock import writer_lock
 from syncd.retry import RetryPolicy
 from syncd.tasks import run_due
 from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
@@ -74,20 +74,12 @@ log = structlog.get_logger(__name__)
 HTTP_TIMEOUT_SECONDS = 10
 WORK_EVERY_SECONDS = 1
 JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
-HEALTH_WINDOW_MIN_SECONDS = 180.0  # or three poll intervals, whichever is longer
+HEARTBEAT_EVERY_SECONDS = 10.0  # how often the loop's heartbeat is written for `syncd status`
+COMMAND_PROGRESS_EVERY_SECONDS = 0.5  # how often a followed resync's progress is written
 
 
-class AlreadyRunning(SyncdError):
-    """Another syncd holds the ledger's writer lock."""
-
-
-@dataclass
-class ProcessorHealth:
-    """When a processor was last reached, and the last problem seen."""
-
-    last_ok: float | None = None  # wall-clock seconds
-    last_error: str | None = None
-    last_error_at: float | None = None
+class Interrupted(SyncdError):
+    """A long job stopped at a safe point because the daemon is stopping."""
 
 
 @dataclass
@@ -107,30 +99,6 @@ class _Runtime:
     keys: SubjectKeys
     webhook_secret: str | None
     scheduler: schedule.Scheduler = field(default_factory=schedule.Scheduler)
-
-
-@contextmanager
-def writer_lock(ledger_path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the exclusive writer lock beside the ledger (``<ledger>.lock``) while inside.
-
-    The lock is an ``flock`` on an open file: the kernel drops it when the process
-    ends, however it ends, so a crash never leaves a stale lock behind.
-
-    Raises:
-        AlreadyRunning: another process holds it.
-    """
-    path = Path(f"{ledger_path}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlreadyRunning(f"another syncd is running on this ledger (lock {path})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def notify(message: str) -> bool:
@@ -168,7 +136,6 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wake = threading.Event()
-        self.health: dict[str, ProcessorHealth] = {}
         self.registry = CollectorRegistry()
         self._polls = Counter("syncd_polls", "Change-feed polls, by outcome.", ["outcome"],
                               registry=self.registry)
@@ -180,6 +147,8 @@ class Daemon:
         self.ledger_path: Path | None = None
         self._jobs: dict[str, Callable[[], None]] = {}
         self._last_beat = time.monotonic()
+        self._last_heartbeat_write = 0.0
+        self._ledger: Ledger | None = None  # the main thread's connection, while running
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -205,10 +174,14 @@ class Daemon:
         with writer_lock(runtime.settings.ledger.path):
             with Ledger.open(runtime.settings.ledger.path) as ledger:
                 self.ledger_path = runtime.settings.ledger.path
+                self._ledger = ledger
                 # Holding the lock, every in-flight task is a dead process's: redo it.
                 released = ledger.release_stale_in_flight(timedelta(0))
                 if released:
                     log.warning("tasks_released_after_restart", count=released)
+                if ledger.fail_abandoned_commands(
+                        "the daemon stopped before this resync finished; ask again"):
+                    log.warning("resync_request_abandoned")
                 server = self._serve(runtime.settings)
                 try:
                     self._loop(ledger, runtime)
@@ -227,7 +200,8 @@ class Daemon:
                              daemon=True).start()
         notify("READY=1\nSTATUS=running")
         log.info("daemon_ready", listen=runtime.settings.daemon.listen, port=self.http_port)
-        self._jobs["poll"]()  # the first poll now (a resync if there is no cursor yet)
+        # Start with a poll, or with a full resync when there is nothing to poll from yet.
+        self._jobs["poll" if engine.polled_before(ledger) else "resync"]()
         while not self._stop.is_set():
             self.beat()
             if self._reload.is_set():
@@ -241,8 +215,18 @@ class Daemon:
                 self._jobs["work"]()  # a webhook arrived: work now, not at the next tick
 
     def beat(self) -> None:
-        """Show the watchdog that work is moving (the loop turned, or a long job progressed)."""
-        self._last_beat = time.monotonic()
+        """Show the watchdog that work is moving (the loop turned, or a long job progressed).
+
+        Every :data:`HEARTBEAT_EVERY_SECONDS` the beat is also written to the
+        ledger, where ``syncd status`` (another process) looks for it.
+        """
+        self._last_beat = now = time.monotonic()
+        if self._ledger is not None and now - self._last_heartbeat_write >= HEARTBEAT_EVERY_SECONDS:
+            self._last_heartbeat_write = now
+            try:
+                self._ledger.set_cursor(status.HEARTBEAT_CURSOR, datetime.now(UTC).isoformat())
+            except LedgerError:
+                log.warning("heartbeat_write_failed")
 
     def _watchdog(self, interval: float) -> None:
         """Ping systemd while the loop or a long job keeps beating; a hang stops the pings."""
@@ -302,8 +286,6 @@ class Daemon:
         keys = SubjectKeys(secret.get_secret_value().encode(),
                            settings.identity.default_phone_region)  # fmt: skip
         hook = getattr(settings.mailchimp, "webhook_secret", None)
-        for name in built:
-            self.health.setdefault(name, ProcessorHealth())
         return _Runtime(settings, built, keys, hook.get_secret_value() if hook else None)
 
     def _schedule(self, ledger: Ledger, runtime: _Runtime) -> None:
@@ -322,18 +304,37 @@ class Daemon:
                 self._probe(runtime)
                 raise
             self._polls.labels("ok").inc()
-            self._reached(runtime.connectors)
+            ledger.set_cursor(status.LAST_POLL_CURSOR, now().isoformat())
+            self._reached(ledger, runtime.connectors)
 
-        def resync() -> None:
-            engine.resync(settings, ledger, runtime.connectors, runtime.keys, now=now(),
-                          policy=policy, progress=lambda *_: self.beat())
-            ledger.set_cursor(LAST_RESYNC_CURSOR, now().isoformat())
-            self._reached(runtime.connectors)
+        def resync(processors: list[str] | None = None,
+                   progress: engine.Progress | None = None) -> engine.ResyncResult:
+            def moved(stage: str, done: int, total: int | None) -> None:
+                # Between pages and batches is a safe point: every queued task is
+                # durable, and the next start (or resync) carries on from the ledger.
+                if self._stop.is_set():
+                    raise Interrupted("the daemon is stopping")
+                self.beat()
+                if progress is not None:
+                    progress(stage, done, total)
 
-        jobs = {"work": work, "poll": poll, "resync": resync}
+            result = engine.resync(settings, ledger, runtime.connectors, runtime.keys, now=now(),
+                                   policy=policy, progress=moved, processors=processors)
+            if processors is None:  # a full read is also the freshest possible poll
+                finished = now().isoformat()
+                ledger.set_cursor(status.LAST_RESYNC_CURSOR, finished)
+                ledger.set_cursor(status.LAST_POLL_CURSOR, finished)
+            self._reached(ledger, runtime.connectors)
+            return result
+
+        def commands() -> None:
+            self._run_commands(ledger, resync)
+
+        jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
+        runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["commands"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
 
@@ -345,6 +346,9 @@ class Daemon:
                 return
             try:
                 job.run()
+            except Interrupted:
+                log.info("job_interrupted", job=job.name, reason="stopping")
+                return
             except (SyncdError, OSError, ValueError, KeyError, RuntimeError) as error:
                 job.failures += 1
                 first, longest = JOB_BACKOFF_SECONDS
@@ -370,19 +374,58 @@ class Daemon:
 
         return run
 
-    def _reached(self, reached: Iterable[str]) -> None:
+    def _run_commands(self, ledger: Ledger,
+                      resync: Callable[..., engine.ResyncResult]) -> None:
+        """Run the oldest resync an operator asked for (``syncd resync`` while we run).
+
+        Its progress is written to the command's row (at most every
+        :data:`COMMAND_PROGRESS_EVERY_SECONDS`) for the waiting CLI, and its
+        summary, or a one-line error, when it ends. A failed resync is recorded
+        on the row and raised, so the job's backoff and alert apply as well.
+        """
+        command = ledger.next_command()
+        if command is None or not ledger.start_command(command.id):
+            return
+        processor = command.options.get("processor")
+        last = 0.0
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            nonlocal last
+            if time.monotonic() - last >= COMMAND_PROGRESS_EVERY_SECONDS:
+                last = time.monotonic()
+                ledger.command_progress(command.id, {"stage": stage, "done": done, "total": total})
+
+        log.info("resync_requested", command=command.id, processor=processor or "all")
+        try:
+            result = resync([processor] if processor else None, progress)
+        except Interrupted:
+            ledger.finish_command(command.id, "failed", error="the daemon stopped before it "
+                                  "finished; ask again once it runs")
+            raise
+        except (SyncdError, OSError, ValueError, KeyError, RuntimeError) as error:
+            ledger.finish_command(command.id, "failed",
+                                  error=f"{type(error).__name__}: {redact_text(str(error))}")
+            raise
+        summary = result.as_json()
+        del summary["rows"]  # per-client rows stay with dry runs; the CLI prints counts
+        ledger.finish_command(command.id, "done", result=summary)
+
+    def _reached(self, ledger: Ledger, reached: Iterable[str]) -> None:
         for name in reached:
-            self.health.setdefault(name, ProcessorHealth()).last_ok = time.time()
+            ledger.record_contact(name, ok=True)
 
     def _probe(self, runtime: _Runtime) -> None:
-        """After a failed poll: find out which processor is unreachable."""
+        """After a failed poll: find out which processor is unreachable, and record it."""
+        ledger = self._ledger
+        assert ledger is not None
         for name, connector in runtime.connectors.items():
             result = connector.check()
-            state = self.health.setdefault(name, ProcessorHealth())
             if result.ok:
-                state.last_ok = time.time()
+                ledger.record_contact(name, ok=True)
             else:
-                state.last_error, state.last_error_at = result.detail, time.time()
+                refused = result.detail.startswith("credentials refused")
+                ledger.record_contact(name, ok=False, error=result.detail,
+                                      credentials_ok=False if refused else None)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -414,26 +457,22 @@ class Daemon:
         return _reply(start_response, 404, b"not found\n", "text/plain")
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, body): 200 when every processor was reached within the window."""
-        runtime = self.runtime
-        interval = runtime.settings.phorest.poll_interval_seconds if runtime else 60  # type: ignore[union-attr]
-        window = max(HEALTH_WINDOW_MIN_SECONDS, 3.0 * interval)
-        now = time.time()
-        processors: dict[str, Any] = {}
-        for name, state in sorted(self.health.items()):
-            fresh = state.last_ok is not None and now - state.last_ok <= window
-            processors[name] = {
-                "state": "ok" if fresh else "unreachable",
-                "last_ok": _iso(state.last_ok),
-                "last_error": state.last_error,
-                "last_error_at": _iso(state.last_error_at),
-            }
+        """(HTTP status, body): 200 when every processor was reached within the window.
+
+        Read from the ledger on the caller's thread (its own connection), so the
+        answer is the same as ``syncd status`` gives.
+        """
+        runtime, path = self.runtime, self.ledger_path
+        if runtime is None or path is None:
+            return 503, {"status": "starting", "processors": {}}
+        with Ledger.open(path) as ledger:
+            known = ledger.processor_health()
+        processors = status.processor_states(
+            known, sorted(runtime.connectors), now=datetime.now(UTC),
+            window=status.health_window(runtime.settings))
         healthy = bool(processors) and all(p["state"] == "ok" for p in processors.values())
         return (200 if healthy else 503), {"status": "ok" if healthy else "degraded",
                                            "processors": processors}
-
-
-LAST_RESYNC_CURSOR = "daemon.last_resync"
 
 
 class _LedgerCollector(Collector):
@@ -469,7 +508,7 @@ class _LedgerCollector(Collector):
             depth.add_metric([], queued)
             first = ledger.oldest_pending_task_at()
             oldest.add_metric([], max(0.0, time.time() - first.timestamp()) if first else 0.0)
-            last = ledger.get_cursor(LAST_RESYNC_CURSOR)
+            last = ledger.get_cursor(status.LAST_RESYNC_CURSOR)
             resync.add_metric([], datetime.fromisoformat(last).timestamp() if last else 0.0)
         yield from (tasks, depth, oldest, resync)
 
@@ -500,7 +539,3 @@ def _watchdog_interval() -> float | None:
     if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
-
-
-def _iso(moment: float | None) -> str | None:
-    return datetime.fromtimestamp(moment, UTC).isoformat() if moment is not None else None

@@ -246,7 +246,7 @@ def poll(
         LedgerError: SQLite failed.
     """
     now = now or datetime.now(UTC)
-    if ledger.get_cursor(PHOREST_CURSOR) is None or ledger.get_cursor(MAILCHIMP_CURSOR) is None:
+    if not polled_before(ledger):
         log.info("poll_first_is_resync")
         return resync(None, ledger, connectors, keys, now=now, policy=policy)
     phorest, mailchimp = connectors["phorest"], connectors["mailchimp"]
@@ -275,6 +275,11 @@ def poll(
         (PHOREST_CURSOR, clients.cursor), (MAILCHIMP_CURSOR, members.cursor)) if value})
     _set_cursors(ledger, cursors)
     return result
+
+
+def polled_before(ledger: Ledger) -> bool:
+    """Whether both change-feed cursors exist (else the next :func:`poll` is a resync)."""
+    return all(ledger.get_cursor(name) is not None for name in (PHOREST_CURSOR, MAILCHIMP_CURSOR))
 
 
 def _set_cursors(ledger: Ledger, cursors: Mapping[str, str]) -> None:

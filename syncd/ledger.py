@@ -1333,6 +1333,16 @@ class Ledger:
         row = self._run(sql).fetchone()
         return None if row is None else _from_row(Command, row)
 
+    def active_commands(self) -> list[Command]:
+        """Commands queued or running, oldest first.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = (f"SELECT {_columns(Command)} FROM commands WHERE state IN ('queued', 'running')"
+               " ORDER BY id")
+        return [_from_row(Command, row) for row in self._run(sql)]
+
     def start_command(self, command_id: int) -> bool:
         """Claim a queued command (compare-and-set). False if it was not queued.
 

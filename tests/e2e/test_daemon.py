@@ -220,13 +220,119 @@ def test_check_prints_one_line_per_processor_and_fails_on_an_unreachable_one(
     assert "phorest  OK" in down.stdout and "Traceback" not in down.stderr
 
 
-def test_a_real_resync_is_refused_while_the_daemon_runs_and_a_dry_run_is_not(
+def _syncd(running: Running, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    return subprocess.run([str(SYNCD), "--config", str(running.config_path), *args],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def _stale_subscription(sandbox: Sandbox) -> dict[str, object]:
+    """A Mailchimp subscription, untouched for a year, of a client without consent.
+
+    It is older than the change feed's cursor, so no poll sees it; only a full
+    resync does.
+    """
+    client = next(c for c in sandbox.phorest.snapshot_clients()
+                  if c.get("email") and not c.get("emailMarketingConsent")
+                  and not c.get("archived") and sandbox.mailchimp.member(c["email"]) is None)
+    sandbox.mailchimp.add_member(client["email"], "subscribed",
+                                 last_changed=time.time() - 365 * 86400)
+    return client
+
+
+def test_a_real_resync_is_handed_to_the_running_daemon_and_followed(running: Running) -> None:
+    sandbox = running.sandbox
+    stale = _stale_subscription(sandbox)
+    time.sleep(3)  # a few polls go by: none of them sees the old subscription
+    assert sandbox.mailchimp.member(stale["email"])["status"] == "subscribed"
+
+    real = _syncd(running, "resync")
+    assert real.returncode == 0, real.stderr
+    assert "handed to it" in real.stderr and "Traceback" not in real.stderr
+    assert "Actions taken" in real.stdout and "failed" in real.stdout
+    assert sandbox.mailchimp.member(stale["email"])["status"] == "unsubscribed"
+    assert stale["email"] not in real.stdout + real.stderr
+
+    again = _syncd(running, "resync", "--json")
+    summary = json.loads(again.stdout)
+    assert again.returncode == 0 and summary["planned"] == 0 and summary["failed"] == 0
+    assert summary["clients"] > 0 and "rows" not in summary
+
+    with Ledger.open(config.load(running.config_path).ledger.path) as ledger:
+        assert ledger.active_commands() == []
+        first, second = ledger.command(1), ledger.command(2)
+    assert first is not None and first.state == "done" and first.result is not None
+    assert first.result["planned"] >= 1 and second is not None and second.state == "done"
+    assert running.process.poll() is None  # the daemon did the work and kept running
+
+    dry = _syncd(running, "resync", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "handed" not in dry.stderr and "Nothing to do" in dry.stdout
+
+
+def test_a_followed_resync_fails_in_one_line_when_the_daemon_stops(running: Running) -> None:
+    # Mailchimp is slowed so the resync is still reading when SIGTERM arrives.
+    running.sandbox.traffic.faults["mailchimp"].latency_ms = 1500
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    follower = subprocess.Popen(
+        [str(SYNCD), "--config", str(running.config_path), "resync"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    path = config.load(running.config_path).ledger.path
+
+    def started() -> bool:
+        with Ledger.open(path) as ledger:
+            command = ledger.command(1)
+        return command is not None and command.state == "running"
+
+    _wait(started, 30, "the daemon to take the resync")
+    running.process.send_signal(signal.SIGTERM)
+    out, err = follower.communicate(timeout=60)
+    # SIGTERM stops a long resync at its next safe point, well inside systemd's patience.
+    assert running.process.wait(timeout=10) == 0
+    assert follower.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "syncd: the daemon's resync #1 failed: the daemon stopped before it finished; "
+        "ask again once it runs")
+    with Ledger.open(path) as ledger:
+        command = ledger.command(1)
+        states = ledger.count_tasks_by_state()
+    assert command is not None and command.state == "failed"
+    assert states["in_flight"] == 0
+    assert "job_interrupted" in running.log_path.read_text()
+
+
+def test_status_says_healthy_degraded_and_down_with_matching_exit_codes(
     running: Running,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    base = [str(SYNCD), "--config", str(running.config_path), "resync"]
-    real = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60, check=False)
-    assert real.returncode == 1 and "another syncd is running" in real.stderr
-    dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, env=env,
-                         timeout=60, check=False)
-    assert dry.returncode == 0, dry.stderr
+    healthy = _syncd(running, "status", "--json")
+    report = json.loads(healthy.stdout)
+    assert healthy.returncode == 0, report["reasons"]
+    assert report["verdict"] == "healthy" and report["daemon"]["running"] is True
+    assert {name: p["state"] for name, p in report["processors"].items()} == {
+        "phorest": "ok", "mailchimp": "ok"}
+    assert report["processors"]["mailchimp"]["credentials_ok"] is True
+    assert report["last_poll"] and report["last_resync"] and report["tasks"]["done"] > 0
+    table = _syncd(running, "status")
+    assert table.returncode == 0 and "HEALTHY" in table.stdout and "mailchimp" in table.stdout
+
+    # Mailchimp fails every call: the next poll fails and the probe records it.
+    running.sandbox.traffic.faults["mailchimp"].rate_5xx = 1.0
+    _wait(lambda: running.get("/healthz")[0] == 503, 60, "/healthz to turn 503")
+    degraded = _syncd(running, "status", "--json")
+    report = json.loads(degraded.stdout)
+    assert degraded.returncode == 1 and report["verdict"] == "degraded"
+    mailchimp = report["processors"]["mailchimp"]
+    assert mailchimp["state"] == "down" and mailchimp["down_since"] and mailchimp["last_error"]
+    assert "mailchimp is down" in report["reasons"]
+    assert "mailchimp" in json.loads(running.get("/healthz")[1])["processors"]
+
+    running.sandbox.traffic.faults["mailchimp"].rate_5xx = 0.0
+    _wait(lambda: running.get("/healthz")[0] == 200, 60, "/healthz to recover")
+    assert _syncd(running, "status").returncode == 0
+
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=10) == 0
+    down = _syncd(running, "status", "--json")
+    report = json.loads(down.stdout)
+    assert down.returncode == 2 and report["verdict"] == "down"
+    assert "syncd run is not running" in report["reasons"]

@@ -591,6 +591,7 @@ def test_commands_queue_claim_progress_and_finish(ledger: Ledger) -> None:
     assert ledger.next_command() is None
     first = ledger.add_command("resync", {"processor": "mailchimp"})
     second = ledger.add_command("resync", {})
+    assert [c.id for c in ledger.active_commands()] == [first, second]
     queued = ledger.next_command()
     assert queued is not None and (queued.id, queued.options) == (first, {"processor": "mailchimp"})
     assert ledger.start_command(first) is True
@@ -606,6 +607,7 @@ def test_commands_queue_claim_progress_and_finish(ledger: Ledger) -> None:
     assert done.finished_at is not None
     next_up = ledger.next_command()
     assert next_up is not None and next_up.id == second
+    assert [c.id for c in ledger.active_commands()] == [second]
     with pytest.raises(ValueError, match="unknown command kind"):
         ledger.add_command("purge", {})
     with pytest.raises(ValueError, match="not a final command state"):
