@@ -6,10 +6,15 @@ BIN := $(VENV)/bin
 # `make test` skips pip entirely.
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench install clean
+.PHONY: test demo bench install clean
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The newcomer's first command: the sandbox and the daemon as real processes, three
+# scenes (webhook opt-out, Phorest opt-out, resync), the audit trail; under 30 s.
+demo: $(STAMP)
+	$(BIN)/python -m syncd.sandbox.demo $(DEMO_ARGS)
 
 # Speed and memory are measured here, never by timed assertions in tests.
 bench: $(STAMP)

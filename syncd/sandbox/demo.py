@@ -1,0 +1,596 @@
+"""``make demo``: syncd end to end against the sandbox, in well under half a minute.
+
+A newcomer's first command. In a temporary directory (removed at the end) it
+starts two real processes, exactly as an operator would:
+
+- ``syncd sandbox`` (emulated Phorest, Mailchimp, Google and SMTP on loopback,
+  seeded with synthetic clients and a drifted audience) writing a config there;
+- ``syncd run`` on that config, and waits for ``/healthz`` to answer 200 (its
+  first poll is a full resync that repairs the seeded drift).
+
+Then it plays three short scenes through the sandbox's control API, the way
+real people change the world, and shows after each what Phorest and Mailchimp
+hold for the person concerned, read through the vendors' own HTTP APIs:
+
+1. a client clicks "unsubscribe" in a Mailchimp email: the audience webhook
+   reaches the daemon, which switches the client's Phorest marketing consent off;
+2. staff record an opt-out in Phorest: the daemon's next poll unsubscribes the
+   Mailchimp member;
+3. someone adds a phone number to a subscriber in Mailchimp, bypassing syncd.
+   The poll does not re-read a subscription syncd itself set up, so this drift
+   waits for a full comparison: ``syncd resync``, run while the daemon runs,
+   clears the field (Mailchimp receives name and email only, rule R1).
+
+Last, the audit trail the ledger kept for those people, then the daemon is
+stopped with SIGTERM (it must exit 0) and the sandbox with it.
+
+People are shown by Phorest client id and Mailchimp subscriber-hash prefix
+only: no email, name or phone is ever printed, even synthetic ones. Any
+failure prints one line and exits 1 with everything stopped; Ctrl-C stops
+everything too (exit 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from syncd import config
+from syncd.identity import SubjectKeys
+from syncd.ledger import Ledger
+from syncd.log import redact_text
+from syncd.web import WEBHOOK_PREFIX
+
+DEFAULT_CLIENTS = 200
+DEFAULT_TIMEOUT_SECONDS = 30.0
+HTTP_TIMEOUT_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 15.0
+NON_TERMINAL_WIDTH = 150
+WAIT_STEP_SECONDS = 0.1
+PHOREST_PAGE_SIZE = 200
+NAME_FIELDS = ("FNAME", "LNAME")
+# A made-up number in the UK drama range (07700 900xxx): never a real person's.
+DRIFT_PHONE = "07700 900555"
+# Environment the demo's own syncd processes must not inherit from the caller.
+INHERITED_PREFIXES = ("SYNCD_",)
+INHERITED_NAMES = ("CREDENTIALS_DIRECTORY",)
+
+
+class DemoError(Exception):
+    """A step failed; the message is one line for the user (no personal data)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 when every scene ended as it should, 1 on a failure, 130 on Ctrl-C.
+    """
+    args = _parser().parse_args(argv)
+    # Not a terminal (CI, a pipe): wide enough that the audit table never wraps.
+    console = Console(width=None if sys.stdout.isatty() else NON_TERMINAL_WIDTH, highlight=False)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="syncd-demo-") as tmp, _Processes() as processes:
+            Demo(Path(tmp), args.clients, args.timeout, console, processes).run()
+    except DemoError as error:
+        console.print(f"[bold red]demo failed:[/] {error}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] syncd and the sandbox are stopped, "
+                      "the temporary directory is removed")
+        return 130
+    except Exception as error:  # a bug in the demo: still one line, still no personal data
+        console.print(f"[bold red]demo failed:[/] internal error ({type(error).__name__}: "
+                      f"{redact_text(str(error))[:200]})")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m syncd.sandbox.demo",
+        description="Run syncd against the sandbox: a webhook opt-out, a Phorest opt-out and "
+        "a resync, with what each system holds and the audit trail.",
+    )
+    parser.add_argument("--clients", type=_count, default=DEFAULT_CLIENTS, metavar="N",
+                        help=f"synthetic clients to seed (default: {DEFAULT_CLIENTS})")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_SECONDS,
+                        metavar="SECONDS", help="longest wait for each outcome "
+                        f"(default: {DEFAULT_TIMEOUT_SECONDS:g})")
+    return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 20:
+        raise argparse.ArgumentTypeError("must be at least 20 (the demo needs three people)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM (e.g. a CI timeout) stops everything the way Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+# -- the story ---------------------------------------------------------------------------
+
+
+@dataclass
+class Person:
+    """One client the story follows. ``email`` is only ever sent, never printed."""
+
+    label: str
+    client_id: str
+    email: str = field(repr=False)
+
+    @property
+    def member_hash(self) -> str:
+        """Mailchimp's subscriber hash: md5 of the lower-cased address."""
+        return hashlib.md5(self.email.strip().lower().encode()).hexdigest()
+
+    @property
+    def shown(self) -> str:
+        """How the person is named on screen."""
+        return f"{self.label} (Phorest client {self.client_id}, Mailchimp {self.member_hash[:8]}..)"
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What both systems hold for one person at one moment (no personal data)."""
+
+    email_marketing: bool | None
+    sms_marketing: bool | None
+    email_reminders: bool | None
+    sms_reminders: bool | None
+    member_status: str
+    extra_fields: tuple[str, ...]
+
+
+class Demo:
+    """The processes, the vendors' APIs and the three scenes.
+
+    Args:
+        tmp: the temporary directory (config, secrets, ledger, logs).
+        clients: synthetic clients to seed.
+        timeout: the longest wait for any one outcome, in seconds.
+        console: where the story is told.
+        processes: starts and stops the syncd processes.
+    """
+
+    def __init__(self, tmp: Path, clients: int, timeout: float, console: Console,
+                 processes: _Processes) -> None:
+        self.tmp, self.clients, self.timeout = tmp, clients, timeout
+        self.console, self.processes = console, processes
+        self.config_path = tmp / "syncd.toml"
+        self.http = requests.Session()
+        self.settings: Any = None
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        """Start, play the three scenes, show the audit trail, stop.
+
+        Raises:
+            DemoError: a process or an outcome did not come as expected.
+        """
+        self.console.print(Panel.fit(
+            "syncd keeps Mailchimp consistent with Phorest, the salon's system of record.\n"
+            "This demo runs the sandbox (emulated Phorest, Mailchimp, Google, SMTP) and the\n"
+            "syncd daemon as real processes, then makes people act. People are shown by\n"
+            "Phorest client id and Mailchimp subscriber-hash prefix only.",
+            title="syncd demo"))
+        env = self._environment()
+        with self.http:
+            sandbox = self._start_sandbox(env)
+            daemon = self._start_daemon(env)
+            self._register_webhook()
+            first, second, third = self._choose_people()
+            self._scene_webhook(first)
+            self._scene_phorest_opt_out(second)
+            self._scene_resync(third, env)
+            self._show_audit([first, second, third])
+        self._stop(daemon, sandbox)
+        self.console.print(
+            f"\n[bold green]Done[/] in {time.monotonic() - self.started:.1f} s: syncd stopped "
+            "cleanly (exit 0), the sandbox stopped, the temporary directory is removed.\n"
+            "Erasure requests and retention purges arrive in a later version of syncd.")
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        """The caller's environment without syncd settings, plus a free daemon port."""
+        for name in list(os.environ):
+            if name.startswith(INHERITED_PREFIXES) or name in INHERITED_NAMES:
+                del os.environ[name]  # also for config.load() in this process
+        self.daemon_port = _free_port()
+        os.environ["SYNCD_DAEMON__LISTEN"] = f"127.0.0.1:{self.daemon_port}"
+        return dict(os.environ)
+
+    def _start_sandbox(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log_path = self.tmp / "sandbox.log"
+        sandbox = self.processes.start(
+            "syncd sandbox",
+            [*_syncd(), "sandbox", "--clients", str(self.clients), "--port", "0",
+             "--smtp-port", "0", "--latency-ms", "0", "--write-config", str(self.config_path)],
+            log_path, env)
+        self._wait(lambda: "Ctrl-C stops the sandbox" in _read(log_path), "the sandbox to start")
+        self.settings = config.load(self.config_path)
+        base = urlsplit(self.settings.phorest.base_url)
+        self.sandbox_url = f"{base.scheme}://{base.netloc}"
+        self._say(f"syncd sandbox --clients {self.clients} --port 0 --write-config "
+                  f"{self.config_path}", f"emulators at {self.sandbox_url}, ledger "
+                  f"{self.settings.ledger.path}")
+        return sandbox
+
+    def _start_daemon(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log_path = self.tmp / "daemon.log"
+        started = time.monotonic()
+        daemon = self.processes.start(
+            "syncd run", [*_syncd(), "--config", str(self.config_path), "run"], log_path, env)
+        self._wait(self._healthy,
+                   "syncd run to answer 200 on /healthz (its first poll is a full resync)")
+        self._say(f"syncd run --config {self.config_path}",
+                  f"healthy on {self._daemon_url}/healthz after its first full resync "
+                  f"({time.monotonic() - started:.1f} s)")
+        return daemon
+
+    @property
+    def _daemon_url(self) -> str:
+        return f"http://127.0.0.1:{self.daemon_port}"
+
+    def _register_webhook(self) -> None:
+        secret = self.settings.mailchimp.webhook_secret.get_secret_value()
+        self._act("mailchimp-register-webhook",
+                  url=f"{self._daemon_url}{WEBHOOK_PREFIX}{secret}")
+        self.console.print(f"  Mailchimp audience webhook -> {self._daemon_url}{WEBHOOK_PREFIX}***")
+
+    def _choose_people(self) -> tuple[Person, Person, Person]:
+        """Three live clients with marketing consent, alone at their address, subscribed."""
+        rows = list(self._phorest_clients())
+        holders: dict[str, int] = {}
+        for row in rows:
+            if row.get("email"):
+                holders[row["email"].lower()] = holders.get(row["email"].lower(), 0) + 1
+        people: list[Person] = []
+        for row in rows:
+            email = row.get("email")
+            if (not email or holders[email.lower()] > 1 or not row.get("emailMarketingConsent")
+                    or row.get("archived") or row.get("deleted") or row.get("mergedToClientId")):
+                continue
+            person = Person("ABC"[len(people)], row["clientId"], email)
+            holding = self._holding(person)
+            if holding.member_status == "subscribed" and not holding.extra_fields:
+                people.append(person)
+                if len(people) == 3:
+                    return people[0], people[1], people[2]
+        raise DemoError(f"found only {len(people)} consenting subscribed client(s) among "
+                        f"{len(rows)}; run with more --clients")
+
+    # -- the scenes ----------------------------------------------------------------------
+
+    def _scene_webhook(self, person: Person) -> None:
+        self._scene(1, "A client clicks 'unsubscribe' in a Mailchimp email", person,
+                    "Mailchimp sends the audience webhook to syncd, which withdraws the "
+                    "client's email-marketing consent in Phorest (R2: an opt-out anywhere wins).")
+        before = self._holding(person)
+        self._act("mailchimp-unsubscribe", email=person.email)
+        took = self._wait(lambda: self._holding(person).email_marketing is False,
+                          "Phorest email-marketing consent to turn off")
+        self._show(person, before, f"consent off in Phorest {took:.1f} s after the click "
+                   "(webhook -> ledger inbox -> Phorest PUT)")
+
+    def _scene_phorest_opt_out(self, person: Person) -> None:
+        self._scene(2, "Staff record an opt-out in Phorest", person,
+                    "syncd polls Phorest's change feed (every "
+                    f"{self.settings.phorest.poll_interval_seconds} s here) and unsubscribes the "
+                    "Mailchimp member: no consent in Phorest, no marketing.")
+        before = self._holding(person)
+        self._act("phorest-consent", client_id=person.client_id, consent=False)
+        took = self._wait(lambda: self._holding(person).member_status == "unsubscribed",
+                          "the Mailchimp member to be unsubscribed")
+        self._show(person, before, f"unsubscribed in Mailchimp {took:.1f} s after the "
+                   "Phorest edit (the daemon's poll)")
+
+    def _scene_resync(self, person: Person, env: dict[str, str]) -> None:
+        self._scene(3, "Someone adds a phone number to a subscriber in Mailchimp", person,
+                    "Done in Mailchimp, bypassing syncd. Mailchimp may hold name and email "
+                    "only (R1). The poll does not re-read a subscription syncd set up itself; "
+                    "a full comparison does: `syncd resync`, while the daemon runs.")
+        before = self._holding(person)
+        status = self._mailchimp("PATCH", person, json={"merge_fields": {"PHONE": DRIFT_PHONE}})
+        if status != 200:
+            raise DemoError(f"Mailchimp PATCH member answered {status}")
+        drifted = self._holding(person)
+        if "PHONE" not in drifted.extra_fields:
+            raise DemoError("the phone number did not reach the Mailchimp member")
+        polls = self._polls_ok()
+        self._wait(lambda: self._polls_ok() > polls, "the daemon's next poll")
+        if "PHONE" not in self._holding(person).extra_fields:
+            raise DemoError("the poll cleared the field: this scene no longer shows a resync")
+        self._show(person, before, "still there after the daemon's next poll", after=drifted)
+
+        command = [*_syncd(), "--config", str(self.config_path), "resync"]
+        self.console.print(f"[dim]$ syncd --config {self.config_path} resync[/]")
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env,
+                                  timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as error:
+            raise DemoError(f"`syncd resync` did not finish within {self.timeout:g} s") from error
+        if done.returncode != 0:
+            raise DemoError(f"`syncd resync` exited {done.returncode}: "
+                            f"{_last_line(done.stderr or done.stdout)}")
+        # stderr says how the run went (e.g. handed to the running daemon); syncd redacts it.
+        said = "\n".join(line for line in done.stderr.splitlines() if line.strip())
+        self.console.print(Panel("\n".join(part for part in (said, done.stdout.rstrip()) if part)
+                                 or "(no output)", title="syncd resync", expand=False))
+        self._wait(lambda: not self._holding(person).extra_fields,
+                   "the phone number to be cleared from Mailchimp")
+        self._show(person, drifted, "resync fixed it: the extra merge field is cleared")
+
+    def _show_audit(self, people: Sequence[Person]) -> None:
+        identity = self.settings.identity
+        keys = SubjectKeys(identity.hmac_key.get_secret_value().encode(),
+                           identity.default_phone_region)
+        rows = []
+        with Ledger.open(self.settings.ledger.path) as ledger:
+            for person in people:
+                rows.extend((event, person)
+                            for event in ledger.audit_events(keys.client_id(person.client_id)))
+        table = Table(title="Audit trail in the ledger (subject keys are HMACs; no personal data)")
+        for name in ("person", "time (UTC)", "processor", "action", "reason", "outcome",
+                     "vendor request id"):
+            table.add_column(name, overflow="fold")
+        for event, person in sorted(rows, key=lambda item: (item[0].at, item[0].id)):
+            table.add_row(person.label, event.at.strftime("%H:%M:%S"),
+                          event.processor or "-", event.action, event.reason or "-",
+                          event.outcome, event.vendor_request_id or "-")
+        self.console.print()
+        self.console.print(table)
+        if not rows:
+            raise DemoError("the ledger holds no audit events for these people")
+
+    def _stop(self, daemon: subprocess.Popen[bytes], sandbox: subprocess.Popen[bytes]) -> None:
+        code = self.processes.stop(daemon)
+        if code != 0:
+            raise DemoError(f"syncd run exited {code} after SIGTERM, not 0: "
+                            f"{_last_line(_read(self.tmp / 'daemon.log'))}")
+        self.processes.stop(sandbox)
+
+    # -- reading the vendors -------------------------------------------------------------
+
+    def _holding(self, person: Person) -> Holding:
+        """What Phorest and Mailchimp hold for ``person`` now, read through their APIs."""
+        phorest = self.settings.phorest
+        url = f"{phorest.base_url}/api/business/{phorest.business_id}/client/{person.client_id}"
+        client = self._json("GET", url, "Phorest GET client",
+                            auth=(phorest.username, phorest.password.get_secret_value()))
+        status, member = self._member(person)
+        merges = (member or {}).get("merge_fields") or {}
+        return Holding(
+            client.get("emailMarketingConsent"), client.get("smsMarketingConsent"),
+            client.get("emailReminderConsent"), client.get("smsReminderConsent"),
+            member["status"] if member else f"absent ({status})",
+            tuple(sorted(k for k, v in merges.items() if k not in NAME_FIELDS and v)),
+        )
+
+    def _phorest_clients(self) -> Iterator[dict[str, Any]]:
+        phorest = self.settings.phorest
+        url = f"{phorest.base_url}/api/business/{phorest.business_id}/client"
+        page = 0
+        while True:
+            body = self._json("GET", url, "Phorest GET clients",
+                              auth=(phorest.username, phorest.password.get_secret_value()),
+                              params={"size": PHOREST_PAGE_SIZE, "page": page,
+                                      "includeArchived": "true", "includeDeleted": "true"})
+            yield from (body.get("_embedded") or {}).get("clients", [])
+            page += 1
+            if page >= body["page"]["totalPages"]:
+                return
+
+    def _member(self, person: Person) -> tuple[int, dict[str, Any] | None]:
+        mailchimp = self.settings.mailchimp
+        url = f"{mailchimp.base_url}/lists/{mailchimp.list_id}/members/{person.member_hash}"
+        response = self._call("GET", url, "Mailchimp GET member",
+                              auth=("syncd-demo", mailchimp.api_key.get_secret_value()))
+        if response.status_code == 404:
+            return 404, None
+        if response.status_code != 200:
+            raise DemoError(f"Mailchimp GET member answered {response.status_code}")
+        return 200, response.json()
+
+    def _mailchimp(self, method: str, person: Person, **kwargs: Any) -> int:
+        mailchimp = self.settings.mailchimp
+        url = f"{mailchimp.base_url}/lists/{mailchimp.list_id}/members/{person.member_hash}"
+        return self._call(method, url, f"Mailchimp {method} member",
+                          auth=("syncd-demo", mailchimp.api_key.get_secret_value()),
+                          **kwargs).status_code
+
+    def _act(self, action: str, **arguments: Any) -> None:
+        """A people action through the sandbox's control API."""
+        response = self._call("POST", f"{self.sandbox_url}/_sandbox/actions/{action}",
+                              f"sandbox action {action}", json=arguments)
+        if response.status_code != 200:
+            # The body may name the address: only the status is shown.
+            raise DemoError(f"sandbox action {action} answered {response.status_code}")
+
+    def _polls_ok(self) -> float:
+        """The daemon's count of successful polls, from /metrics."""
+        response = self._call("GET", f"{self._daemon_url}/metrics", "syncd /metrics")
+        found = re.search(r'^syncd_polls_total\{outcome="ok"\} (\S+)$', response.text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    def _json(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        response = self._call(method, url, what, **kwargs)
+        if response.status_code != 200:
+            raise DemoError(f"{what} answered {response.status_code}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def _call(self, method: str, url: str, what: str, **kwargs: Any) -> requests.Response:
+        try:
+            return self.http.request(method, url, timeout=HTTP_TIMEOUT_SECONDS, **kwargs)
+        except requests.RequestException as error:
+            raise DemoError(f"{what} failed ({type(error).__name__})") from error
+
+    def _healthy(self) -> bool:
+        try:
+            response = self.http.get(f"{self._daemon_url}/healthz", timeout=HTTP_TIMEOUT_SECONDS)
+        except requests.RequestException:
+            return False  # not listening yet
+        return response.status_code == 200
+
+    # -- waiting and telling -------------------------------------------------------------
+
+    def _wait(self, done: Callable[[], bool], what: str) -> float:
+        """Wait until ``done()``; returns the seconds it took.
+
+        Raises:
+            DemoError: ``timeout`` passed first, or a watched process exited.
+        """
+        started = time.monotonic()
+        while not done():
+            for name, process, log_path in self.processes.running():
+                if process.poll() is not None:
+                    raise DemoError(f"{name} exited {process.returncode} while waiting for "
+                                    f"{what}: {_last_line(_read(log_path))}")
+            if time.monotonic() - started > self.timeout:
+                raise DemoError(f"timed out after {self.timeout:g} s waiting for {what}")
+            time.sleep(WAIT_STEP_SECONDS)
+        return time.monotonic() - started
+
+    def _say(self, command: str, result: str) -> None:
+        self.console.print(f"[dim]$ {command}[/]\n  {result}")
+
+    def _scene(self, number: int, title: str, person: Person, story: str) -> None:
+        self.console.print()
+        self.console.rule(f"[bold]{number}. {title}")
+        self.console.print(f"Person {person.shown}\n{story}")
+
+    def _show(self, person: Person, before: Holding, outcome: str, *,
+              after: Holding | None = None) -> None:
+        after = after or self._holding(person)
+        table = Table(title=f"Person {person.label}: what each system holds", title_justify="left")
+        table.add_column("")
+        for name in ("Phorest\nemail marketing", "Phorest\nSMS marketing",
+                     "Phorest reminders\nemail/SMS", "Mailchimp\nmember status",
+                     "Mailchimp\nextra fields"):
+            table.add_column(name)
+        for label, holding in (("before", before), ("after", after)):
+            table.add_row(label, _flag(holding.email_marketing), _flag(holding.sms_marketing),
+                          f"{_flag(holding.email_reminders)}/{_flag(holding.sms_reminders)}",
+                          holding.member_status, ", ".join(holding.extra_fields) or "none")
+        self.console.print(table)
+        self.console.print(f"[green]OK[/] {outcome}")
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+class _Processes:
+    """The syncd processes the demo started; whatever still runs is stopped on exit."""
+
+    def __init__(self) -> None:
+        self._started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, command: list[str], log_path: Path,
+              env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log:
+            # A session of its own: a terminal's Ctrl-C reaches the demo, which stops
+            # the daemon before the sandbox it talks to.
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._started.append((name, process, log_path))
+        return process
+
+    def running(self) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+        """(name, process, log file) of each process started and not stopped yet."""
+        return list(self._started)
+
+    def stop(self, process: subprocess.Popen[bytes]) -> int:
+        """SIGTERM, then SIGKILL if it has not exited in time. Returns the exit code."""
+        self._started = [started for started in self._started if started[1] is not process]
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                return process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        return process.wait()
+
+    def __enter__(self) -> _Processes:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        left = [process for _name, process, _log in reversed(self._started)]
+        try:
+            for process in left:  # the daemon first, then the sandbox it talks to
+                self.stop(process)
+        finally:  # a second Ctrl-C while stopping: kill whatever is left
+            for process in left:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+
+def _syncd() -> list[str]:
+    """The ``syncd`` command of this Python (the console script when installed)."""
+    script = Path(sys.executable).with_name("syncd")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "syncd.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    """The last line a process wrote, masked like syncd's own logs (for error messages)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return redact_text(lines[-1])[:300] if lines else "(no output)"
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else "on" if value else "off"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
