@@ -426,6 +426,10 @@ class DaemonSettings(Section):
     retention_purge_at: str = Field(
         default="03:30", description="Local time (HH:MM) of the retention purge."
     )
+    alert_check_seconds: int = Field(
+        default=60, ge=1, le=3600,
+        description="How often alert conditions are checked and due alerts are sent.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -10,7 +10,12 @@ The loop (``schedule``), on the main thread:
   the due tasks;
 - every ``[phorest] poll_interval_seconds``: poll both change feeds
   (:func:`syncd.engine.poll`);
-- at ``[daemon] nightly_resync_at`` (local time): a full resync.
+- at ``[daemon] nightly_resync_at`` (local time): a full resync;
+- every second: a resync an operator asked for while the daemon runs (a
+  command row written by ``syncd resync``), with its progress written back;
+- every ``[daemon] alert_check_seconds``: the alert checks
+  (:func:`syncd.alerts.run_checks`): raise and resolve alerts from the
+  ledger's state and email the manager what is due.
 
 A job that raises is logged (type only), counted, recorded as an open alert
 in the ledger and tried again after a growing pause (5 s doubling to 5 min),
@@ -58,7 +63,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import connectors
-from syncd import config, engine, status
+from syncd import alerts, config, engine, status
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -330,11 +335,20 @@ class Daemon:
         def commands() -> None:
             self._run_commands(ledger, resync)
 
-        jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands}
+        def check_alerts() -> None:
+            report = alerts.run_checks(ledger, settings, now=now())
+            if report is not None and (report.sent or report.failed):
+                log.info("alerts_dispatched", sent=report.sent, failed=report.failed,
+                         reminders=report.reminders, recoveries=report.recoveries)
+
+        jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands,
+                "alerts": check_alerts}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["commands"])
+        runtime.scheduler.every(settings.daemon.alert_check_seconds).seconds.do(
+            self._jobs["alerts"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
 

@@ -64,10 +64,16 @@ class Running:
                 return found
 
 
+# Alerts are checked every second, and a processor counts as down after 3 s.
+ALERT_ENV = {"SYNCD_DAEMON__ALERT_CHECK_SECONDS": "1",
+             "SYNCD_ALERTS__PROCESSOR_DOWN_MINUTES": "0.05"}
+
+
 def _start(config_path: Path, port: int, notify_path: Path, log_path: Path,
            ) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path))
+    env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path),
+               **ALERT_ENV)
     return subprocess.Popen(
         [str(SYNCD), "--config", str(config_path), "--log-level", "info", "run"],
         stdout=log_path.open("a"), stderr=subprocess.STDOUT, text=True, env=env,
@@ -80,7 +86,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.setblocking(False)
-    with Sandbox(clients=150, seed=4, smtp_port=None) as sandbox:
+    with Sandbox(clients=150, seed=4, smtp_port=0) as sandbox:
         config_path = sandbox.write_config(tmp_path / "syncd.toml")
         port, log_path = _free_port(), tmp_path / "daemon.log"
         process = _start(config_path, port, notify_path, log_path)
@@ -336,3 +342,29 @@ def test_status_says_healthy_degraded_and_down_with_matching_exit_codes(
     report = json.loads(down.stdout)
     assert down.returncode == 2 and report["verdict"] == "down"
     assert "syncd run is not running" in report["reasons"]
+
+
+def test_a_processor_down_past_the_threshold_emails_the_manager_once_then_the_recovery(
+    running: Running,
+) -> None:
+    sink = running.sandbox.smtp
+    assert sink is not None
+    seeded = [c["email"] for c in running.sandbox.phorest.snapshot_clients() if c.get("email")]
+    running.sandbox.traffic.faults["mailchimp"].rate_5xx = 1.0
+
+    def subjects() -> list[str]:
+        return [m["subject"] for m in sink.messages()]
+
+    _wait(lambda: any("Mailchimp" in s for s in subjects()), 60, "the processor-down email")
+    time.sleep(3)  # more checks go by: no repeat before remind_every_hours
+    down = [s for s in subjects() if "Mailchimp" in s]
+    assert len(down) == 1 and "Resolved" not in down[0], subjects()
+
+    running.sandbox.traffic.faults["mailchimp"].rate_5xx = 0.0
+    _wait(lambda: any(s.startswith("[syncd] Resolved") for s in subjects()), 60,
+          "the recovery email")
+    assert len([s for s in subjects() if s.startswith("[syncd] Resolved")]) == 1
+    mail = json.dumps(sink.messages())
+    assert not [address for address in seeded if address in mail]
+    report = json.loads(_syncd(running, "status", "--json").stdout)
+    assert not [a for a in report["alerts"] if a["problem"].startswith("processor_down")]
