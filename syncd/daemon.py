@@ -81,6 +81,9 @@ WORK_EVERY_SECONDS = 1
 JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
 HEARTBEAT_EVERY_SECONDS = 10.0  # how often the loop's heartbeat is written for `syncd status`
 COMMAND_PROGRESS_EVERY_SECONDS = 0.5  # how often a followed resync's progress is written
+RESYNC_STATUS_EVERY_SECONDS = 2.0  # how often a resync's progress goes to systemd's STATUS=
+RESYNC_STAGES = {"phorest": "reading Phorest", "mailchimp": "reading Mailchimp",
+                 "planned": "planning", "applied": "applying"}
 
 
 class Interrupted(SyncdError):
@@ -310,16 +313,23 @@ class Daemon:
                 raise
             self._polls.labels("ok").inc()
             ledger.set_cursor(status.LAST_POLL_CURSOR, now().isoformat())
+            notify(f"STATUS=running; last poll {now():%H:%M:%S} UTC")
             self._reached(ledger, runtime.connectors)
 
         def resync(processors: list[str] | None = None,
                    progress: engine.Progress | None = None) -> engine.ResyncResult:
+            shown = [0.0]
+
             def moved(stage: str, done: int, total: int | None) -> None:
                 # Between pages and batches is a safe point: every queued task is
                 # durable, and the next start (or resync) carries on from the ledger.
                 if self._stop.is_set():
                     raise Interrupted("the daemon is stopping")
                 self.beat()
+                if time.monotonic() - shown[0] >= RESYNC_STATUS_EVERY_SECONDS:
+                    shown[0] = time.monotonic()
+                    of = f"/{total}" if total is not None else ""
+                    notify(f"STATUS=resync: {RESYNC_STAGES.get(stage, stage)} {done}{of}")
                 if progress is not None:
                     progress(stage, done, total)
 
@@ -330,6 +340,7 @@ class Daemon:
                 ledger.set_cursor(status.LAST_RESYNC_CURSOR, finished)
                 ledger.set_cursor(status.LAST_POLL_CURSOR, finished)
             self._reached(ledger, runtime.connectors)
+            notify(f"STATUS=running; last resync {now():%H:%M:%S} UTC")
             return result
 
         def commands() -> None:

@@ -320,6 +320,9 @@ def test_status_says_healthy_degraded_and_down_with_matching_exit_codes(
     assert report["last_poll"] and report["last_resync"] and report["tasks"]["done"] > 0
     table = _syncd(running, "status")
     assert table.returncode == 0 and "HEALTHY" in table.stdout and "mailchimp" in table.stdout
+    seen: list[str] = []  # systemd's `systemctl status` shows the latest STATUS= line
+    _wait(lambda: seen.extend(running.notifications()) or any(
+        "STATUS=running; last poll" in m for m in seen), 20, "a STATUS= line after a poll")
 
     # Mailchimp fails every call: the next poll fails and the probe records it.
     running.sandbox.traffic.faults["mailchimp"].rate_5xx = 1.0
