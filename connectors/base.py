@@ -5,14 +5,25 @@ the system holds (a paged full scan, and the changes since a cursor) and
 applies a batch of actions, returning one outcome per action. Values in and
 out are frozen dataclasses, so the reconciliation that decides *what should
 happen* stays pure and the ledger never sees a vendor's wire format.
+
+It also holds the call observers: connectors report every HTTP request they
+make as ``(vendor, status)`` through :func:`report_call`, and whoever counts
+them (the daemon's ``/metrics``) registers with :func:`add_call_observer`, so
+connectors never import the daemon.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal, Protocol, runtime_checkable
+
+import requests
+import structlog
+
+log = structlog.get_logger(__name__)
 
 ClientState = Literal["active", "archived", "deleted", "merged", "forgotten"]
 MemberStatus = Literal[
@@ -197,3 +208,87 @@ class Connector(Protocol):
         must not lose the others' results.
         """
         ...
+
+
+# -- Call observers: every HTTP request a connector makes, by vendor and status --------------
+
+CallObserver = Callable[[str, str], None]
+"""Told ``(vendor, status)`` after each HTTP request: see :func:`report_call`."""
+
+# The status of a request that got no answer: a small fixed set, never an exception's message
+# (which can quote a URL, and a URL can hold an email).
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"  # refused, reset, TLS failure, dropped mid-answer
+INVALID_RESPONSE = "invalid_response"  # an answer requests could not use (undecodable, loops)
+NO_ANSWER_STATUSES = frozenset({TIMEOUT, CONNECTION_ERROR, INVALID_RESPONSE})
+# Failures after the request was handed to the network, in order (a ConnectTimeout is a
+# ConnectionError too); any other exception means no request was made.
+_NO_ANSWER: tuple[tuple[tuple[type[Exception], ...], str], ...] = (
+    ((requests.Timeout,), TIMEOUT),
+    ((requests.ConnectionError, requests.exceptions.ChunkedEncodingError), CONNECTION_ERROR),
+    ((requests.exceptions.ContentDecodingError, requests.TooManyRedirects,
+      requests.exceptions.RetryError), INVALID_RESPONSE),
+)
+
+# Copied on write, so reporting (from every connector thread) reads it without a lock.
+_observers: tuple[CallObserver, ...] = ()
+_observers_lock = threading.Lock()
+
+
+def add_call_observer(observer: CallObserver) -> None:
+    """Have ``observer`` told of every HTTP request any connector makes, from now on.
+
+    Process-wide and thread-safe. Adding an observer already added changes nothing (each
+    request is reported to it once).
+    """
+    global _observers
+    with _observers_lock:
+        if observer not in _observers:
+            _observers = (*_observers, observer)
+
+
+def remove_call_observer(observer: CallObserver) -> None:
+    """Stop telling ``observer``; one that was never added is ignored. Thread-safe."""
+    global _observers
+    with _observers_lock:
+        _observers = tuple(known for known in _observers if known != observer)
+
+
+def report_call(vendor: str, status: str) -> None:
+    """Tell every observer of one HTTP request that ``vendor``'s connector made.
+
+    An observer that raises is logged (its exception's type only) and skipped: counting a
+    call must never fail the call.
+
+    Args:
+        vendor: the connector's ``name`` (``"phorest"``, ``"mailchimp"``).
+        status: the HTTP status code as a string (``"200"``, ``"429"`` …), or one of
+            :data:`NO_ANSWER_STATUSES` when no answer came back.
+    """
+    for observer in _observers:
+        try:
+            observer(vendor, status)
+        except Exception as error:  # noqa: BLE001 — an observer's bug is not the call's
+            log.debug("call_observer_failed", vendor=vendor, error=type(error).__name__)
+
+
+def report_attempt(vendor: str, result: requests.Response | BaseException) -> None:
+    """Report what one attempt to send a request through ``requests`` came to.
+
+    A response is reported by its status, after one report per redirect it followed (each
+    was a request of its own). An exception is reported by the class of failure, if the
+    request was handed to the network at all: one that could not even be built (a bad URL,
+    a body that cannot be encoded) made no request and is not reported. A redirect loop that
+    requests gives up on counts once, as ``invalid_response``.
+
+    Args:
+        vendor: the connector's ``name``.
+        result: the response, or the exception the attempt raised.
+    """
+    if isinstance(result, BaseException):
+        status = next((name for kinds, name in _NO_ANSWER if isinstance(result, kinds)), None)
+        if status is not None:
+            report_call(vendor, status)
+        return
+    for answer in (*result.history, result):
+        report_call(vendor, str(answer.status_code))

@@ -57,7 +57,15 @@ import structlog
 from mailchimp_marketing.api_client import ApiClientError
 from urllib3.exceptions import ProtocolError
 
-from connectors.base import Action, Changes, CheckResult, MemberRecord, MemberStatus, Outcome
+from connectors.base import (
+    Action,
+    Changes,
+    CheckResult,
+    MemberRecord,
+    MemberStatus,
+    Outcome,
+    report_attempt,
+)
 from syncd.config import MailchimpSettings
 from syncd.errors import ConfigError, ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -100,6 +108,7 @@ BATCH_KINDS = frozenset({"subscribe", "unsubscribe"})
 OPERATION_KINDS = frozenset({"update_names", "clear_extra_fields", "erase"})
 # An erased address already satisfies these (reference assumption 5).
 FORGOTTEN_SATISFIES = frozenset({"unsubscribe", "update_names", "clear_extra_fields", "erase"})
+Send = Callable[..., requests.Response]  # one HTTP request: requests.get, ApiClient.request
 
 
 class MailchimpConnector:
@@ -140,6 +149,10 @@ class MailchimpConnector:
         client.set_config({"api_key": settings.api_key.get_secret_value(), "server": "server",
                            "timeout": settings.timeout_seconds})
         client.api_client.host = settings.api_root  # survives set_config (A1.5)
+        # Every SDK call sends through ApiClient.request, the one place that still holds the
+        # status of a success (call_api keeps only the body); the download goes around the SDK.
+        client.api_client.request = _observed(self.name, client.api_client.request)
+        self._get = _observed(self.name, requests.get)
         self._lists, self._ping, self._batches = client.lists, client.ping, client.batches
 
     def check(self) -> CheckResult:
@@ -487,7 +500,7 @@ class MailchimpConnector:
         def once() -> bytes:
             with self._slots:
                 try:
-                    answer = requests.get(url, timeout=self._timeout)
+                    answer = self._get(url, timeout=self._timeout)
                 except requests.RequestException as error:
                     failure: ConnectorError = _unsent(RESULTS, error)
                 else:
@@ -612,6 +625,24 @@ class MailchimpConnector:
         log.info("mailchimp_refused", call=where, status=error.status, title=error.title,
                  request_id=error.request_id)
         raise error
+
+
+def _observed(vendor: str, send: Send) -> Send:
+    """``send`` (one HTTP request per call), reporting each request it makes to the observers.
+
+    What ``send`` returns or raises is passed on untouched: only :func:`report_attempt` sees it.
+    """
+
+    def observed(*args: Any, **kwargs: Any) -> requests.Response:
+        try:
+            response = send(*args, **kwargs)
+        except Exception as error:
+            report_attempt(vendor, error)
+            raise
+        report_attempt(vendor, response)
+        return response
+
+    return observed
 
 
 def _error(where: str, status: int, text: Any, *, request_id: str | None = None,

@@ -30,7 +30,15 @@ from requests.adapters import HTTPAdapter
 from requests.auth import HTTPBasicAuth
 from urllib3.exceptions import ProtocolError
 
-from connectors.base import Action, Changes, CheckResult, ClientRecord, ClientState, Outcome
+from connectors.base import (
+    Action,
+    Changes,
+    CheckResult,
+    ClientRecord,
+    ClientState,
+    Outcome,
+    report_attempt,
+)
 from syncd.config import PhorestSettings
 from syncd.errors import ConfigError, ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -346,6 +354,8 @@ class PhorestConnector:
                 )
             except requests.RequestException as error:
                 result = error  # classified outside the except: no chained URL in tracebacks
+            # Every Phorest request, retries and check() included, is sent from here.
+            report_attempt(self.name, result)
             status = getattr(result, "status_code", None)
             log.debug("phorest_request", method=method, path=template, status=status)
             return self._raise_for(method, template, result)
