@@ -24,8 +24,10 @@ succeeds.
 
 HTTP (a threaded stdlib WSGI server on ``[daemon] listen``): ``/healthz``
 (200 when every processor was reached within the health window, else 503, with
-a JSON body per processor), ``/metrics`` (Prometheus text) and the Mailchimp
-webhook. Requests time out after :data:`HTTP_TIMEOUT_SECONDS`; only GET and
+a JSON body per processor, read from the ledger as ``syncd status`` reads it),
+``/metrics`` (Prometheus text: polls, job failures, vendor API calls and errors
+by vendor and status, processors up, tasks by processor and state, queue depth,
+oldest pending task age, last resync) and the Mailchimp webhook. Requests time out after :data:`HTTP_TIMEOUT_SECONDS`; only GET and
 HEAD are served except on the webhook, whose body is capped by
 :mod:`syncd.web`.
 
@@ -63,6 +65,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import connectors
+from connectors.base import add_call_observer, remove_call_observer
 from syncd import alerts, config, engine, status
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
@@ -149,6 +152,12 @@ class Daemon:
                               registry=self.registry)
         self._job_failures = Counter("syncd_job_failures", "Jobs that raised, by job.", ["job"],
                                      registry=self.registry)
+        self._api_calls = Counter("syncd_api_calls", "Vendor API requests, by vendor and status "
+                                  "(HTTP status, or timeout, connection_error, invalid_response).",
+                                  ["vendor", "status"], registry=self.registry)
+        self._api_errors = Counter("syncd_api_errors", "Vendor API requests that failed "
+                                   "(4xx, 5xx or no answer), by vendor and status.",
+                                   ["vendor", "status"], registry=self.registry)
         self.registry.register(_LedgerCollector(self))
         self.runtime: _Runtime | None = None
         self.http_port: int | None = None
@@ -179,6 +188,21 @@ class Daemon:
                 signal.signal(signum, self._on_stop)
             signal.signal(signal.SIGHUP, self._on_reload)
         runtime = self.runtime = self._build(self._settings or config.load(self.config_path))
+        add_call_observer(self._count_call)
+        try:
+            self._run_locked(runtime)
+        finally:
+            remove_call_observer(self._count_call)
+        log.info("daemon_stopped")
+        return 0
+
+    def _count_call(self, vendor: str, status: str) -> None:
+        """Count one vendor API request (called from connector threads)."""
+        self._api_calls.labels(vendor, status).inc()
+        if not status.isdigit() or int(status) >= 400:
+            self._api_errors.labels(vendor, status).inc()
+
+    def _run_locked(self, runtime: _Runtime) -> None:
         with writer_lock(runtime.settings.ledger.path):
             with Ledger.open(runtime.settings.ledger.path) as ledger:
                 self.ledger_path = runtime.settings.ledger.path
@@ -197,8 +221,6 @@ class Daemon:
                     notify("STOPPING=1")
                     server.shutdown()
                     server.server_close()
-        log.info("daemon_stopped")
-        return 0
 
     def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
         self._schedule(ledger, runtime)

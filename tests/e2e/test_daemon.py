@@ -226,6 +226,16 @@ def test_check_prints_one_line_per_processor_and_fails_on_an_unreachable_one(
     assert "phorest  OK" in down.stdout and "Traceback" not in down.stderr
 
 
+def _samples(metrics: str, name: str, *, vendor: str) -> dict[str, float]:
+    """{status label: value} of one vendor's samples of a labelled counter."""
+    found = {}
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'vendor="{vendor}"' in line:
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('status="')[1].split('"')[0]] = float(value)
+    return found
+
+
 def _syncd(running: Running, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
     return subprocess.run([str(SYNCD), "--config", str(running.config_path), *args],
@@ -334,6 +344,16 @@ def test_status_says_healthy_degraded_and_down_with_matching_exit_codes(
     assert mailchimp["state"] == "down" and mailchimp["down_since"] and mailchimp["last_error"]
     assert "mailchimp is down" in report["reasons"]
     assert "mailchimp" in json.loads(running.get("/healthz")[1])["processors"]
+
+    metrics = running.get("/metrics")[1].decode()
+    counted = _samples(metrics, "syncd_api_errors_total", vendor="mailchimp")
+    answered = {labels: n for labels, n in counted.items() if labels.startswith("5")}
+    served = sum(n for (vendor, _m, _t, code), n in running.sandbox.traffic.counts.items()
+                 if vendor == "mailchimp" and code >= 500)
+    # Every 5xx the emulator served was counted (a scrape may trail the calls in flight,
+    # at most the connector's 4 connections).
+    assert answered and served - 4 <= sum(answered.values()) <= served
+    assert _samples(metrics, "syncd_api_calls_total", vendor="phorest").get("200", 0) > 0
 
     running.sandbox.traffic.faults["mailchimp"].rate_5xx = 0.0
     _wait(lambda: running.get("/healthz")[0] == 200, 60, "/healthz to recover")
