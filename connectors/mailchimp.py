@@ -151,7 +151,9 @@ class MailchimpConnector:
         client.api_client.host = settings.api_root  # survives set_config (A1.5)
         # Every SDK call sends through ApiClient.request, the one place that still holds the
         # status of a success (call_api keeps only the body); the download goes around the SDK.
-        client.api_client.request = _observed(self.name, client.api_client.request)
+        # It also keeps each thread's last X-Request-Id: the audit's evidence of a success.
+        self._seen = threading.local()
+        client.api_client.request = _observed(self.name, client.api_client.request, self._seen)
         self._get = _observed(self.name, requests.get)
         self._lists, self._ping, self._batches = client.lists, client.ping, client.batches
 
@@ -310,8 +312,8 @@ class MailchimpConnector:
                                     idempotent=kind != "move_email")
         except ConnectorError as error:
             return self._refused(action, error)
-        response = result if isinstance(result, requests.Response) else None
-        return Outcome(action, "done", request_id=response and response.headers.get("X-Request-Id"))
+        del result
+        return Outcome(action, "done", request_id=self._request_id())
 
     def _batch(self, actions: Sequence[Action]) -> list[Outcome]:
         """Up to 500 subscribes and unsubscribes (distinct addresses: one wave) in one call.
@@ -335,7 +337,9 @@ class MailchimpConnector:
             return [self._refused(a, error) for a in actions]
         log.info("mailchimp_batch", path=ROUTES["batch_list_members"][1],
                  members=len(members), errors=len(errors))
-        return [_batch_outcome(a, errors.get(e.lower())) for a, e in zip(actions, emails)]
+        request_id = self._request_id()
+        return [_batch_outcome(a, errors.get(e.lower()), request_id)
+                for a, e in zip(actions, emails)]
 
     def _operations(self, actions: Sequence[Action], indexes: list[int]) -> list[Outcome]:
         """Two or more update_names, clear_extra_fields or erases (one wave) via ``/batches``.
@@ -587,6 +591,7 @@ class MailchimpConnector:
         method, template = ROUTES[fn.__name__]
 
         def once() -> Any:
+            self._seen.request_id = None
             with self._slots:
                 try:
                     result: Any = fn(*args, **kwargs)
@@ -597,6 +602,10 @@ class MailchimpConnector:
         if not retried:
             return once()
         return self._retry.retrying(idempotent=idempotent, sleep=self._sleep)(once)
+
+    def _request_id(self) -> str | None:
+        """The X-Request-Id of this thread's last SDK call (its last attempt), if it had one."""
+        return getattr(self._seen, "request_id", None)
 
     @staticmethod
     def _classify(where: str, result: Any) -> Any:
@@ -627,10 +636,11 @@ class MailchimpConnector:
         raise error
 
 
-def _observed(vendor: str, send: Send) -> Send:
+def _observed(vendor: str, send: Send, seen: threading.local | None = None) -> Send:
     """``send`` (one HTTP request per call), reporting each request it makes to the observers.
 
     What ``send`` returns or raises is passed on untouched: only :func:`report_attempt` sees it.
+    With ``seen``, the response's X-Request-Id is kept there (per thread) as ``request_id``.
     """
 
     def observed(*args: Any, **kwargs: Any) -> requests.Response:
@@ -640,6 +650,8 @@ def _observed(vendor: str, send: Send) -> Send:
             report_attempt(vendor, error)
             raise
         report_attempt(vendor, response)
+        if seen is not None:
+            seen.request_id = response.headers.get("X-Request-Id")
         return response
 
     return observed
@@ -779,13 +791,15 @@ def _archived_results(archive: bytes) -> dict[str, Mapping[str, Any]] | None:
     return results
 
 
-def _batch_outcome(action: Action, error: Mapping[str, Any] | None) -> Outcome:
+def _batch_outcome(action: Action, error: Mapping[str, Any] | None,
+                   request_id: str | None = None) -> Outcome:
     """One member's result in a batch; the ``error`` text names the address: never logged.
 
     Mapped as :meth:`MailchimpConnector._refused` maps the same titles for single calls.
+    ``request_id`` is the batch call's X-Request-Id, the evidence of a success.
     """
     if error is None:
-        return Outcome(action, "done")
+        return Outcome(action, "done", request_id=request_id)
     text = f"{error.get('error', '')} {error.get('error_code', '')}".lower()
     if "compliance state" in text:
         return Outcome(action, "needs_person", "needs_client_resubscribe")

@@ -624,6 +624,31 @@ def test_1200_subscribes_go_as_three_batches_of_at_most_500_never_pending(
     assert members[0]["merge_fields"] == {"FNAME": SEEDED_FIRST_NAME, "LNAME": SEEDED_LAST_NAME}
 
 
+def test_a_batch_success_carries_the_call_request_id_as_evidence(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.POST, LIST_URL, json={"new_members": [], "errors": [], "error_count": 0},
+             headers={"X-Request-Id": "batch-1"})
+    wire.add(responses.POST, LIST_URL, json={"new_members": [], "errors": [], "error_count": 0},
+             headers={"X-Request-Id": "batch-2"})
+    outcomes = make_connector().apply([subscribe(f"p{n}@example.com") for n in range(600)])
+    assert {o.status for o in outcomes} == {"done"}
+    assert sorted({o.request_id for o in outcomes}) == ["batch-1", "batch-2"]
+    assert sum(o.request_id == "batch-1" for o in outcomes) == 500  # each batch its own id
+
+
+def test_a_patch_success_carries_its_request_id_and_none_without_the_header(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.PATCH, MEMBER_URL, json=member_json(), headers={"X-Request-Id": "p-1"})
+    wire.add(responses.PATCH, MEMBER_URL, json=member_json())
+    connector = make_connector()
+    [first] = connector.apply([action("unsubscribe")])
+    [second] = connector.apply([action("unsubscribe")])
+    assert (first.status, first.request_id) == ("done", "p-1")
+    assert (second.status, second.request_id) == ("done", None)  # not the previous call's id
+
+
 def test_batch_errors_are_mapped_back_to_their_actions_by_address(
     wire: responses.RequestsMock,
 ) -> None:
