@@ -1,4 +1,4 @@
-# The project's two commands: `make test` (the README's first) and, later, `make demo`.
+# The project's commands: `make demo` (the README's first), `make test` and `make bench`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sandbox_scale.py
 	$(BIN)/python benchmarks/resync.py
 	$(BIN)/python benchmarks/propagation.py
+	$(BIN)/python benchmarks/idle.py
 
 install: $(STAMP)
 
