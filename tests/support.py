@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 DEFAULT_START = datetime(2026, 11, 24, 19, 40, 5, 123456, tzinfo=UTC)
@@ -51,3 +52,17 @@ def serve_wsgi(app: Callable[..., Iterable[bytes]]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def seeded_values(sandbox: Any) -> set[str]:
+    """The personal data a sandbox world holds: addresses, names and phones, to grep for.
+
+    Very short names would match unrelated text; addresses and phones always count.
+    """
+    values: set[str] = set()
+    for client in sandbox.phorest.snapshot_clients():
+        for name in ("email", "firstName", "lastName", "mobile"):
+            if client.get(name):
+                values.add(str(client[name]))
+    values.update(m["email_address"] for m in sandbox.mailchimp.snapshot_members())
+    return {v for v in values if "@" in v or len(v) >= 5}

@@ -33,7 +33,7 @@ from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
 from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
-from tests.support import serve_wsgi
+from tests.support import seeded_values, serve_wsgi
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 POLICY = RetryPolicy(budget=8)
@@ -112,22 +112,11 @@ def world(tmp_path: Path) -> Iterator[World]:
         root.setLevel(level)
 
 
-def _seeded_values(sandbox: Sandbox) -> set[str]:
-    values: set[str] = set()
-    for client in sandbox.phorest.snapshot_clients():
-        for name in ("email", "firstName", "lastName", "mobile"):
-            if client.get(name):
-                values.add(str(client[name]))
-    values.update(m["email_address"] for m in sandbox.mailchimp.snapshot_members())
-    # Very short names would match unrelated text; addresses and phones always count.
-    return {v for v in values if "@" in v or len(v) >= 5}
-
-
 def test_everyday_changes_reach_the_other_system_and_leave_no_personal_data(
     world: World,
 ) -> None:
     sandbox = world.sandbox
-    seeded = _seeded_values(sandbox)
+    seeded = seeded_values(sandbox)
     assert len(seeded) > 300  # addresses, names and phones of 200 clients
     assert resync(None, world.ledger, world.live, world.keys, policy=POLICY).failed == 0
     clicker, staff_opt_out, mover, renamed = world.subscribed_clients()[:4]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from syncd.sandbox.app import Sandbox
+from tests.support import seeded_values
 
 REPO = Path(__file__).parents[3]
 CLIENTS = 60
@@ -31,15 +32,8 @@ def _command() -> list[str]:
 
 def _seeded_values() -> set[str]:
     """Addresses, names and phones of the world the demo's sandbox seeds (same seed, same day)."""
-    values: set[str] = set()
     with Sandbox(clients=CLIENTS, smtp_port=None) as sandbox:
-        for client in sandbox.phorest.snapshot_clients():
-            for name in ("email", "firstName", "lastName", "mobile"):
-                if client.get(name):
-                    values.add(str(client[name]))
-        values.update(m["email_address"] for m in sandbox.mailchimp.snapshot_members())
-    # Very short names would match unrelated text; addresses and phones always count.
-    return {v for v in values if "@" in v or len(v) >= 5}
+        return seeded_values(sandbox)
 
 
 def test_make_demo_plays_every_scene_shows_the_audit_trail_and_no_personal_data() -> None:
