@@ -56,6 +56,8 @@ STALE_VERSION_TRIES = 2  # the first PUT, then one more after re-reading
 # Withdrawals in flight at once, each sending one request at a time. At ~20 ms a
 # call two or three already fill 90 requests/s; the rest absorb slow answers.
 MAX_CONCURRENT_WRITES = 8
+APPLY_SECONDS = 5.0  # how long one apply should take at the configured rate limit
+CALLS_PER_WITHDRAWAL = 3  # GET, PUT, GET
 FORGOTTEN_FIRST_NAMES = frozenset({"anonymous", ""})
 _BODY_READ_ERRORS = requests.exceptions.ChunkedEncodingError
 _TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "stale_version"}
@@ -81,8 +83,10 @@ class PhorestConnector:
     """
 
     name = "phorest"
-    # Writes are one record at a time (no bulk endpoint): small applies keep progress fine.
-    apply_batch_size = 200
+    # Writes are one record at a time (no bulk endpoint), 3 calls each: an apply is sized
+    # to last about APPLY_SECONDS at the rate limit, so progress stays fine and a stopping
+    # daemon (which stops between applies) exits promptly. Set per instance in __init__.
+    apply_batch_size = MAX_CONCURRENT_WRITES
 
     def __init__(
         self,
@@ -104,6 +108,8 @@ class PhorestConnector:
         self._sleep = sleep
         # One limiter per connector, shared by every thread that sends through it.
         self._limiter = RateLimiter(settings.max_requests_per_second, clock=clock, sleep=sleep)
+        self.apply_batch_size = max(MAX_CONCURRENT_WRITES, int(
+            settings.max_requests_per_second * APPLY_SECONDS / CALLS_PER_WITHDRAWAL))
 
     def check(self) -> CheckResult:
         """One cheap list call, not retried: reachable and credentials accepted."""

@@ -244,6 +244,19 @@ class Daemon:
                 self._wake.clear()
                 self._jobs["work"]()  # a webhook arrived: work now, not at the next tick
 
+    def _safe_point(self) -> None:
+        """Between pages and batches: stop here if asked, else show progress.
+
+        Stopping here loses nothing: every queued task is durable, and the next
+        start (or resync) carries on from the ledger.
+
+        Raises:
+            Interrupted: the daemon is stopping.
+        """
+        if self._stop.is_set():
+            raise Interrupted("the daemon is stopping")
+        self.beat()
+
     def beat(self) -> None:
         """Show the watchdog that work is moving (the loop turned, or a long job progressed).
 
@@ -324,11 +337,13 @@ class Daemon:
 
         def work() -> None:
             process_inbox(ledger, runtime.connectors["phorest"], runtime.keys, now=now())
-            run_due(ledger, runtime.connectors, policy, runtime.keys, now=now())
+            run_due(ledger, runtime.connectors, policy, runtime.keys, now=now(),
+                    on_batch=lambda _done: self._safe_point())
 
         def poll() -> None:
             try:
-                engine.poll(ledger, runtime.connectors, runtime.keys, now=now(), policy=policy)
+                engine.poll(ledger, runtime.connectors, runtime.keys, now=now(), policy=policy,
+                            progress=lambda *_: self._safe_point())
             except ConnectorError:
                 self._polls.labels("failed").inc()
                 self._probe(runtime)
@@ -343,11 +358,7 @@ class Daemon:
             shown = [0.0]
 
             def moved(stage: str, done: int, total: int | None) -> None:
-                # Between pages and batches is a safe point: every queued task is
-                # durable, and the next start (or resync) carries on from the ledger.
-                if self._stop.is_set():
-                    raise Interrupted("the daemon is stopping")
-                self.beat()
+                self._safe_point()
                 if time.monotonic() - shown[0] >= RESYNC_STATUS_EVERY_SECONDS:
                     shown[0] = time.monotonic()
                     of = f"/{total}" if total is not None else ""

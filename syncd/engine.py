@@ -216,6 +216,7 @@ def poll(
     *,
     now: datetime | None = None,
     policy: RetryPolicy | None = None,
+    progress: Progress | None = None,
 ) -> ResyncResult:
     """Reconcile what changed in Phorest or Mailchimp since the last poll.
 
@@ -237,6 +238,8 @@ def poll(
         keys: turns identifiers into subject keys.
         now: the current time for retry scheduling (default: the system clock).
         policy: the persisted retry policy for the task runner.
+        progress: called as a full read, the planning and the applying advance, as
+            :func:`resync` calls it (a caller may raise from it to stop at that point).
 
     Returns:
         What was planned and done (``clients`` and ``members`` count the records read).
@@ -246,9 +249,10 @@ def poll(
         LedgerError: SQLite failed.
     """
     now = now or datetime.now(UTC)
+    report_progress = progress or _no_progress
     if not polled_before(ledger):
         log.info("poll_first_is_resync")
-        return resync(None, ledger, connectors, keys, now=now, policy=policy)
+        return resync(None, ledger, connectors, keys, now=now, policy=policy, progress=progress)
     phorest, mailchimp = connectors["phorest"], connectors["mailchimp"]
     clients = phorest.changes(ledger.get_cursor(PHOREST_CURSOR))
     members = mailchimp.changes(ledger.get_cursor(MAILCHIMP_CURSOR))
@@ -265,9 +269,9 @@ def poll(
         log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
         # A feed that answered with everything is already the full read of its side.
         _read(index, clients.records if clients.full else phorest.scan(),
-              members.records if members.full else mailchimp.scan())
+              members.records if members.full else mailchimp.scan(), report_progress)
     result = _reconcile(ledger, connectors, keys, index, dry_run=False, now=now,
-                        progress=_no_progress, processors=None, policy=policy, event="poll")
+                        progress=report_progress, processors=None, policy=policy, event="poll")
     # After a full read, the newest times seen; the feeds' own cursors otherwise
     # (a looked-up record may be older than the last poll: never move back to it).
     cursors = index.cursors() if full_read else {}

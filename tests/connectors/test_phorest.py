@@ -1293,3 +1293,11 @@ def test_find_by_email_keeps_only_rows_whose_address_matches(
     found = make_connector(fake_time).find_by_email(SEEDED_EMAIL)
     assert [record.client_id for record in found] == ["c1"]
     assert wire.calls[0].request.params["email"] == SEEDED_EMAIL
+
+
+@pytest.mark.parametrize(("rate", "size"), [(20, 33), (100, 166), (1, 8)])
+def test_an_apply_is_sized_to_last_about_five_seconds_at_the_rate_limit(
+    rate: float, size: int
+) -> None:
+    connector = PhorestConnector(make_settings(max_requests_per_second=rate))
+    assert connector.apply_batch_size == size

@@ -70,10 +70,10 @@ ALERT_ENV = {"SYNCD_DAEMON__ALERT_CHECK_SECONDS": "1",
 
 
 def _start(config_path: Path, port: int, notify_path: Path, log_path: Path,
-           ) -> subprocess.Popen[str]:
+           **extra_env: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
     env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path),
-               **ALERT_ENV)
+               **ALERT_ENV, **extra_env)
     return subprocess.Popen(
         [str(SYNCD), "--config", str(config_path), "--log-level", "info", "run"],
         stdout=log_path.open("a"), stderr=subprocess.STDOUT, text=True, env=env,
@@ -391,3 +391,48 @@ def test_a_processor_down_past_the_threshold_emails_the_manager_once_then_the_re
     assert not [address for address in seeded if address in mail]
     report = json.loads(_syncd(running, "status", "--json").stdout)
     assert not [a for a in report["alerts"] if a["problem"].startswith("processor_down")]
+
+
+def test_sigterm_during_a_long_run_of_withdrawals_exits_promptly_and_loses_none(
+    running: Running, tmp_path: Path
+) -> None:
+    sandbox = running.sandbox
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=10) == 0
+    # Restart throttled to 6 Phorest requests a second: applies of 10 withdrawals, ~5 s each.
+    running.notifications()
+    running.process = _start(running.config_path, running.port, tmp_path / "notify.sock",
+                             running.log_path, SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND="6")
+    _wait(lambda: any("READY=1" in m for m in running.notifications()), 30, "READY=1")
+    secret = config.load(running.config_path).mailchimp.webhook_secret  # type: ignore[union-attr]
+    assert secret is not None
+    sandbox.mailchimp.add_webhook(
+        f"http://127.0.0.1:{running.port}{WEBHOOK_PREFIX}{secret.get_secret_value()}")
+    clickers = [c for c in sandbox.phorest.snapshot_clients()
+                if c.get("email") and c.get("emailMarketingConsent") and not c.get("archived")
+                and (sandbox.mailchimp.member(c["email"]) or {}).get("status") == "subscribed"]
+    assert len(clickers) >= 30
+    clickers = clickers[:30]
+    for client in clickers:
+        sandbox.mailchimp.click_unsubscribe(client["email"])
+
+    def withdrawn() -> int:
+        return sum(not sandbox.phorest.client(c["clientId"])["emailMarketingConsent"]
+                   for c in clickers)
+
+    _wait(lambda: withdrawn() >= 1, 30, "the first withdrawals")
+    running.process.send_signal(signal.SIGTERM)
+    stopping = time.monotonic()
+    assert running.process.wait(timeout=10) == 0
+    assert time.monotonic() - stopping < 10
+    assert withdrawn() < len(clickers), "every withdrawal was done before SIGTERM landed"
+    assert "job_interrupted" in running.log_path.read_text()
+
+    running.process = _start(running.config_path, running.port, tmp_path / "notify.sock",
+                             running.log_path)
+    _wait(lambda: withdrawn() == len(clickers), 60, "every withdrawal after the restart")
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=10) == 0
+    with Ledger.open(config.load(running.config_path).ledger.path) as ledger:
+        states = ledger.count_tasks_by_state("phorest")
+    assert states["pending"] == states["in_flight"] == states["failed"] == 0
