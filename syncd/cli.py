@@ -148,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(handler=cmd_status)
 
+    alerts = commands.add_parser(
+        "alerts",
+        help="list open alerts, or mark problems handled",
+        description="List the open alerts (the problems the manager is told about). With "
+        "--resolve, close the named problems once a person has dealt with them: the manager "
+        "gets the usual 'Resolved' notice, and a condition that still holds (a processor still "
+        "down) is raised again at the next check.",
+        parents=[common],
+    )
+    alerts.add_argument("--resolve", action="append", default=[], metavar="PROBLEM",
+                        help="close this problem (as listed, e.g. task_failed:mailchimp); "
+                        "repeatable")
+    alerts.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    alerts.set_defaults(handler=cmd_alerts)
+
     run = commands.add_parser(
         "run",
         help="run the service (polls, webhooks, tasks, nightly resync, /healthz, /metrics)",
@@ -381,6 +396,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     text, code = render(check_all(settings, timeout_seconds=args.timeout))
     print(text.rstrip("\n"))
     return code
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """``syncd alerts``: the open alerts, or close the ones a person has handled."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from syncd.ledger import Ledger
+
+    settings = load_settings(args, require_secrets=False, interactive=True)
+    path = Path(settings.ledger.path)
+    if not path.exists():
+        raise SyncdError(f"no ledger at {path}: syncd has not run here yet")
+    with Ledger.open(path) as ledger:
+        if args.resolve:
+            unknown = [key for key in args.resolve if not ledger.resolve_alert(key)]
+            if unknown:
+                raise SyncdError("no open alert for " + ", ".join(unknown)
+                                 + " (see syncd alerts)")
+            print(f"resolved {len(args.resolve)} alert(s)")
+            return EXIT_OK
+        open_alerts = ledger.open_alerts()
+    rows = [{"problem": a.problem_key, "kind": a.kind, "summary": a.summary,
+             "since": a.created_at.isoformat(timespec="seconds"), "notified": a.notify_count}
+            for a in open_alerts]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("No open alerts.")
+        return EXIT_OK
+    table = Table(title=f"Open alerts ({len(rows)})")
+    for column in ("problem", "summary", "since", "notified"):
+        table.add_column(column, overflow="fold", no_wrap=column == "problem")
+    for row in rows:
+        table.add_row(row["problem"], row["summary"], row["since"], str(row["notified"]))
+    Console().print(table)
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

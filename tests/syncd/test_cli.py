@@ -188,3 +188,33 @@ def test_resync_progress_is_silent_off_a_terminal() -> None:
 
     with cli._ResyncProgress(enabled=False) as update:
         assert update is None
+
+
+def test_alerts_lists_open_problems_and_resolves_the_handled_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from syncd.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite3"
+    monkeypatch.setenv("SYNCD_LEDGER__PATH", str(path))
+    base = ["--config", str(EXAMPLE), "alerts"]
+    assert main(base) == 1
+    assert "no ledger at" in capsys.readouterr().err
+    with Ledger.open(path) as ledger:
+        ledger.raise_alert("task_failed:mailchimp", "task_failed", "mailchimp: 2 task(s) failed")
+        ledger.raise_alert("job_failed:poll", "job_failed", "the poll job keeps failing")
+    assert main(base) == 0
+    table = capsys.readouterr().out
+    assert "task_failed:mailchimp" in table and "job_failed:poll" in table
+    assert main([*base, "--resolve", "task_failed:mailchimp"]) == 0
+    assert capsys.readouterr().out == "resolved 1 alert(s)\n"
+    assert main([*base, "--json"]) == 0
+    assert [a["problem"] for a in json.loads(capsys.readouterr().out)] == ["job_failed:poll"]
+    assert main([*base, "--resolve", "task_failed:mailchimp"]) == 1
+    assert capsys.readouterr().err == (
+        "syncd: no open alert for task_failed:mailchimp (see syncd alerts)\n")
+    assert main([*base, "--resolve", "job_failed:poll"]) == 0
+    capsys.readouterr()
+    assert main(base) == 0 and capsys.readouterr().out == "No open alerts.\n"
