@@ -34,7 +34,8 @@ from typing import Any
 from syncd import engine
 from syncd.config import Settings
 from syncd.ledger import Ledger, ProcessorHealth, Task
-from syncd.lock import lock_holder
+from syncd.errors import SyncdError
+from syncd.lock import lock_holder, lock_path
 from syncd.log import redact_text
 
 HEALTH_WINDOW_MIN_SECONDS = 180.0  # or three poll intervals, whichever is longer
@@ -125,11 +126,15 @@ def gather(settings: Settings, *, now: datetime | None = None) -> Report:
 
     Raises:
         LedgerError: the ledger exists but cannot be read.
-        OSError: the lock file exists but cannot be read.
+        SyncdError: the lock file exists but cannot be read.
     """
     now = now or datetime.now(UTC)
     path = Path(settings.ledger.path)
-    pid = lock_holder(path)
+    try:
+        pid = lock_holder(path)
+    except OSError as error:  # the service's files are private to its user
+        raise SyncdError(f"cannot read {lock_path(path)}: {error.strerror}; run as root or as "
+                         "the service's user") from None
     if not path.exists():
         return Report("down", [f"no ledger at {path}: syncd has not run here yet"], str(path),
                       {"running": pid is not None, "pid": pid, "heartbeat": None})

@@ -11,6 +11,7 @@ import pytest
 
 from syncd import config, status
 from syncd.cli import main
+from syncd.errors import SyncdError
 from syncd.ledger import Ledger
 from syncd.lock import lock_holder, writer_lock
 from tests.support import FakeClock
@@ -157,3 +158,13 @@ def test_the_cli_says_down_without_a_daemon(settings: config.Settings, tmp_path:
     monkeypatch.setenv("SYNCD_LEDGER__PATH", str(settings.ledger.path))
     assert main(["--config", str(REPO_ROOT / "config" / "syncd.example.toml"), "status"]) == 2
     assert "DOWN: no ledger at" in capsys.readouterr().out
+
+
+def test_an_unreadable_lock_is_one_clear_line(settings: config.Settings, ledger: Ledger,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(_path: object) -> None:  # as for a user other than the service's
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(status, "lock_holder", denied)
+    with pytest.raises(SyncdError, match="cannot read .*lock: Permission denied; run as root"):
+        status.gather(settings, now=NOW)
