@@ -39,7 +39,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import connectors
 from connectors.base import Connector
 from syncd import config, engine, log
-from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
@@ -92,10 +91,8 @@ class _World:
         self.ledger_path = tmp / "ledger.sqlite3"
         self.settings = config.load(sandbox.write_config(tmp / "syncd.toml",
                                                          ledger_path=self.ledger_path))
-        secret = self.settings.identity.hmac_key
-        assert secret is not None and self.settings.mailchimp.webhook_secret is not None
-        self.keys = SubjectKeys(secret.get_secret_value().encode(),
-                                self.settings.identity.default_phone_region)
+        assert self.settings.mailchimp.webhook_secret is not None
+        self.keys = engine.subject_keys(self.settings)
         self.live: dict[str, Connector] = {
             kind: connectors.load(kind)(getattr(self.settings, kind))
             for kind in ("phorest", "mailchimp")

@@ -38,9 +38,7 @@ from typing import Any
 
 import requests
 
-import connectors
 from syncd import config, engine, log
-from syncd.identity import SubjectKeys
 from syncd.ledger import Ledger
 from syncd.reconcile import Planned
 from syncd.sandbox.app import PHOREST_PREFIX, Sandbox
@@ -104,11 +102,10 @@ def _syncd(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], list[Pl
         child.join()
         calls = _calls(sandbox.traffic.summary())
         sandbox.traffic.reset_counts()
-        sections = dict(settings.sections())
-        built = {name: connectors.load(name)(sections[name]) for name in engine.PROCESSORS}
+        built, keys = engine.build(settings, needed_by="the benchmark")
         with Ledger.open(settings.ledger.path) as ledger:
             t0 = time.perf_counter()
-            second = engine.resync(settings, ledger, built, _keys(settings))
+            second = engine.resync(settings, ledger, built, keys)
             second_wall = time.perf_counter() - t0
             second_calls = _calls(sandbox.traffic.summary())
     writes = first.planned
@@ -141,8 +138,7 @@ def _first_resync(config_path: str, results: Any) -> None:
     """In a spawned process: one resync; sends (result, plan, wall seconds, peak RSS MB)."""
     log.configure("warning", "json")
     settings = config.load(config_path)
-    sections = dict(settings.sections())
-    built = {name: connectors.load(name)(sections[name]) for name in engine.PROCESSORS}
+    built, keys = engine.build(settings, needed_by="the benchmark")
     captured: list[Planned] = []
     enqueue = engine.enqueue
 
@@ -153,14 +149,9 @@ def _first_resync(config_path: str, results: Any) -> None:
     engine.enqueue = recording_enqueue  # type: ignore[assignment]
     with Ledger.open(settings.ledger.path) as ledger:
         t0 = time.perf_counter()
-        first = engine.resync(settings, ledger, built, _keys(settings), progress=_progress(t0))
+        first = engine.resync(settings, ledger, built, keys, progress=_progress(t0))
         wall = time.perf_counter() - t0
     results.put((first, captured, wall, _rss_mb()))
-
-
-def _keys(settings: Any) -> SubjectKeys:
-    return SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
-                       settings.identity.default_phone_region)
 
 
 def _per_subject(args: argparse.Namespace, planned: list[Planned]) -> dict[str, Any]:

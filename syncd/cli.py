@@ -298,23 +298,12 @@ RESYNC_ROWS_SHOWN = 50
 
 def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
-    import connectors
     from syncd import engine
-    from syncd.lock import AlreadyRunning, writer_lock
-    from syncd.identity import SubjectKeys
     from syncd.ledger import Ledger
+    from syncd.lock import AlreadyRunning, writer_lock
 
     settings = load_settings(args, interactive=True)
-    sections = {name: section for name, section in settings.sections()
-                if name in engine.PROCESSORS and section.is_active()}
-    missing = [name for name in engine.PROCESSORS if name not in sections]
-    if missing:
-        raise ConfigError([f"resync needs the [{name}] section" for name in missing])
-    built = {name: connectors.load(name)(section) for name, section in sections.items()}
-    secret = settings.identity.hmac_key
-    if secret is None:
-        raise ConfigError(["identity.hmac_key is not set"])
-    keys = SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
+    built, keys = engine.build(settings, needed_by="resync")
     processors = [args.processor] if args.processor else None
     # One writer: a real run holds the lock; while the daemon holds it, the daemon does it.
     lock = nullcontext() if args.dry_run else writer_lock(settings.ledger.path)

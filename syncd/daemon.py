@@ -64,7 +64,6 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-import connectors
 from connectors.base import add_call_observer, remove_call_observer
 from syncd import alerts, config, engine, status
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
@@ -315,19 +314,7 @@ class Daemon:
         Raises:
             ConfigError: a section the daemon needs is missing, or a secret is unset.
         """
-        sections = {name: section for name, section in settings.sections()
-                    if name in engine.PROCESSORS and section.is_active()}  # fmt: skip
-        missing = [f"the daemon needs the [{name}] section" for name in engine.PROCESSORS
-                   if name not in sections]  # fmt: skip
-        secret = settings.identity.hmac_key
-        if secret is None:
-            missing.append("identity.hmac_key is not set")
-        if missing:
-            raise ConfigError(missing)
-        assert secret is not None
-        built = {name: connectors.load(name)(section) for name, section in sections.items()}
-        keys = SubjectKeys(secret.get_secret_value().encode(),
-                           settings.identity.default_phone_region)  # fmt: skip
+        built, keys = engine.build(settings, needed_by="the daemon")
         hook = getattr(settings.mailchimp, "webhook_secret", None)
         return _Runtime(settings, built, keys, hook.get_secret_value() if hook else None)
 

@@ -35,8 +35,9 @@ from typing import Any
 
 import structlog
 
+import connectors as registry
 from connectors.base import ClientRecord, Connector, MemberRecord
-from syncd.errors import IdentifierError
+from syncd.errors import ConfigError, IdentifierError
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger, SubjectFacts
 from syncd.reconcile import (
@@ -66,6 +67,45 @@ RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 # "mailchimp" (records read), "planned" (actions) and "applied" (tasks finished).
 Progress = Callable[[str, int, "int | None"], None]
 CountKey = tuple[str, str, str, str]  # processor, action kind, rule, why
+
+
+def configured(settings: Any) -> dict[str, Any]:
+    """The engine's processors (:data:`PROCESSORS`) the configuration has and enables."""
+    return {name: section for name, section in settings.sections()
+            if name in PROCESSORS and section.is_active()}  # fmt: skip
+
+
+def subject_keys(settings: Any) -> SubjectKeys:
+    """The subject keys of a configuration (``[identity]``).
+
+    Raises:
+        ConfigError: ``identity.hmac_key`` is not set.
+    """
+    secret = settings.identity.hmac_key
+    if secret is None:
+        raise ConfigError(["identity.hmac_key is not set"])
+    return SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
+
+
+def build(settings: Any, *, needed_by: str) -> tuple[dict[str, Connector], SubjectKeys]:
+    """The connectors and subject keys a resync or a poll needs, from a configuration.
+
+    Args:
+        settings: the loaded configuration.
+        needed_by: who asks, for the error lines (``"resync"``, ``"the daemon"``).
+
+    Raises:
+        ConfigError: every missing section, and an unset ``identity.hmac_key``, at once.
+    """
+    sections = configured(settings)
+    problems = [f"{needed_by} needs the [{name}] section" for name in PROCESSORS
+                if name not in sections]  # fmt: skip
+    if settings.identity.hmac_key is None:
+        problems.append("identity.hmac_key is not set")
+    if problems:
+        raise ConfigError(problems)
+    built = {name: registry.load(name)(section) for name, section in sections.items()}
+    return built, subject_keys(settings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,8 +139,7 @@ def gather(settings: Settings, *, now: datetime | None = None) -> Report:
         return Report("down", [f"no ledger at {path}: syncd has not run here yet"], str(path),
                       {"running": pid is not None, "pid": pid, "heartbeat": None})
     window = health_window(settings)
-    names = [name for name, section in settings.sections()
-             if name in engine.PROCESSORS and section.is_active()]  # fmt: skip
+    names = list(engine.configured(settings))
     with Ledger.open(path) as ledger:
         heartbeat = _moment(ledger.get_cursor(HEARTBEAT_CURSOR))
         report = Report(

@@ -54,8 +54,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from syncd import config
-from syncd.identity import SubjectKeys
+from syncd import config, engine
 from syncd.ledger import Ledger
 from syncd.log import redact_text
 from syncd.web import WEBHOOK_PREFIX
@@ -359,9 +358,7 @@ class Demo:
         self._show(person, drifted, "resync fixed it: the extra merge field is cleared")
 
     def _show_audit(self, people: Sequence[Person]) -> None:
-        identity = self.settings.identity
-        keys = SubjectKeys(identity.hmac_key.get_secret_value().encode(),
-                           identity.default_phone_region)
+        keys = engine.subject_keys(self.settings)
         rows = []
         with Ledger.open(self.settings.ledger.path) as ledger:
             for person in people:

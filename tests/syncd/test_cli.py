@@ -218,3 +218,18 @@ def test_alerts_lists_open_problems_and_resolves_the_handled_ones(
     assert main([*base, "--resolve", "job_failed:poll"]) == 0
     capsys.readouterr()
     assert main(base) == 0 and capsys.readouterr().out == "No open alerts.\n"
+
+
+def test_resync_without_the_mailchimp_section_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = EXAMPLE.read_text()
+    for section in ("[mailchimp]", "[google_analytics]"):
+        start = text.index(section)
+        text = text[:start] + text[text.index("\n[", start + 1) + 1:]
+    path = tmp_path / "syncd.toml"
+    path.write_text(text)
+    for name in ("IDENTITY__HMAC_KEY", "PHOREST__PASSWORD", "ALERTS__SMTP_PASSWORD"):
+        monkeypatch.setenv(f"SYNCD_{name}", "a-secret-long-enough-for-a-key")
+    assert main(["--config", str(path), "resync", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "resync needs the [mailchimp] section\n"
