@@ -169,6 +169,8 @@ class CheckResult:
     ok: bool
     detail: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # True when the system answered and refused syncd's credentials (401/403).
+    credentials_refused: bool = False
 
 
 @runtime_checkable

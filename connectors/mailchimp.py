@@ -165,7 +165,8 @@ class MailchimpConnector:
                                fields=["id", "stats.member_count"], retried=False)
         except ConnectorError as error:
             if error.status in (401, 403):
-                return CheckResult(False, f"credentials refused ({error.status})")
+                return CheckResult(False, f"credentials refused ({error.status})",
+                                   credentials_refused=True)
             if error.status == 404:
                 return CheckResult(False, "list not found (404)")
             if not error.permanent:

@@ -117,7 +117,8 @@ class PhorestConnector:
             _rows, page = self._list({"size": 1}, retried=False)
         except ConnectorError as error:
             if error.status in (401, 403):
-                return CheckResult(False, f"credentials refused ({error.status})")
+                return CheckResult(False, f"credentials refused ({error.status})",
+                                   credentials_refused=True)
             return CheckResult(False, f"{'refused' if error.permanent else 'unreachable'}: {error}")
         return CheckResult(True, "credentials accepted", {"clients": str(page["totalElements"])})
 

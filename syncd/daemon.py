@@ -468,9 +468,8 @@ class Daemon:
             if result.ok:
                 ledger.record_contact(name, ok=True)
             else:
-                refused = result.detail.startswith("credentials refused")
                 ledger.record_contact(name, ok=False, error=result.detail,
-                                      credentials_ok=False if refused else None)
+                                      credentials_ok=False if result.credentials_refused else None)
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -1326,6 +1326,7 @@ def test_check_answers_without_raising(
         wire.add(responses.GET, LIST_URL, **get_list)
     result = make_connector().check()
     assert (result.ok, result.detail) == (ok, detail)
+    assert result.credentials_refused is detail.startswith("credentials refused")
     assert len(wire.calls) == (2 if get_list is not None else 1)  # never retried
 
 

@@ -497,6 +497,7 @@ def test_check_reports_instead_of_raising_and_makes_one_call(
     result = make_connector(fake_time).check()
     assert result.ok is ok
     assert result.detail.startswith(detail)
+    assert result.credentials_refused is detail.startswith("credentials refused")
     assert len(wire.calls) == 1
     if ok:
         assert result.extra == {"clients": "42"}
