@@ -506,13 +506,18 @@ class Daemon:
         Read from the ledger on the caller's thread (its own connection), so the
         answer is the same as ``syncd status`` gives.
         """
-        runtime, path = self.runtime, self.ledger_path
-        if runtime is None or path is None:
+        if self.ledger_path is None:
             return 503, {"status": "starting", "processors": {}}
-        with Ledger.open(path) as ledger:
-            known = ledger.processor_health()
+        with Ledger.open(self.ledger_path) as ledger:
+            return self.health(ledger)
+
+    def health(self, ledger: Ledger) -> tuple[int, dict[str, Any]]:
+        """:meth:`healthz` on an open ledger (the metrics scrape shares its connection)."""
+        runtime = self.runtime
+        if runtime is None:
+            return 503, {"status": "starting", "processors": {}}
         processors = status.processor_states(
-            known, sorted(runtime.connectors), now=datetime.now(UTC),
+            ledger.processor_health(), sorted(runtime.connectors), now=datetime.now(UTC),
             window=status.health_window(runtime.settings))
         healthy = bool(processors) and all(p["state"] == "ok" for p in processors.values())
         return (200 if healthy else 503), {"status": "ok" if healthy else "degraded",
@@ -529,11 +534,8 @@ class _LedgerCollector(Collector):
         path = getattr(self.daemon, "ledger_path", None)
         up = GaugeMetricFamily("syncd_processor_up", "1 when the processor was reached "
                                "within the health window.", labels=["processor"])
-        _status, body = self.daemon.healthz()
-        for name, state in body["processors"].items():
-            up.add_metric([name], 1.0 if state["state"] == "ok" else 0.0)
-        yield up
         if path is None:
+            yield up
             return
         tasks = GaugeMetricFamily("syncd_tasks", "Ledger tasks by processor and state.",
                                   labels=["processor", "state"])
@@ -543,6 +545,9 @@ class _LedgerCollector(Collector):
         resync = GaugeMetricFamily("syncd_last_resync_timestamp_seconds",
                                    "When the last full resync succeeded (0: never).")
         with Ledger.open(path) as ledger:
+            _status, body = self.daemon.health(ledger)
+            for name, state in body["processors"].items():
+                up.add_metric([name], 1.0 if state["state"] == "ok" else 0.0)
             queued = 0
             for processor in engine.PROCESSORS:
                 for state, count in ledger.count_tasks_by_state(processor).items():
@@ -554,7 +559,7 @@ class _LedgerCollector(Collector):
             oldest.add_metric([], max(0.0, time.time() - first.timestamp()) if first else 0.0)
             last = ledger.get_cursor(status.LAST_RESYNC_CURSOR)
             resync.add_metric([], datetime.fromisoformat(last).timestamp() if last else 0.0)
-        yield from (tasks, depth, oldest, resync)
+        yield from (up, tasks, depth, oldest, resync)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
