@@ -92,6 +92,21 @@ class Interrupted(SyncdError):
     """A long job stopped at a safe point because the daemon is stopping."""
 
 
+class _Every:
+    """A throttle: :meth:`due` is True the first time, then at most once per ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
 @dataclass
 class _Job:
     name: str
@@ -163,7 +178,7 @@ class Daemon:
         self.ledger_path: Path | None = None
         self._jobs: dict[str, Callable[[], None]] = {}
         self._last_beat = time.monotonic()
-        self._last_heartbeat_write = 0.0
+        self._heartbeat = _Every(HEARTBEAT_EVERY_SECONDS)
         self._ledger: Ledger | None = None  # the main thread's connection, while running
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -262,9 +277,8 @@ class Daemon:
         Every :data:`HEARTBEAT_EVERY_SECONDS` the beat is also written to the
         ledger, where ``syncd status`` (another process) looks for it.
         """
-        self._last_beat = now = time.monotonic()
-        if self._ledger is not None and now - self._last_heartbeat_write >= HEARTBEAT_EVERY_SECONDS:
-            self._last_heartbeat_write = now
+        self._last_beat = time.monotonic()
+        if self._ledger is not None and self._heartbeat.due():
             try:
                 self._ledger.set_cursor(status.HEARTBEAT_CURSOR, datetime.now(UTC).isoformat())
             except LedgerError:
@@ -342,12 +356,11 @@ class Daemon:
 
         def resync(processors: list[str] | None = None,
                    progress: engine.Progress | None = None) -> engine.ResyncResult:
-            shown = [0.0]
+            shown = _Every(RESYNC_STATUS_EVERY_SECONDS)
 
             def moved(stage: str, done: int, total: int | None) -> None:
                 self._safe_point()
-                if time.monotonic() - shown[0] >= RESYNC_STATUS_EVERY_SECONDS:
-                    shown[0] = time.monotonic()
+                if shown.due():
                     of = f"/{total}" if total is not None else ""
                     notify(f"STATUS=resync: {RESYNC_STAGES.get(stage, stage)} {done}{of}")
                 if progress is not None:
@@ -432,12 +445,10 @@ class Daemon:
         if command is None or not ledger.start_command(command.id):
             return
         processor = command.options.get("processor")
-        last = 0.0
+        written = _Every(COMMAND_PROGRESS_EVERY_SECONDS)
 
         def progress(stage: str, done: int, total: int | None) -> None:
-            nonlocal last
-            if time.monotonic() - last >= COMMAND_PROGRESS_EVERY_SECONDS:
-                last = time.monotonic()
+            if written.due():
                 ledger.command_progress(command.id, {"stage": stage, "done": done, "total": total})
 
         log.info("resync_requested", command=command.id, processor=processor or "all")
