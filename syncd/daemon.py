@@ -347,7 +347,7 @@ class Daemon:
                             progress=lambda *_: self._safe_point())
             except ConnectorError:
                 self._polls.labels("failed").inc()
-                self._probe(runtime)
+                self._probe(ledger, runtime)
                 raise
             self._polls.labels("ok").inc()
             ledger.set_cursor(status.LAST_POLL_CURSOR, now().isoformat())
@@ -470,10 +470,8 @@ class Daemon:
         for name in reached:
             ledger.record_contact(name, ok=True)
 
-    def _probe(self, runtime: _Runtime) -> None:
+    def _probe(self, ledger: Ledger, runtime: _Runtime) -> None:
         """After a failed poll: find out which processor is unreachable, and record it."""
-        ledger = self._ledger
-        assert ledger is not None
         for name, connector in runtime.connectors.items():
             result = connector.check()
             if result.ok:
