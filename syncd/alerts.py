@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -402,6 +402,50 @@ def _one_line(text: str) -> str:
 # -- sinks ------------------------------------------------------------------
 
 
+def smtp_session(settings: AlertsSettings, *, timeout: float,
+                 step: Callable[[str], None] | None = None) -> smtplib.SMTP:
+    """An SMTP connection secured and logged in as ``[alerts]`` says (use it with ``with``).
+
+    The steps are ``connect`` (the TLS handshake too, for ``ssl``), ``EHLO``,
+    ``STARTTLS`` and ``login``; ``step`` is told each one before it starts, so a
+    caller can say which failed. Nothing is sent in clear text when STARTTLS
+    was asked for, and the connection is closed when a step fails.
+
+    Raises:
+        smtplib.SMTPNotSupportedError: the server offers no STARTTLS, or no AUTH
+            while ``smtp_username`` is set (the message says which).
+        OSError: any other failure (smtplib's and ssl's errors are OSErrors).
+    """
+    tell = step or (lambda _name: None)
+    tell("connect")
+    context = ssl.create_default_context()
+    if settings.smtp_security == "ssl":
+        client: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port,
+                                                timeout=timeout, context=context)
+    else:
+        client = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+    try:
+        tell("EHLO")
+        client.ehlo()
+        if settings.smtp_security == "starttls":
+            if not client.has_extn("starttls"):
+                raise smtplib.SMTPNotSupportedError("server does not offer STARTTLS")
+            tell("STARTTLS")
+            client.starttls(context=context)
+            client.ehlo()
+        if settings.smtp_username:
+            if not client.has_extn("auth"):
+                raise smtplib.SMTPNotSupportedError(
+                    "smtp_username is set but the server offers no AUTH")
+            tell("login")
+            password = settings.smtp_password
+            client.login(settings.smtp_username, password.get_secret_value() if password else "")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 class EmailSink:
     """The manager's email, over one SMTP connection per dispatch.
 
@@ -426,7 +470,7 @@ class EmailSink:
             log.error("alert_delivery_failed", channel="email", error="smtp_password_missing")
             return delivered
         try:
-            with self._connect() as client:
+            with smtp_session(settings, timeout=SMTP_TIMEOUT_SECONDS) as client:
                 for index, message in enumerate(messages):
                     try:
                         client.send_message(self._email(message))
@@ -442,32 +486,6 @@ class EmailSink:
             log.warning("alert_delivery_failed", channel="email", error=type(exc).__name__,
                         undelivered=delivered.count(False))  # fmt: skip
         return delivered
-
-    def _connect(self) -> smtplib.SMTP:
-        settings = self._settings
-        host, port = settings.smtp_host, settings.smtp_port
-        if settings.smtp_security == "ssl":
-            return self._login(smtplib.SMTP_SSL(host, port, timeout=SMTP_TIMEOUT_SECONDS,
-                                                context=ssl.create_default_context()))  # fmt: skip
-        client = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT_SECONDS)
-        try:
-            if settings.smtp_security == "starttls":
-                client.starttls(context=ssl.create_default_context())
-            return self._login(client)
-        except BaseException:
-            client.close()
-            raise
-
-    def _login(self, client: smtplib.SMTP) -> smtplib.SMTP:
-        settings = self._settings
-        if settings.smtp_username:
-            password = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
-            try:
-                client.login(settings.smtp_username, password)
-            except BaseException:
-                client.close()
-                raise
-        return client
 
     def _email(self, message: Message) -> EmailMessage:
         settings = self._settings

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import connectors
+from syncd.alerts import smtp_session
 from syncd.config import AlertsSettings, Section, Settings
 from syncd.errors import LedgerError
 from syncd.ledger import Ledger
@@ -260,53 +261,35 @@ def _check_ledger_directory(path: Path) -> tuple[bool, str]:
 
 def _check_smtp(alerts: AlertsSettings, timeout: float) -> tuple[bool, str]:
     where = f"{alerts.smtp_host}:{alerts.smtp_port}"
-    username, password = alerts.smtp_username, alerts.smtp_password
-    if username and password is None:
+    if alerts.smtp_username and alerts.smtp_password is None:
         return False, f"{where}: smtp_username is set but smtp_password is not"
-    context = ssl.create_default_context()
+    steps: list[str] = []  # the step under way, last
     server: smtplib.SMTP | None = None
-    step = "connect"
     try:
-        if alerts.smtp_security == "ssl":
-            server = smtplib.SMTP_SSL(alerts.smtp_host, alerts.smtp_port, timeout=timeout,
-                                      context=context)  # fmt: skip
-        else:
-            server = smtplib.SMTP(alerts.smtp_host, alerts.smtp_port, timeout=timeout)
-        step = "EHLO"
-        server.ehlo()
-        if alerts.smtp_security == "starttls":
-            if not server.has_extn("starttls"):
-                return False, f"{where}: server does not offer STARTTLS"
-            step = "STARTTLS"
-            server.starttls(context=context)
-            server.ehlo()
-        if not username:
-            detail = f"{where} accepts connections (no login configured)"
-        elif not server.has_extn("auth"):
-            return False, f"{where}: smtp_username is set but the server offers no AUTH"
-        else:
-            step = "login"
-            server.login(username, password.get_secret_value() if password else "")
-            detail = f"{where} accepts connections, login accepted"
-        step = "QUIT"
+        server = smtp_session(alerts, timeout=timeout, step=steps.append)
+        detail = (f"{where} accepts connections, login accepted" if alerts.smtp_username
+                  else f"{where} accepts connections (no login configured)")
+        steps.append("QUIT")
         try:
             server.quit()
         except OSError:  # smtplib's errors included
             pass  # everything that matters has been answered
         server = None
         return True, detail
+    except smtplib.SMTPNotSupportedError as exc:
+        return False, f"{where}: {exc}"
     except smtplib.SMTPAuthenticationError as exc:
         return False, f"{where}: credentials refused ({exc.smtp_code})"
     except smtplib.SMTPResponseException as exc:
         # The code only: the server's text can echo the username.
-        return False, f"{where}: {step} refused ({exc.smtp_code})"
+        return False, f"{where}: {steps[-1]} refused ({exc.smtp_code})"
     except smtplib.SMTPException as exc:  # SMTPException is an OSError: before it
-        return False, f"{where}: {step} failed ({type(exc).__name__})"
+        return False, f"{where}: {steps[-1]} failed ({type(exc).__name__})"
     except ssl.SSLError as exc:
-        return False, f"{where}: TLS failed during {step} ({type(exc).__name__})"
+        return False, f"{where}: TLS failed during {steps[-1]} ({type(exc).__name__})"
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
-        return False, f"{where}: {reason} during {step} ({type(exc).__name__})"
+        return False, f"{where}: {reason} during {steps[-1]} ({type(exc).__name__})"
     finally:
         if server is not None:
             try:
