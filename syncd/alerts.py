@@ -63,7 +63,7 @@ from syncd.ledger import Alert, Ledger, ProcessorHealth, Request
 
 log = structlog.get_logger(__name__)
 
-SMTP_TIMEOUT_SECONDS = 10.0
+SMTP_TIMEOUT_SECONDS = 10.0  # [alerts] has no timeout key; syncd check uses it too
 WEBHOOK_TIMEOUT_SECONDS = 10.0
 # More notices than this in one dispatch are sent as one digest.
 DIGEST_THRESHOLD = 10

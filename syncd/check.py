@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import connectors
-from syncd.alerts import smtp_session
+from syncd.alerts import SMTP_TIMEOUT_SECONDS, smtp_session
 from syncd.config import AlertsSettings, Section, Settings
 from syncd.errors import LedgerError
 from syncd.ledger import Ledger
 
-SMTP_TIMEOUT_SECONDS = 10.0  # [alerts] has no timeout key
 MAX_WORKERS = 8
 # Beyond its calls' own timeouts, how long a check may take (name resolution,
 # TLS handshakes) before it is reported as timed out.
