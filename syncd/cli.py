@@ -487,6 +487,7 @@ def _print_resync(summary: dict[str, Any]) -> None:
     if summary["unusable_addresses"]:
         seen += f"; {summary['unusable_addresses']} unusable address(es) ignored"
     console.print(seen)
+    _print_shared(console, summary)
     if not summary["planned"]:
         console.print("Nothing to do: Mailchimp and Phorest agree.")
         return
@@ -517,6 +518,29 @@ def _print_resync(summary: dict[str, Any]) -> None:
     ) or "none run"
     console.print(f"{summary['planned']} action(s) planned; outcomes: {outcomes}; "
                   f"{summary['failed']} failed")
+
+
+def _print_shared(console: Any, summary: dict[str, Any]) -> None:
+    """How the shared addresses were governed (counts), and the members kept (client ids)."""
+    from rich.table import Table
+
+    shared = summary.get("shared_addresses") or []
+    if shared:
+        table = Table(title=f"Shared addresses ({sum(row['count'] for row in shared)})")
+        for column in ("records at the address", "governed by", "addresses"):
+            table.add_column(column, justify="right" if column == "addresses" else "left")
+        for row in shared:
+            table.add_row(row["records"], row["governed_by"], str(row["count"]))
+        console.print(table)
+    kept = summary.get("kept") or []
+    if kept and summary["dry_run"]:
+        table = Table(title="Not erased (Phorest client id)")
+        for column in ("client", "processor", "action", "rule", "why"):
+            table.add_column(column, no_wrap=column == "client", overflow="fold")
+        for row in kept[:RESYNC_ROWS_SHOWN]:
+            table.add_row(row["client_id"], row["processor"], row["action"], row["rule"],
+                          row["why"])
+        console.print(table)
 
 
 def _print_sandbox(sandbox: Any, config_path: Path | None) -> None:

@@ -7,10 +7,13 @@ actions as ledger tasks and runs them (STYLE 6: the task is written before the
 call, the outcome after). :func:`poll` does the same for the addresses the two
 change feeds show since the last poll or resync.
 
-Which Phorest client governs an address: the newest (by ``updatedAt``) active
-or archived client holding it; when none is live, the newest deleted,
-forgotten or merged one. A dead record whose address a live client also holds
-is not a view of its own: the live client governs the member.
+Which Phorest records govern an address is :func:`syncd.reconcile.govern`'s
+decision, the same in a full resync, a poll and the webhook inbox: active
+records first, archived ones only when no active record uses the address,
+dead ones only when no live one does. The view's subject is the governing
+record created first (its names go to Mailchimp); every other record at the
+address rides along as a housemate with its own subject, so a Mailchimp
+opt-out withdraws consent on each of them and each keeps its own consent facts.
 
 Email changes (R6): the ledger keeps, per subject, the keyed hash of the address
 its member was last seen at or put under (``synced_email_key``). A consenting
@@ -29,7 +32,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,10 +45,15 @@ from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger, SubjectFacts
 from syncd.reconcile import (
     ERASED_CLIENT_STATES,
+    KEPT_FOR_ANOTHER_CLIENT,
+    MARKETED_STATUSES,
     OPTED_OUT_STATUSES,
+    Governance,
+    Housemate,
     LedgerFacts,
     Planned,
     SubjectView,
+    govern,
     plan,
 )
 from syncd.retry import RetryPolicy
@@ -140,6 +148,12 @@ class ResyncResult:
         clients: Phorest clients read.
         members: Mailchimp members read.
         unusable_addresses: records whose email is not a plausible address (ignored).
+        shared: (what shares the address, who governs it) -> addresses, for
+            every address more than one Phorest record uses (e.g.
+            ("active+archived", "active") -> 3).
+        kept: one row per dead record whose member was kept because another
+            client still governs its address (not an action: never counted
+            as planned).
     """
 
     counts: dict[CountKey, int]
@@ -150,6 +164,8 @@ class ResyncResult:
     clients: int = 0
     members: int = 0
     unusable_addresses: int = 0
+    shared: dict[tuple[str, str], int] = field(default_factory=dict)
+    kept: list[PlannedRow] = field(default_factory=list)
 
     @property
     def planned(self) -> int:
@@ -171,6 +187,11 @@ class ResyncResult:
             ],
             "rows": [asdict(row) for row in self.rows],
             "outcomes": self.report.counts if self.report is not None else None,
+            "shared_addresses": [
+                {"records": records, "governed_by": tier, "count": n}
+                for (records, tier), n in sorted(self.shared.items())
+            ],
+            "kept": [asdict(row) for row in self.kept],
         }
 
 
@@ -178,8 +199,7 @@ class ResyncResult:
 class _Address:
     """What both systems hold at one normalised address (only what planning needs)."""
 
-    live: ClientRecord | None = None
-    dead: ClientRecord | None = None
+    clients: dict[str, ClientRecord] = field(default_factory=dict)  # by client id, newest
     member: MemberRecord | None = None
 
 
@@ -187,8 +207,21 @@ class _Address:
 class _Change:
     """What the change feeds showed at one address."""
 
-    client: ClientRecord | None = None  # the newest live client that changed
+    clients: list[ClientRecord] = field(default_factory=list)  # the clients that changed
     member: MemberRecord | None = None
+
+
+@dataclass(slots=True)
+class _Record:
+    """One Phorest record's own facts, as the ledger would write them back."""
+
+    subject_key: str
+    client_id: str
+    stored: SubjectFacts | None
+    consent: bool | None
+    consent_at: datetime | None
+    opted_in_at: datetime | None
+    client_seen: str
 
 
 @dataclass(slots=True)
@@ -197,11 +230,10 @@ class _Subject:
 
     view: SubjectView
     stored: SubjectFacts | None
-    consent: bool | None
-    consent_at: datetime | None
+    records: list[_Record]
+    governance: Governance
     link_email_key: str | None = None
     synced_email_key: str | None = None
-    client_seen: str | None = None
 
 
 def resync(
@@ -344,9 +376,9 @@ def _needs_look(
     Skipped: a client version the ledger already reconciled (the feed's overlap
     window shows changes twice), a client without consent whom the ledger
     already knows without consent at the same address (typically syncd's own
-    withdrawal), an opted-out member whose address no subject has or whose
-    subject is already without consent (syncd's own unsubscribes), and a
-    subscribed member the ledger put there (syncd's own subscribe or move).
+    withdrawal), an opted-out member whose address no subject has, whom syncd
+    unsubscribed itself, or whose opt-out the ledger already carried to Phorest,
+    and a subscribed member the ledger put there (syncd's own subscribe or move).
     Everything else is looked at: a Phorest change may be consent, a name or an
     address; a Mailchimp one an opt-out or a sign-up.
 
@@ -372,9 +404,7 @@ def _needs_look(
                 and stored is not None and stored.consent is False
                 and stored.synced_email_key in (None, keys.email(email))):
             continue
-        change = wanted.setdefault(email, _Change())
-        if client.state not in ERASED_CLIENT_STATES:
-            change.client = _newest(change.client, client)
+        wanted.setdefault(email, _Change()).clients.append(client)
     addressed = [(member, email, keys.email(email)) for member in members
                  if isinstance(member, MemberRecord) and (email := _normalised(member.email))]
     subject_of = ledger.subjects_for([email_key for _, _, email_key in addressed])
@@ -382,9 +412,13 @@ def _needs_look(
     for member, email, email_key in addressed:
         subject_key = subject_of.get(email_key)
         stored = member_facts.get(subject_key) if subject_key else None
-        if member.status in OPTED_OUT_STATUSES and (stored is None or stored.consent is False):
+        if member.status in OPTED_OUT_STATUSES and (
+            stored is None or stored.unsubscribed_by_syncd
+            or (stored.consent is False and stored.opted_out_at is not None)
+        ):
             # Nothing to withdraw: no client was ever linked to the address (a new client
-            # with it shows in Phorest's feed), or its consent is already off.
+            # with it shows in Phorest's feed), syncd unsubscribed the member itself, or
+            # the opt-out is on record and was carried to every client at the address.
             continue
         if stored is not None:
             if (member.status == "subscribed" and stored.consent
@@ -405,10 +439,9 @@ def _look_up(
     """Read both sides of each wanted address into ``index``.
 
     Phorest: every client holding the address (``find_by_email``), so it is
-    governed as in a full resync, except where a live client just changed: being
-    the most recently updated holder, that client governs the address whoever
-    else holds it. Mailchimp: the member there (one GET unless the feed showed
-    it). The lookups run concurrently, within each connector's own limits. Then
+    governed exactly as in a full resync; a changed client the feed showed
+    counts in its newer version. Mailchimp: the member there (one GET unless
+    the feed showed it). The lookups run concurrently, within each connector's own limits. Then
     the members at addresses the ledger knows only by key (a moved client's
     previous address, an erased client's): those take one scan of the
     audience, stopped as soon as all are found.
@@ -420,7 +453,7 @@ def _look_up(
 
     def read(item: tuple[str, _Change]) -> tuple[list[Any], MemberRecord | None]:
         email, change = item
-        clients = [change.client] if change.client else phorest.find_by_email(email)
+        clients = [*change.clients, *phorest.find_by_email(email)]
         member = change.member if change.member is not None else mailchimp.member(email)
         return clients, member
 
@@ -431,9 +464,9 @@ def _look_up(
             if member is not None:
                 index.add_member(member)
     by_key: set[str] = set()
-    moved = [(keys.client_id(slot.live.client_id), email)
+    moved = [(keys.client_id(primary.client_id), email)
              for email, slot in index.addresses.items()
-             if slot.live is not None and slot.member is None]  # fmt: skip
+             if slot.member is None and (primary := _live_primary(slot)) is not None]
     facts = ledger.subject_facts([subject_key for subject_key, _ in moved])
     for subject_key, email in moved:
         stored = facts.get(subject_key)
@@ -486,11 +519,16 @@ def _reconcile(
         PlannedRow(p.action.client_id or "-", p.processor, p.action.kind, p.rule, p.why)
         for p in planned
     ]
+    shared = Counter(s.governance.describe() for s in subjects if s.governance.shared)
+    kept = [PlannedRow(dead.client_id, "mailchimp", "keep", "R5", KEPT_FOR_ANOTHER_CLIENT)
+            for s in subjects if _member_kept(s) for dead in s.governance.kept]  # fmt: skip
     # A quiet poll every minute is not news: only work done is logged at info.
     quiet = log.debug if not planned and event == "poll" else log.info
-    quiet(f"{event}_planned", planned=len(planned), dry_run=dry_run, **stats)
+    quiet(f"{event}_planned", planned=len(planned), dry_run=dry_run,
+          shared_addresses=sum(shared.values()), kept_for_another_client=len(kept), **stats)
+    extra = {"shared": dict(shared), "kept": kept}
     if dry_run:
-        return ResyncResult(dict(counts), rows, None, 0, True, **stats)
+        return ResyncResult(dict(counts), rows, None, 0, True, **stats, **extra)
 
     _store_facts(ledger, subjects)
     task_ids = enqueue(ledger, planned)
@@ -502,7 +540,13 @@ def _reconcile(
                      on_batch=lambda done: progress("applied", done, len(planned)))
     _record_results(ledger, planned, task_ids, keys)
     quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
-    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats)
+    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats, **extra)
+
+
+def _member_kept(subject: _Subject) -> bool:
+    """Whether a dead record's erasure would have reached a member another client keeps."""
+    member = subject.view.member
+    return bool(subject.governance.kept) and member is not None and member.status != "absent"
 
 
 class _Index:
@@ -544,11 +588,12 @@ class _Index:
         if email is None:
             self.stats["unusable_addresses"] += 1
             return
-        slot = self.addresses.setdefault(email, _Address())
-        if dead:
-            slot.dead = _newest(slot.dead, client)
-        else:
-            slot.live = _newest(slot.live, client)
+        held = self.addresses.setdefault(email, _Address()).clients
+        current = held.get(client.client_id)
+        if current is None or (client.updated_at, client.version) > (
+            current.updated_at, current.version
+        ):
+            held[client.client_id] = client
 
     def add_member(self, member: MemberRecord) -> None:
         self.stats["members"] += 1
@@ -589,24 +634,28 @@ def _views(
     keys: SubjectKeys,
 ) -> list[_Subject]:
     """One subject per address, with the ledger's facts brought up to date in memory."""
-    governed: list[tuple[str, str, ClientRecord | None, MemberRecord | None]] = []
+    governed: list[tuple[str, str, Governance, ClientRecord | None, MemberRecord | None]] = []
     for email, slot in addresses.items():
         email_key = keys.email(email)
-        client = slot.live or slot.dead
+        governance = govern(slot.clients.values())
+        client = governance.primary
         if client is None and slot.member is not None:
             # An address no client shows any more: it may be a forgotten client's.
             client = dead_by_key.get(ledger.subject_for(email_key) or "")
-        governed.append((email, email_key, client, slot.member))
+        governed.append((email, email_key, governance, client, slot.member))
 
-    subject_keys = [keys.client_id(c.client_id) if c else ek for _, ek, c, _ in governed]
-    stored_by_key = ledger.subject_facts(subject_keys)
+    subject_keys = [keys.client_id(c.client_id) if c else ek for _, ek, _, c, _ in governed]
+    record_keys = {c.client_id: keys.client_id(c.client_id)
+                   for _, _, g, _, _ in governed for c in g.others}  # fmt: skip
+    stored_by_key = ledger.subject_facts([*subject_keys, *record_keys.values()])
     suppressed = ledger.suppressed_among(
-        [ek for _, ek, _, _ in governed] + [sk for sk, (_, _, c, _) in
-                                             zip(subject_keys, governed) if c]
+        [ek for _, ek, _, _, _ in governed] + [sk for sk, (_, _, _, c, _) in
+                                                zip(subject_keys, governed) if c]
     )
+    linked = ledger.subjects_for([ek for _, ek, g, _, _ in governed if g.live])
     moved = _moved_members(governed, subject_keys, stored_by_key)
     subjects: list[_Subject] = []
-    for index, (subject_key, (email, email_key, client, member)) in enumerate(
+    for index, (subject_key, (email, email_key, governance, client, member)) in enumerate(
         zip(subject_keys, governed)
     ):
         if index in moved.values():
@@ -615,43 +664,66 @@ def _views(
         live = client is not None and client.state not in ERASED_CLIENT_STATES
         synced_email = synced_key = None
         if index in moved:
-            member = governed[moved[index]][3]
+            member = governed[moved[index]][4]
             synced_email = member.email if member else None
             synced_key = stored.synced_email_key if stored else None
         elif live and member is not None and member.status != "absent":
             synced_key = email_key
-        opted_in_at = stored.opted_in_at if stored else None
-        refused = stored.resubscribe_refused if stored else False
-        if live and client.email_consent and stored is not None and stored.consent is False:
-            # Consent switched on in Phorest since the ledger last looked (R2: a
-            # fresh opt-in, dated by Phorest). A past refusal no longer applies.
-            opted_in_at, refused = client.updated_at, False
-        opted_out_at = stored.opted_out_at if stored else None
-        if member is not None and member.status in OPTED_OUT_STATUSES and member.last_changed:
+        held = (*governance.live, *governance.dead) or ((client,) if client else ())
+        records = [_record(c, subject_key if c is client else record_keys[c.client_id],
+                           stored_by_key) for c in held]
+        own = {r.subject_key: r for r in records}
+        mine = own.get(subject_key)
+        opted_in_at = mine.opted_in_at if mine else (stored.opted_in_at if stored else None)
+        # Every record's stored facts speak for the address, whichever is primary now.
+        facts_here = [f for f in (stored, *(r.stored for r in records if r.stored is not stored))
+                      if f is not None]  # fmt: skip
+        refused = any(f.resubscribe_refused for f in facts_here)
+        if mine is not None and mine.opted_in_at != (stored.opted_in_at if stored else None):
+            refused = False  # consent switched on again since: a past refusal no longer applies
+        own_unsubscribe = any(f.unsubscribed_by_syncd for f in facts_here)
+        if member is not None and member.status in MARKETED_STATUSES:
+            own_unsubscribe = False  # marketed again: any later unsubscribe is news
+        opted_out_at = max((f.opted_out_at for f in facts_here if f.opted_out_at), default=None)
+        if (member is not None and member.status in OPTED_OUT_STATUSES and member.last_changed
+                and not (member.status == "unsubscribed" and own_unsubscribe)):
             if opted_out_at is None or member.last_changed > opted_out_at:
                 opted_out_at = member.last_changed
         facts = LedgerFacts(
             suppressed=email_key in suppressed or (client is not None and subject_key in suppressed),
-            restricted=stored.restricted if stored else False,
+            restricted=any(f.restricted for f in facts_here),
             opted_out_at=opted_out_at,
             opted_in_at=opted_in_at,
             synced_email=synced_email,
             resubscribe_refused=refused,
+            unsubscribed_by_syncd=own_unsubscribe,
         )
-        view = SubjectView(subject_key, client, member, facts, address_shared=False)
-        subjects.append(_Subject(
-            view, stored,
-            consent=client.email_consent if live else None,
-            consent_at=client.updated_at if live else None,
-            link_email_key=email_key if live else None,
-            synced_email_key=synced_key,
-            client_seen=_seen(client) if client is not None else None,
-        ))  # fmt: skip
+        housemates = tuple(Housemate(r.subject_key, c, r.opted_in_at)
+                           for r, c in zip(records, held) if c is not client)  # fmt: skip
+        view = SubjectView(subject_key, client, member, facts, housemates)
+        link = email_key if governance.live and linked.get(email_key) != subject_key else None
+        subjects.append(_Subject(view, stored, records, governance,
+                                 link_email_key=link, synced_email_key=synced_key))
     return subjects
 
 
+def _record(client: ClientRecord, subject_key: str,
+            stored_by_key: Mapping[str, SubjectFacts]) -> _Record:
+    """One record's own facts: consent as Phorest shows it, and when it was switched on."""
+    stored = stored_by_key.get(subject_key)
+    live = client.state not in ERASED_CLIENT_STATES
+    opted_in_at = stored.opted_in_at if stored else None
+    if live and client.email_consent and stored is not None and stored.consent is False:
+        # Consent switched on in Phorest since the ledger last looked (R2: a fresh
+        # opt-in, dated by Phorest).
+        opted_in_at = client.updated_at
+    return _Record(subject_key, client.client_id, stored, consent=client.email_consent if live else None,
+                   consent_at=client.updated_at if live else None, opted_in_at=opted_in_at,
+                   client_seen=_seen(client))
+
+
 def _moved_members(
-    governed: list[tuple[str, str, ClientRecord | None, MemberRecord | None]],
+    governed: list[tuple[str, str, Governance, ClientRecord | None, MemberRecord | None]],
     subject_keys: list[str],
     stored_by_key: Mapping[str, SubjectFacts],
 ) -> dict[int, int]:
@@ -661,10 +733,10 @@ def _moved_members(
         governed index of the client -> governed index of the member no client
         holds, matched through the subject's ``synced_email_key``.
     """
-    unclaimed = {ek: i for i, (_, ek, client, member) in enumerate(governed)
+    unclaimed = {ek: i for i, (_, ek, _, client, member) in enumerate(governed)
                  if client is None and member is not None and member.status != "absent"}
     moved: dict[int, int] = {}
-    for index, (_, email_key, client, member) in enumerate(governed):
+    for index, (_, email_key, _, client, member) in enumerate(governed):
         if client is None or client.state in ERASED_CLIENT_STATES:
             continue
         if member is not None and member.status != "absent":
@@ -677,30 +749,44 @@ def _moved_members(
 
 
 def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
-    """Write back what changed about each subject (keys and times only)."""
+    """Write back what changed about each subject and each record (keys and times only)."""
     written = 0
     with ledger.transaction():
         for subject in subjects:
             view, stored, facts = subject.view, subject.stored, subject.view.facts
-            changes: dict[str, Any] = {}
-            if subject.consent is not None and (stored is None or stored.consent != subject.consent):
-                changes.update(consent=subject.consent, consent_at=subject.consent_at)
+            for record in subject.records:
+                changes: dict[str, Any] = {}
+                held = record.stored
+                if record.consent is not None and (held is None or held.consent != record.consent):
+                    changes.update(consent=record.consent, consent_at=record.consent_at)
+                if record.opted_in_at != (held.opted_in_at if held else None):
+                    changes["opted_in_at"] = record.opted_in_at
+                if record.client_seen != (held.client_seen if held else None):
+                    changes["client_seen"] = record.client_seen
+                if changes or held is None:
+                    ledger.upsert_subject(record.subject_key, **changes)
+                    written += 1
+                if "client_seen" in changes and _member_kept(subject) and any(
+                    dead.client_id == record.client_id for dead in subject.governance.kept
+                ):
+                    # R11: the choice not to erase is evidence too (once per record version).
+                    ledger.add_audit(record.subject_key, "mailchimp", "keep_shared_member",
+                                     "R5:kept_for_another_client", "kept")
+            changes = {}
             if facts.opted_out_at != (stored.opted_out_at if stored else None):
                 changes["opted_out_at"] = facts.opted_out_at
-            if facts.opted_in_at != (stored.opted_in_at if stored else None):
-                changes["opted_in_at"] = facts.opted_in_at
             if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
                 changes["resubscribe_refused"] = facts.resubscribe_refused
+            if facts.unsubscribed_by_syncd != (stored.unsubscribed_by_syncd if stored else False):
+                changes["unsubscribed_by_syncd"] = facts.unsubscribed_by_syncd
             if subject.synced_email_key is not None and subject.synced_email_key != (
                 stored.synced_email_key if stored else None
             ):
                 changes["synced_email_key"] = subject.synced_email_key
-            if subject.client_seen != (stored.client_seen if stored else None):
-                changes["client_seen"] = subject.client_seen
-            if changes or (stored is None and view.client is not None):
+            if changes:
                 ledger.upsert_subject(view.subject_key, **changes)
                 written += 1
-            if subject.link_email_key is not None and stored is None:
+            if subject.link_email_key is not None:
                 ledger.link_identifier(subject.link_email_key, "email", view.subject_key)
     (log.info if written else log.debug)("resync_facts_stored", subjects=written)
 
@@ -748,11 +834,10 @@ def _seen(client: ClientRecord) -> str:
     return f"{client.version}|{client.updated_at.isoformat()}|{client.state}"
 
 
-def _newest(current: ClientRecord | None, candidate: ClientRecord) -> ClientRecord:
-    """The more recently updated of two clients (the first seen wins a tie)."""
-    if current is None or candidate.updated_at > current.updated_at:
-        return candidate
-    return current
+def _live_primary(slot: _Address) -> ClientRecord | None:
+    """The address's primary record when a live record governs it, else None."""
+    primary = govern(slot.clients.values()).primary
+    return primary if primary is not None and primary.state not in ERASED_CLIENT_STATES else None
 
 
 def _normalised(email: str) -> str | None:

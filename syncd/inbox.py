@@ -5,8 +5,9 @@ ledger's inbox (deduplicated by its dedupe key). :func:`process_inbox` works
 through the pending events, oldest first:
 
 - ``unsubscribe`` and ``cleaned`` (R2, an opt-out anywhere wins): every live
-  Phorest client holding the address (archived included, as in
-  :mod:`syncd.engine`) gets its subject's ``opted_out_at`` moved to the event's
+  Phorest client holding the address (:attr:`syncd.reconcile.Governance.live`,
+  archived included: the mailbox's owner said stop and nobody can tell which
+  client clicked) gets its subject's ``opted_out_at`` moved to the event's
   time when that is newer than what the ledger holds, and every one of them whose
   ``emailMarketingConsent`` is still on gets a ``withdraw_consent`` task. The
   tasks run later through :func:`syncd.tasks.run_due`.
@@ -22,10 +23,13 @@ transaction, so no write lock is held across the network.
 
 Subjects are keyed as the engine keys them: ``keys.client_id(client_id)`` for
 an address a client governs, and the address's email key is linked to the
-newest live client's subject when the ledger had not linked it yet.
+primary record's subject (:func:`syncd.reconcile.govern`, the same rule as
+the engine's) when the ledger had not linked it yet.
 
-Events caused by syncd's own unsubscribes are harmless: the client's consent is
-already off, so no task is queued (and a task that raced it answers "already").
+Events caused by syncd's own unsubscribes are not told apart from the person's
+(Mailchimp's payload does not say who acted), so the webhook must be created
+without the ``api`` source (README). Were one to arrive anyway, it errs on the
+safe side: an opt-out recorded for every client at the address.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from connectors.phorest import PhorestConnector
 from syncd.errors import ConnectorError, IdentifierError
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import InboxEvent, Ledger
-from syncd.reconcile import ERASED_CLIENT_STATES, Planned
+from syncd.reconcile import Planned, govern
 from syncd.tasks import enqueue
 from syncd.web import WebhookEvent
 
@@ -154,9 +158,9 @@ def _process_one(
     except IdentifierError:
         return _finish(ledger, event, MALFORMED, [], [], None)
     # Read Phorest before taking the write lock.
-    live = [c for c in find(email) if c.state not in ERASED_CLIENT_STATES
-            and c.email and _same_address(c.email, email)]  # fmt: skip
-    if not live:
+    governance = govern(c for c in find(email) if c.email and _same_address(c.email, email))
+    live, primary = governance.live, governance.primary
+    if not live or primary is None:
         return _finish(ledger, event, NO_CLIENT, [], [], None)
     opted_out_at = min(event.occurred_at, now)
     why = WHY[event.kind]
@@ -165,8 +169,7 @@ def _process_one(
                                   client_id=c.client_id), "R2", why)
         for c in live if c.email_consent
     ]  # fmt: skip
-    newest = max(live, key=lambda c: c.updated_at)
-    link = (keys.email(email), keys.client_id(newest.client_id))
+    link = (keys.email(email), keys.client_id(primary.client_id))
     subjects = [keys.client_id(c.client_id) for c in live]
     return _finish(ledger, event, QUEUED if planned else ALREADY, planned,
                    [(s, opted_out_at) for s in subjects], link)  # fmt: skip

@@ -234,8 +234,17 @@ CREATE INDEX commands_by_state ON commands (state, id);
 ALTER TABLE alerts ADD COLUMN recovery_notified_at TEXT;
 """
 
+# unsubscribed_by_syncd: syncd itself set the subject's member unsubscribed, so
+# that status is not a new opt-out by the person and withdraws nobody's consent
+# (at a shared address, one client without consent unsubscribes the member).
+_V6_OWN_UNSUBSCRIBE = """
+ALTER TABLE subjects ADD COLUMN unsubscribed_by_syncd INTEGER NOT NULL DEFAULT 0
+    CHECK (unsubscribed_by_syncd IN (0, 1));
+"""
+
 MIGRATIONS: tuple[str, ...] = (
-    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE
+    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE,
+    _V6_OWN_UNSUBSCRIBE,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -264,6 +273,7 @@ class SubjectFacts:
     resubscribe_refused: bool
     synced_email_key: str | None = None
     client_seen: str | None = None
+    unsubscribed_by_syncd: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +433,8 @@ def _from_row(cls: type[_Row], row: sqlite3.Row) -> _Row:
         if value is not None:
             if field.name in ("at", "down_since") or field.name.endswith("_at"):
                 value = _from_text(value)
-            elif field.name in ("consent", "restricted", "resubscribe_refused", "credentials_ok"):
+            elif field.name in ("consent", "restricted", "resubscribe_refused", "credentials_ok",
+                                "unsubscribed_by_syncd"):
                 value = bool(value)
             elif field.name in ("payload", "options", "progress", "result"):
                 value = json.loads(value)
@@ -875,6 +886,7 @@ class Ledger:
         resubscribe_refused: bool = _KEEP,
         synced_email_key: str | None = _KEEP,
         client_seen: str | None = _KEEP,
+        unsubscribed_by_syncd: bool = _KEEP,
     ) -> None:
         """Create the subject or update the columns passed (others keep their value).
 
@@ -885,13 +897,14 @@ class Ledger:
             "consent": consent, "consent_at": consent_at, "restricted": restricted,
             "opted_out_at": opted_out_at, "opted_in_at": opted_in_at,
             "resubscribe_refused": resubscribe_refused, "synced_email_key": synced_email_key,
-            "client_seen": client_seen,
+            "client_seen": client_seen, "unsubscribed_by_syncd": unsubscribed_by_syncd,
         }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
         for name, value in given.items():
             if isinstance(value, datetime):
                 given[name] = _to_text(value)
-        row = {"restricted": False, "resubscribe_refused": False, **given}
+        row = {"restricted": False, "resubscribe_refused": False,
+               "unsubscribed_by_syncd": False, **given}
         # Column names are literals from this method, never input.
         names = list(row)
         updates = "".join(f"{name} = excluded.{name}, " for name in given)

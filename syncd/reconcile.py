@@ -34,6 +34,25 @@ timestamp is the opt-out's only trace when the ledger has none.
 
 Two statuses need a decision the rules leave open:
 
+Shared addresses (families, couples, duplicates staff archived instead of
+merging): :func:`govern` decides which Phorest records speak for one address,
+and every path (full resync, poll, webhook inbox) asks it:
+
+* *Active* records govern the address. *Archived* records govern only when no
+  active record uses it; *dead* ones (deleted, forgotten, merged away) only
+  when no live one does.
+* An opt-out anywhere wins: the member is subscribed only if **every**
+  governing record consents and no opt-out stands. One record without consent
+  unsubscribes the shared member; the other records keep their consent in
+  Phorest (that unsubscribe is syncd's own, see ``LedgerFacts.unsubscribed_by_syncd``).
+  A Mailchimp opt-out at the address withdraws consent on **every** live record
+  there: the mailbox's owner said stop and nobody can tell which of them clicked.
+* Names come from one record, the governing record created first (Phorest's
+  ``createdAt``, then the lowest client id): both are fixed for a record's
+  life, so two records never flip the member's name between runs.
+* A dead record at an address a live record still governs does not erase the
+  member (:attr:`Governance.kept`); suppression (R3) still does.
+
 * An *archived* Phorest client keeps what they have but is never recruited:
   no ``subscribe``, but no ``unsubscribe`` for being archived either. An
   unsubscribe cannot be undone through the API, and on un-archiving it would
@@ -47,8 +66,8 @@ Two statuses need a decision the rules leave open:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Final, Literal
 
 from connectors.base import Action, ActionKind, ClientRecord, MemberRecord
@@ -64,6 +83,13 @@ OPTED_OUT_STATUSES: Final = frozenset({"unsubscribed", "cleaned"})
 MARKETED_STATUSES: Final = frozenset({"subscribed", "pending"})
 # Members whose address syncd may change: never an opted-out or archived one.
 MOVABLE_STATUSES: Final = frozenset({"subscribed", "pending", "transactional"})
+# Governance tiers: a tier speaks for an address only when no better tier uses it.
+TIER_ACTIVE, TIER_ARCHIVED, TIER_DEAD = "active", "archived", "dead"
+_TIER_RANK: Final = {TIER_ACTIVE: 0, TIER_ARCHIVED: 1, TIER_DEAD: 2}
+# Sorts records without a createdAt after every dated one.
+_NEVER: Final = datetime.max.replace(tzinfo=UTC)
+# The reason shown for a dead record whose member another record keeps (R5).
+KEPT_FOR_ANOTHER_CLIENT: Final = "shared address: kept for another client"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +107,12 @@ class LedgerFacts:
         resubscribe_refused: Mailchimp refused a ``subscribe`` (compliance
             state). It blocks every further ``subscribe`` for the subject, so
             the caller clears it when ``opted_in_at`` or the email changes.
+        unsubscribed_by_syncd: syncd itself set the member ``unsubscribed``
+            (a governing record without consent, a restriction, no client, or
+            an opt-out already on record in ``opted_out_at``), so that status
+            and its ``last_changed`` are not a new opt-out and withdraw nobody's
+            consent. The task runner sets it when such an unsubscribe is done;
+            a done subscribe, or the member seen marketed again, clears it.
     """
 
     suppressed: bool = False
@@ -89,44 +121,179 @@ class LedgerFacts:
     opted_in_at: datetime | None = None
     synced_email: str | None = None
     resubscribe_refused: bool = False
+    unsubscribed_by_syncd: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Governance:
+    """Which Phorest records speak for one address (see the module docstring).
+
+    Attributes:
+        governing: the records of the best tier present, the name source first.
+        live: every active or archived record at the address: a Mailchimp
+            opt-out there withdraws consent on each of them.
+        kept: dead records at an address a live record governs: their
+            deletion, merge or forget does not erase the member.
+        tier: the governing tier (``active``, ``archived`` or ``dead``), or
+            None when no record holds the address.
+    """
+
+    governing: tuple[ClientRecord, ...] = ()
+    live: tuple[ClientRecord, ...] = ()
+    kept: tuple[ClientRecord, ...] = ()
+    tier: str | None = None
+
+    @property
+    def primary(self) -> ClientRecord | None:
+        """The record the member's names come from, or None."""
+        return self.governing[0] if self.governing else None
+
+    @property
+    def others(self) -> tuple[ClientRecord, ...]:
+        """Every record at the address but :attr:`primary`."""
+        primary = self.primary
+        return tuple(c for c in (*self.live, *self.dead) if c is not primary)
+
+    @property
+    def dead(self) -> tuple[ClientRecord, ...]:
+        """The dead records at the address (governing or kept)."""
+        return self.kept if self.tier != TIER_DEAD else self.governing
+
+    @property
+    def shared(self) -> bool:
+        """Whether more than one Phorest record uses the address."""
+        return len(self.live) + len(self.dead) > 1
+
+    @property
+    def consent(self) -> bool:
+        """Whether every governing record consents to email marketing."""
+        return bool(self.governing) and all(c.email_consent for c in self.governing)
+
+    def describe(self) -> tuple[str, str]:
+        """(what shares the address, who governs it) for counts, e.g. ("active+archived", "active")."""
+        states = sorted((c.state for c in (*self.live, *self.dead)), key=_state_order)
+        return "+".join(states), self.tier or "-"
+
+
+def tier_of(client: ClientRecord) -> str:
+    """The governance tier of one record."""
+    return tier_of_state(client.state)
+
+
+def govern(records: Iterable[ClientRecord]) -> Governance:
+    """Decide who speaks for one address, from every Phorest record holding it.
+
+    The order records arrive in changes nothing. A client id seen twice counts
+    once, as its most recently updated version (a poll may hold both the change
+    feed's copy and a lookup's).
+
+    Args:
+        records: the Phorest records whose email is the address (any state).
+
+    Returns:
+        The governance; empty when there is no record.
+    """
+    newest: dict[str, ClientRecord] = {}
+    for record in records:
+        held = newest.get(record.client_id)
+        if held is None or (record.updated_at, record.version) > (held.updated_at, held.version):
+            newest[record.client_id] = record
+    if not newest:
+        return Governance()
+    ordered = sorted(newest.values(), key=_name_source_order)
+    tier = min((tier_of(c) for c in ordered), key=_TIER_RANK.__getitem__)
+    live = tuple(c for c in ordered if tier_of(c) != TIER_DEAD)
+    dead = tuple(c for c in ordered if tier_of(c) == TIER_DEAD)
+    governing = tuple(c for c in ordered if tier_of(c) == tier)
+    return Governance(governing, live, dead if live else (), tier)
+
+
+def _name_source_order(client: ClientRecord) -> tuple[datetime, str]:
+    """Created first, then the lowest client id: fixed for a record's life."""
+    return (client.created_at or _NEVER, client.client_id)
+
+
+def _state_order(state: str) -> tuple[int, str]:
+    return (_TIER_RANK[tier_of_state(state)], state)
+
+
+def tier_of_state(state: str) -> str:
+    """The governance tier of a Phorest client state."""
+    if state in ERASED_CLIENT_STATES:
+        return TIER_DEAD
+    return TIER_ARCHIVED if state == "archived" else TIER_ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Housemate:
+    """Another Phorest record at a view's address.
+
+    Attributes:
+        subject_key: the record's own subject key (its tasks are its own).
+        client: the record.
+        opted_in_at: as :attr:`LedgerFacts.opted_in_at`, for this record.
+    """
+
+    subject_key: str
+    client: ClientRecord
+    opted_in_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubjectView:
-    """Everything :func:`plan` needs about one person.
+    """Everything :func:`plan` needs about one address.
 
     Attributes:
-        subject_key: the subject's HMAC key.
-        client: the Phorest record (for a merge, the merged-away record; the
-            survivor is a view of its own), or None.
+        subject_key: the HMAC key of the subject the address's facts belong to
+            (the primary record's, or the address's own when no client holds it).
+        client: the address's primary Phorest record (:attr:`Governance.primary`
+            of every record there), or None.
         member: the Mailchimp member at the client's address, or at
             ``facts.synced_email`` when the address changed, or None.
         facts: what the ledger knows.
-        address_shared: another live Phorest client (the merge survivor, a
-            family member) uses the same address. A deletion, merge or forget
-            of *this* record then leaves the member to that client's view;
-            suppression still erases it.
+        housemates: every other Phorest record at the address, with its own
+            subject key (a family member, a duplicate, a merged-away record).
 
     Raises:
         ValueError: a live client's member is at neither the client's address
-            nor the synced one (the message holds no address).
+            nor the synced one, or ``client`` is not the primary of the
+            records given (the messages hold no address).
     """
 
     subject_key: str
     client: ClientRecord | None
     member: MemberRecord | None
     facts: LedgerFacts = LedgerFacts()
-    address_shared: bool = False
+    housemates: tuple[Housemate, ...] = ()
 
     def __post_init__(self) -> None:
         client, member = self.client, self.member
-        if client is None or client.state in ERASED_CLIENT_STATES:
+        if client is None:
+            if self.housemates:
+                raise ValueError("housemates without a client")
+            return
+        if self.housemates and self.governance().primary is not client:
+            raise ValueError("client is not the primary record of its address")
+        if client.state in ERASED_CLIENT_STATES:
             return
         if member is None or member.status == "absent":
             return
         if not (_same(member.email, client.email) or _same(member.email, self.facts.synced_email)):
             # Acting on it could move or rename someone else's member.
             raise ValueError("member is at neither the client's address nor the synced one")
+
+    def governance(self) -> Governance:
+        """:func:`govern` over the client and its housemates."""
+        if self.client is None:
+            return Governance()
+        return govern((self.client, *(mate.client for mate in self.housemates)))
+
+    def own(self, client: ClientRecord) -> tuple[str, datetime | None]:
+        """(subject key, opted_in_at) of the client or one of its housemates."""
+        if client is self.client:
+            return self.subject_key, self.facts.opted_in_at
+        mate = next(mate for mate in self.housemates if mate.client is client)
+        return mate.subject_key, mate.opted_in_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +333,7 @@ def plan(view: SubjectView) -> list[Planned]:
 
     erased = _erasure_reason(view)
     if erased is not None:
-        if member is None or (view.address_shared and not facts.suppressed):
+        if member is None:
             return []
         rule: Rule = "R3" if facts.suppressed else "R5"
         return [_mailchimp("erase", key, member.email, client_id, rule, erased)]
@@ -178,17 +345,23 @@ def plan(view: SubjectView) -> list[Planned]:
         return [_mailchimp("unsubscribe", key, member.email, client_id, "R1", why)]
 
     planned: list[Planned] = []
-    consent = client.email_consent
-    opt_out = _standing_opt_out(member, facts)
-    if consent and opt_out is not None:
-        action = Action("withdraw_consent", key, client_id=client_id)
-        planned.append(Planned("phorest", action, "R2", opt_out))
-        consent = False
-    if not consent:
+    governance = view.governance()
+    opt_out = None
+    for record in governance.live:
+        # The mailbox said stop: every live record there loses its consent,
+        # unless its own opt-in in Phorest is newer than the opt-out.
+        record_key, opted_in_at = view.own(record)
+        against = _standing_opt_out(member, facts, opted_in_at)
+        if against is not None and record.email_consent:
+            action = Action("withdraw_consent", record_key, client_id=record.client_id)
+            planned.append(Planned("phorest", action, "R2", against))
+        if against is not None and record in governance.governing:
+            opt_out = opt_out or against
+    if opt_out is not None or not governance.consent:
         if member is not None and member.status in MARKETED_STATUSES:
             # A standing opt-out is R2 propagating; otherwise consent was never there (R1).
             rule = "R2" if opt_out is not None else "R1"
-            why = opt_out or "no_consent_in_phorest"
+            why = opt_out or _no_consent_reason(governance)
             planned.append(_mailchimp("unsubscribe", key, member.email, client_id, rule, why))
         return planned
     email = (client.email or "").strip()
@@ -258,19 +431,31 @@ def _erasure_reason(view: SubjectView) -> str | None:
     return None
 
 
-def _standing_opt_out(member: MemberRecord | None, facts: LedgerFacts) -> str | None:
+def _no_consent_reason(governance: Governance) -> str:
+    """Why a member without consent is unsubscribed (R1)."""
+    if governance.primary is not None and governance.primary.email_consent:
+        return "no_consent_from_another_client_at_address"
+    return "no_consent_in_phorest"
+
+
+def _standing_opt_out(
+    member: MemberRecord | None, facts: LedgerFacts, opted_in_at: datetime | None
+) -> str | None:
     """The reason an opt-out overrides Phorest's consent, or None if there is none.
 
     The opt-out's time is the newest of the ledger's record and, for a member
     in compliance state, Mailchimp's ``last_changed``. Phorest's opt-in wins
-    only if it is known and strictly newer than a known opt-out time.
+    only if it is known and strictly newer than a known opt-out time. An
+    ``unsubscribed`` status syncd set itself is nobody's opt-out.
     """
-    opted_out = member is not None and member.status in OPTED_OUT_STATUSES
+    opted_out = member is not None and member.status in OPTED_OUT_STATUSES and not (
+        member.status == "unsubscribed" and facts.unsubscribed_by_syncd
+    )
     if not opted_out and facts.opted_out_at is None:
         return None
     candidates = [facts.opted_out_at, member.last_changed if opted_out and member else None]
     times = [t for t in candidates if t is not None]
-    if times and facts.opted_in_at is not None and facts.opted_in_at > max(times):
+    if times and opted_in_at is not None and opted_in_at > max(times):
         return None
     return f"{member.status}_in_mailchimp" if opted_out and member else "opt_out_on_record"
 

@@ -218,6 +218,7 @@ def _record(
               reason=reason)  # fmt: skip
     if outcome.status == "done":
         ledger.finish(task.id, "done", vendor_request_id=rid)
+        _learn(ledger, processor, task)
         return None
     if outcome.status == "needs_person":
         ledger.finish(task.id, "needs_person", error=reason, vendor_request_id=rid)
@@ -238,6 +239,24 @@ def _record(
             log.warning("task_suppress_skipped", task_id=task.id, reason="bad_identifier")
     ledger.finish(task.id, "failed", error=reason, vendor_request_id=rid)
     return f"task_failed:{processor}:{reason}", "task_failed", f"failed ({reason})"
+
+
+def _learn(ledger: Ledger, processor: str, task: Task) -> None:
+    """Record what a done Mailchimp task makes true, with its outcome (one transaction).
+
+    An ``unsubscribe`` leaves the member ``unsubscribed`` by syncd's own hand:
+    that status (and its ``last_changed``) must never read as a new opt-out by
+    the person (see :attr:`syncd.reconcile.LedgerFacts.unsubscribed_by_syncd`);
+    an opt-out that caused it is already on record with its own time. A done
+    ``subscribe`` ends it. Written with the task's outcome, so a crash cannot
+    leave the member unsubscribed without the mark.
+    """
+    if processor != "mailchimp":
+        return
+    if task.action == "unsubscribe":
+        ledger.upsert_subject(task.subject_key, unsubscribed_by_syncd=True)
+    elif task.action == "subscribe":
+        ledger.upsert_subject(task.subject_key, unsubscribed_by_syncd=False)
 
 
 def _delay(policy: RetryPolicy, attempts: int) -> timedelta:

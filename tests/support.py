@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -66,3 +67,114 @@ def seeded_values(sandbox: Any) -> set[str]:
                 values.add(str(client[name]))
     values.update(m["email_address"] for m in sandbox.mailchimp.snapshot_members())
     return {v for v in values if "@" in v or len(v) >= 5}
+
+
+# --- the shared-address rule, modelled independently of syncd -------------------------
+
+DEAD_TIER = "dead"
+
+
+@dataclass
+class Address:
+    """Every Phorest record at one address and the member there, as the vendors' APIs show.
+
+    ``records`` are raw Phorest client objects; the rule of the shared-address
+    issue decides which of them govern (active, else archived, else dead).
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    member: dict[str, Any] | None = None
+
+    @property
+    def tier(self) -> str | None:
+        tiers = [_tier(r) for r in self.records]
+        for tier in ("active", "archived", DEAD_TIER):
+            if tier in tiers:
+                return tier
+        return None
+
+    @property
+    def governing(self) -> list[dict[str, Any]]:
+        return sorted((r for r in self.records if _tier(r) == self.tier),
+                      key=lambda r: (r.get("createdAt") or "~", r["clientId"]))
+
+    @property
+    def live(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if _tier(r) != DEAD_TIER]
+
+    @property
+    def consent(self) -> bool:
+        governing = self.governing
+        return bool(governing) and all(r.get("emailMarketingConsent") is True for r in governing)
+
+    @property
+    def marketed(self) -> bool:
+        return self.member is not None and self.member["status"] in ("subscribed", "pending")
+
+
+def _tier(raw: dict[str, Any]) -> str:
+    if raw.get("mergedToClientId") or raw.get("deleted") is True:
+        return DEAD_TIER
+    return "archived" if raw.get("archived") is True else "active"
+
+
+def vendor_addresses(sandbox: Any) -> dict[str, Address]:
+    """Read both vendors through their own HTTP APIs and group by normalised address."""
+    import requests
+
+    c = sandbox.credentials
+    base = sandbox.base_url
+    addresses: dict[str, Address] = {}
+    with requests.Session() as http:
+        url = f"{base}/third-party-api-server/api/business/{c.phorest_business_id}/client"
+        page = 0
+        while True:
+            body = http.get(url, params={"page": page, "size": 200, "includeArchived": "true",
+                                         "includeDeleted": "true"},
+                            auth=(c.phorest_username, c.phorest_password), timeout=30).json()
+            for raw in body.get("_embedded", {}).get("clients", []):
+                if raw.get("email"):
+                    addresses.setdefault(raw["email"].strip().lower(), Address()).records.append(raw)
+            page += 1
+            if page >= body["page"]["totalPages"]:
+                break
+        offset = 0
+        url = f"{base}/3.0/lists/{c.mailchimp_list_id}/members"
+        while True:
+            body = http.get(url, params={"count": 1000, "offset": offset},
+                            auth=("syncd", c.mailchimp_api_key), timeout=30).json()
+            for raw in body["members"]:
+                addresses.setdefault(raw["email_address"].strip().lower(),
+                                     Address()).member = raw
+            offset += 1000
+            if offset >= body["total_items"]:
+                break
+    return addresses
+
+
+def shared_address_violations(addresses: dict[str, Address]) -> list[str]:
+    """Where the vendors break the shared-address rule (client ids only, no addresses).
+
+    - a member is marketed though a governing record lacks consent, the
+      governing records are dead, or no record holds the address;
+    - an address whose governing records are active and all consent has no
+      subscribed member;
+    - a subscribed member's names are not the name source's (created first).
+    """
+    problems = []
+    for address in addresses.values():
+        ids = ",".join(r["clientId"] for r in address.records) or "-"
+        if address.marketed and (not address.consent or address.tier in (None, DEAD_TIER)):
+            problems.append(f"marketed without every governing record's consent: {ids}")
+        if address.tier == "active" and address.consent and not (
+            address.member is not None and address.member["status"] == "subscribed"
+        ):
+            problems.append(f"consenting active address missing from the audience: {ids}")
+        if address.consent and address.member is not None and address.member["status"] == "subscribed":
+            source = address.governing[0]
+            fields = address.member.get("merge_fields", {})
+            if (fields.get("FNAME"), fields.get("LNAME")) != (
+                (source.get("firstName") or "").strip(), (source.get("lastName") or "").strip()
+            ):
+                problems.append(f"names not from the name source: {ids}")
+    return problems

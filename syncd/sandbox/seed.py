@@ -4,7 +4,9 @@ The same seed, client count and clock give the same world. The mix is meant
 to exercise every rule syncd enforces:
 
 - Phorest clients with and without email-marketing consent, without an email,
-  sharing a family email, not seen for more than 24 months (some of those with
+  sharing a family email (and households that share one address in every
+  combination: active with archived, two active with mixed consent, active
+  with deleted, active with merged, a family of three), not seen for more than 24 months (some of those with
   a future appointment, which protects them from the purge), archived,
   deleted, merged into another client, and already forgotten.
 - A Mailchimp audience that mostly matches the consenting clients, with a
@@ -54,6 +56,18 @@ DEFAULT_DRIFT = 0.2
 SHARE_FORMER_SUBSCRIBERS = 0.9
 YEARS_OF_HISTORY = 6
 BRANCHES = (("Dublin Grafton Street", "branch-dublin"), ("London Soho", "branch-london"))
+# Households: clients sharing one address in a chosen combination of states. Each
+# kind names the fate of each record; they cycle so every kind occurs.
+HOUSEHOLD_KINDS = (
+    ("active+archived", ("active", "archived")),
+    ("two_active_mixed_consent", ("active", "active")),
+    ("active+deleted", ("active", "deleted")),
+    ("active+merged", ("active", "merged")),
+    ("family_of_three", ("active", "active", "active")),
+)
+CLIENTS_PER_HOUSEHOLD = 40  # one household per this many clients
+# A separate stream, so households never shift the rest of a seeded world.
+HOUSEHOLD_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -83,7 +97,8 @@ def seed_world(
     Args:
         phorest: the Phorest emulator to fill.
         mailchimp: the Mailchimp emulator to fill, or None for no audience.
-        clients: how many clients to create.
+        clients: how many clients to create, besides the households (one per
+            :data:`CLIENTS_PER_HOUSEHOLD` clients) that share an address.
         seed: makes the world reproducible.
         drift: share (0..1) of audience entries that disagree with Phorest.
         members: if given and larger than what the clients produce, top the
@@ -102,6 +117,7 @@ def seed_world(
     rng = random.Random(seed)
     report = SeedReport()
     branch_ids = [phorest.add_branch(name=name, branch_id=bid)["branchId"] for name, bid in BRANCHES]
+    kinds = _household_kinds(clients)
     made: list[dict[str, Any]] = []
     for i in range(clients):
         made.append(_client(phorest, rng, i, now, branch_ids, made, report))
@@ -113,7 +129,75 @@ def seed_world(
             names = {"FNAME": rng.choice(FIRST_NAMES), "LNAME": rng.choice(LAST_NAMES)}
             email = f"newsletter.{n}@{DOMAINS[n % len(DOMAINS)]}"
             _member(mailchimp, report, "newsletter_only", email, "subscribed", names, changed)
+    household_rng = random.Random(seed + HOUSEHOLD_SEED_OFFSET)
+    for n, (kind, fates) in enumerate(kinds):
+        _household(phorest, mailchimp, household_rng, n, kind, fates, now, branch_ids, report)
     return report
+
+
+def _household_kinds(clients: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The households of a world of ``clients``: one per :data:`CLIENTS_PER_HOUSEHOLD`.
+
+    Their clients come on top of ``clients`` (counted as ``household`` in the
+    report), so a seed's other clients and members stay what they were.
+    """
+    count = clients // CLIENTS_PER_HOUSEHOLD
+    return [HOUSEHOLD_KINDS[n % len(HOUSEHOLD_KINDS)] for n in range(count)]
+
+
+def _household(
+    phorest: PhorestEmulator,
+    mailchimp: MailchimpEmulator | None,
+    rng: random.Random,
+    n: int,
+    kind: str,
+    fates: tuple[str, ...],
+    now: datetime,
+    branch_ids: list[str],
+    report: SeedReport,
+) -> None:
+    """Clients sharing one address, with random consents and change times, and its member.
+
+    Later records are often updated more recently than the first (an archived
+    duplicate touched last, say), so "the newest record governs" would be wrong.
+    """
+    email = f"household.{n}@{DOMAINS[n % len(DOMAINS)]}"
+    last = rng.choice(LAST_NAMES)
+    made = []
+    for i, fate in enumerate(fates):
+        created = now - timedelta(days=rng.uniform(60, 365 * 4))
+        first = rng.choice(FIRST_NAMES)
+        consent = rng.random() < 0.7
+        updated = now - timedelta(days=rng.uniform(1, 50))
+        client = phorest.add_client(
+            firstName=first, lastName=last, email=email,
+            mobile=f"4477008{(n * 4 + i) % 100000:05d}",
+            emailMarketingConsent=consent, smsMarketingConsent=False,
+            emailReminderConsent=True, smsReminderConsent=True,
+            createdAt=_iso(created), updatedAt=_iso(max(created, updated)),
+            clientSince=_iso(created), lastVisit=(now - timedelta(days=20)).date().isoformat(),
+            creatingBranchId=branch_ids[i % len(branch_ids)],
+        )  # fmt: skip
+        made.append(client)
+        report.bump(report.clients, "total")
+        report.bump(report.clients, "household")
+        report.bump(report.clients, "consent" if consent else "no_consent")
+    for client, fate in zip(made, fates):
+        if fate == "archived":
+            phorest.archive(client["clientId"])
+        elif fate == "deleted":
+            phorest.delete(client["clientId"])
+        elif fate == "merged":
+            phorest.merge(client["clientId"], made[0]["clientId"])
+    report.bump(report.clients, f"household_{kind}")
+    if mailchimp is None:
+        return
+    status = rng.choice(("subscribed", "subscribed", "unsubscribed", "absent"))
+    if status != "absent":
+        named = rng.choice(made)
+        names = {"FNAME": named["firstName"], "LNAME": named["lastName"]}
+        changed = _iso(now - timedelta(days=rng.uniform(60, 900)))
+        _member(mailchimp, report, f"household_{status}", email, status, names, changed)
 
 
 def _client(

@@ -17,7 +17,7 @@ from syncd.ledger import Ledger
 from syncd.reconcile import ERASED_CLIENT_STATES
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
-from tests.support import FakeClock
+from tests.support import FakeClock, shared_address_violations, vendor_addresses
 
 CLIENTS, SEED = 150, 2
 POLICY = RetryPolicy(budget=8)
@@ -64,21 +64,6 @@ def _members(world: World) -> dict[str, MemberRecord]:
             if isinstance(m, MemberRecord)}  # fmt: skip
 
 
-def _governing(clients: list[ClientRecord]) -> dict[str, ClientRecord]:
-    """Per address, the client the engine's rule says governs it."""
-    best: dict[str, ClientRecord] = {}
-    for client in clients:
-        if not client.email:
-            continue
-        email = normalise_email(client.email)
-        current = best.get(email)
-        rank = (client.state not in ERASED_CLIENT_STATES, client.updated_at)
-        if current is None or rank > (current.state not in ERASED_CLIENT_STATES,
-                                      current.updated_at):  # fmt: skip
-            best[email] = client
-    return best
-
-
 def test_dry_run_lists_the_differences_and_changes_nothing(world: World) -> None:
     members_before = world.sandbox.mailchimp.snapshot_members()
     clients_before = world.sandbox.phorest.snapshot_clients()
@@ -104,40 +89,34 @@ def test_resync_brings_mailchimp_in_line_with_phorest_and_a_second_one_plans_not
     before_clients = {c.client_id: c for c in _clients(world)}
     before_members = _members(world)
 
+    before = vendor_addresses(world.sandbox)
+
     result = world.resync()
 
     assert result.failed == 0 and result.report is not None and result.report.ok
     assert result.planned > 0
     after_clients = _clients(world)
-    governing = _governing(after_clients)
-    members = _members(world)
-    for email, client in governing.items():
-        member = members.get(email)
-        if client.state in ERASED_CLIENT_STATES:
+    after = vendor_addresses(world.sandbox)
+    assert shared_address_violations(after) == []
+    for email, address in after.items():
+        raw = address.member
+        if address.tier == "dead":
             # R5: the member of a deleted/forgotten/merged client is gone for good.
-            assert member is None and world.sandbox.mailchimp.member(email) is None
-        elif not client.email_consent:
-            assert member is None or member.status not in ("subscribed", "pending")
-        elif client.state == "active":
-            # R1: subscribed, with the Phorest name and nothing else.
-            assert member is not None and member.status == "subscribed"
-            raw = world.sandbox.mailchimp.member(email)
-            assert raw is not None
+            assert raw is None and world.sandbox.mailchimp.member(email) is None
+        if raw is not None and raw["status"] == "subscribed":
+            # R1: the Phorest name and nothing else.
             fields = {k: v for k, v in raw["merge_fields"].items() if v not in ("", None, {})}
             assert set(fields) <= {"FNAME", "LNAME"}
-            assert (member.first_name, member.last_name) == (
-                client.first_name.strip(), client.last_name.strip())
-    for email, member in members.items():
-        if email not in governing:  # an orphan: never marketed
-            assert member.status not in ("subscribed", "pending")
-    # R2: Phorest consent withdrawn exactly for clients opted out in Mailchimp only.
+        if address.tier is None:  # an orphan: never marketed
+            assert not address.marketed
+    # R2: Phorest consent withdrawn exactly for the live clients at addresses
+    # opted out in Mailchimp only: every one of them, shared or not.
     withdrawn = {c.client_id for c in after_clients
                  if before_clients[c.client_id].email_consent and not c.email_consent}
     opted_out = {
-        c.client_id for c in governing.values()
-        if before_clients[c.client_id].email_consent and c.state not in ERASED_CLIENT_STATES
-        and before_members.get(normalise_email(c.email or ""), None) is not None
-        and before_members[normalise_email(c.email or "")].status in ("unsubscribed", "cleaned")
+        raw["clientId"] for address in before.values()
+        if address.member is not None and address.member["status"] in ("unsubscribed", "cleaned")
+        for raw in address.live if raw.get("emailMarketingConsent") is True
     }  # fmt: skip
     assert withdrawn == opted_out and withdrawn
     assert world.sandbox.mailchimp.confirmation_emails_sent == 0

@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.base import Action, ClientRecord, ClientState, MemberRecord, MemberStatus
-from syncd.reconcile import LedgerFacts, Planned, SubjectView, plan, plan_all
+from syncd.reconcile import (
+    Housemate,
+    LedgerFacts,
+    Planned,
+    SubjectView,
+    govern,
+    plan,
+    plan_all,
+)
 
 KEY = "a" * 64
 EMAIL = "jane@example.com"
@@ -43,11 +51,26 @@ def unsubscribed(days: int) -> MemberRecord:
     return member(status="unsubscribed", last_changed=at(days))
 
 
-def view(
-    c: ClientRecord | None = None, m: MemberRecord | None = None, *,
-    shared: bool = False, **facts: Any,
+def view(c: ClientRecord | None = None, m: MemberRecord | None = None, **facts: Any) -> SubjectView:
+    return SubjectView(KEY, c, m, LedgerFacts(**facts))
+
+
+def key_of(client_id: str) -> str:
+    return f"key-{client_id}"
+
+
+def household(
+    records: list[ClientRecord], m: MemberRecord | None = None, *,
+    opted_in: dict[str, datetime] | None = None, **facts: Any,
 ) -> SubjectView:
-    return SubjectView(KEY, c, m, LedgerFacts(**facts), address_shared=shared)
+    """The view the engine builds for an address several records share."""
+    opted_in = opted_in or {}
+    primary = govern(records).primary
+    assert primary is not None
+    mates = tuple(Housemate(key_of(r.client_id), r, opted_in.get(r.client_id))
+                  for r in records if r is not primary)
+    facts.setdefault("opted_in_at", opted_in.get(primary.client_id))
+    return SubjectView(key_of(primary.client_id), primary, m, LedgerFacts(**facts), mates)
 
 
 def summary(planned: list[Planned]) -> list[tuple[str, str, str, str]]:
@@ -84,9 +107,11 @@ CASES = [
                  id="a client forgotten in phorest is erased"),
     pytest.param(view(client(state="merged", merged_into="c2"), member()),
                  [(*ERASE, "R5", "client_merged")], id="a client merged away is erased"),
-    pytest.param(view(client(state="merged", merged_into="c2"), member(), shared=True), [],
+    pytest.param(household([client(state="merged", merged_into="c2"), client(client_id="c2")],
+                           member()), [],
                  id="a merged away client sharing the survivor's address leaves the member to it"),
-    pytest.param(view(client(state="deleted"), member(), shared=True, suppressed=True),
+    pytest.param(household([client(state="deleted"), client(client_id="c2")], member(),
+                           suppressed=True),
                  [(*ERASE, "R3", "suppressed")], id="suppression erases even a shared address"),
     pytest.param(view(client(state="deleted"), None), [],
                  id="a deleted client without a member needs nothing"),
@@ -366,7 +391,12 @@ def apply_to_model(subject: SubjectView, planned: list[Planned]) -> SubjectView:
             facts = replace(facts, synced_email=a.new_email)
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(a.kind)
-    return SubjectView(subject.subject_key, c, m, facts, subject.address_shared)
+    if any(p.action.kind == "subscribe" for p in planned) and m is not None \
+            and m.status == "subscribed":
+        facts = replace(facts, unsubscribed_by_syncd=False)
+    if any(p.action.kind == "unsubscribe" for p in planned):
+        facts = replace(facts, unsubscribed_by_syncd=True)  # what the task runner records
+    return SubjectView(subject.subject_key, c, m, facts, subject.housemates)
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -412,7 +442,7 @@ def subject_views(draw: st.DrawFn) -> SubjectView:
             extra_fields=st.sampled_from([(), ("PHONE",), ("BIRTHDAY", "PHONE")]),
             last_changed=times,
         ))
-    return SubjectView(KEY, c, m, facts, address_shared=draw(rarely))
+    return SubjectView(KEY, c, m, facts)
 
 
 @st.composite
@@ -469,9 +499,8 @@ def test_nobody_without_standing_consent_is_ever_subscribed(subject: SubjectView
 @given(subject_views())
 def test_an_opt_out_on_either_side_ends_with_both_sides_opted_out(subject: SubjectView) -> None:
     c, facts = subject.client, subject.facts
-    erased_elsewhere = c is not None and c.state in ("deleted", "forgotten", "merged")
-    if facts.suppressed or (erased_elsewhere and subject.address_shared):
-        return  # erasure, or another client's view governs the member
+    if facts.suppressed:
+        return  # erasure
     opted_out = opt_out_stands(subject) or (c is not None and not c.email_consent)
     if not opted_out:
         return
@@ -524,3 +553,226 @@ def test_reasons_hold_no_personal_data_and_actions_only_known_addresses(
         assert "@" not in p.why and p.why.isidentifier()
         for address in (p.action.email, p.action.new_email):
             assert address is None or address.strip().lower() in known
+
+
+# --- shared addresses: who governs, as tables ------------------------------------------
+
+ARCHIVED_NEWER = client(client_id="c2", state="archived", updated_at=at(9), created_at=at(-9))
+SECOND = client(client_id="c2", first_name="John", created_at=at(-5))
+THIRD = client(client_id="c3", first_name="Jim", created_at=at(-1))
+FIRST = client(created_at=at(-20))
+
+SHARED_CASES = [
+    pytest.param(household([FIRST, replace(ARCHIVED_NEWER, email_consent=False)], None),
+                 [(*SUBSCRIBE, "R1", "consent_in_phorest")],
+                 id="an active consenting client is recruited though a newer archived record "
+                    "at the address lacks consent"),
+    pytest.param(household([replace(FIRST, email_consent=False), ARCHIVED_NEWER], member()),
+                 [(*UNSUBSCRIBE, "R1", "no_consent_in_phorest")],
+                 id="a newer archived record with consent never keeps marketing to an active "
+                    "client who withdrew"),
+    pytest.param(household([replace(FIRST, state="archived"),
+                            replace(ARCHIVED_NEWER, email_consent=False)],
+                           member()),
+                 [(*UNSUBSCRIBE, "R1", "no_consent_from_another_client_at_address")],
+                 id="archived records govern together when no active record uses the address"),
+    pytest.param(household([FIRST, replace(SECOND, email_consent=False)], member()),
+                 [(*UNSUBSCRIBE, "R1", "no_consent_from_another_client_at_address")],
+                 id="one active record without consent unsubscribes the shared member and "
+                    "withdraws nobody"),
+    pytest.param(household([FIRST, SECOND], unsubscribed(2)),
+                 [(*WITHDRAW, "R2", "unsubscribed_in_mailchimp"),
+                  (*WITHDRAW, "R2", "unsubscribed_in_mailchimp")],
+                 id="a mailchimp opt-out withdraws consent on every active record at the address"),
+    pytest.param(household([FIRST, SECOND, replace(ARCHIVED_NEWER, client_id="c3")], unsubscribed(2)),
+                 [(*WITHDRAW, "R2", "unsubscribed_in_mailchimp")] * 3,
+                 id="a mailchimp opt-out withdraws consent on archived records at the address too"),
+    pytest.param(household([FIRST, replace(SECOND, email_consent=False)], unsubscribed(2),
+                           unsubscribed_by_syncd=True), [],
+                 id="syncd's own unsubscribe is nobody's opt-out: the consenting record keeps "
+                    "its consent"),
+    pytest.param(household([FIRST, SECOND], unsubscribed(2), opted_in={"c1": at(3)}),
+                 [(*WITHDRAW, "R2", "unsubscribed_in_mailchimp")],
+                 id="a record whose own opt-in is newer than the opt-out keeps its consent, "
+                    "the other loses it"),
+    pytest.param(household([FIRST, SECOND], unsubscribed(2),
+                           opted_in={"c1": at(3), "c2": at(4)}),
+                 [(*SUBSCRIBE, "R1", "opted_in_in_phorest_after_opt_out")],
+                 id="every governing record opted in after the opt-out: one re-subscribe"),
+    pytest.param(household([SECOND, FIRST, THIRD], member(first_name="John")),
+                 [("mailchimp", "update_names", "R6", "name_changed_in_phorest")],
+                 id="names come from the record created first, whatever the reading order"),
+    pytest.param(household([THIRD, FIRST, SECOND], member()), [],
+                 id="a family of three who all consent keep their subscribed member"),
+    pytest.param(household([FIRST, client(client_id="c2", state="deleted")], member()), [],
+                 id="a deleted record does not erase a member an active record governs"),
+    pytest.param(household([client(state="deleted"), client(client_id="c2", state="merged")],
+                           member()),
+                 [(*ERASE, "R5", "client_deleted")],
+                 id="dead records govern only when no live record uses the address"),
+]
+
+
+@pytest.mark.parametrize(("subject", "expected"), SHARED_CASES)
+def test_shared_address_rule(subject: SubjectView, expected: list[tuple[str, ...]]) -> None:
+    assert summary(plan(subject)) == expected
+
+
+def test_withdrawals_at_a_shared_address_carry_each_records_own_key_and_id() -> None:
+    planned = plan(household([FIRST, SECOND], unsubscribed(2)))
+    assert {(p.action.subject_key, p.action.client_id) for p in planned} == {
+        (key_of("c1"), "c1"), (key_of("c2"), "c2")}
+
+
+def test_a_view_whose_client_is_not_the_primary_record_is_refused() -> None:
+    with pytest.raises(ValueError, match="primary"):
+        SubjectView(KEY, SECOND, None, LedgerFacts(), (Housemate(key_of("c1"), FIRST),))
+
+
+def test_governance_counts_a_client_id_once_in_its_newest_version() -> None:
+    older, newer = replace(FIRST, email_consent=False), replace(FIRST, updated_at=at(5), version=2)
+    governance = govern([older, newer, SECOND])
+    assert governance.governing == (newer, SECOND) and governance.consent
+    assert governance.describe() == ("active+active", "active")
+
+
+# --- shared addresses: properties over households of 1-4 records ------------------------
+
+HOUSEHOLD_IDS = ("c1", "c2", "c3", "c4")
+
+
+@st.composite
+def households(draw: st.DrawFn) -> tuple[list[ClientRecord], MemberRecord | None, LedgerFacts,
+                                         dict[str, datetime]]:
+    """Records sharing EMAIL in random states, consents and times; a member; ledger facts."""
+    count = draw(st.integers(1, 4))
+    records = [
+        ClientRecord(
+            client_id=client_id, email=draw(st.sampled_from([EMAIL, " JANE@example.com"])),
+            mobile=None, first_name=draw(names), last_name=draw(st.sampled_from(["Doe", "Roe"])),
+            email_consent=draw(often), state=draw(client_states), version=1,
+            updated_at=draw(st.sampled_from([at(0), at(1), at(2), at(3)])),
+            created_at=draw(st.sampled_from([None, at(-3), at(-2), at(-1)])),
+        )
+        for client_id in HOUSEHOLD_IDS[:count]
+    ]
+    m = None
+    if draw(st.integers(0, 3)) > 0:
+        m = draw(st.builds(
+            MemberRecord, email=st.just(EMAIL), status=statuses, first_name=names,
+            last_name=st.sampled_from(["Doe", "Roe"]), extra_fields=st.just(()),
+            last_changed=times,
+        ))
+    facts = draw(st.builds(
+        LedgerFacts, opted_out_at=times, resubscribe_refused=rarely,
+        unsubscribed_by_syncd=rarely,
+    ))
+    opted_in = {r.client_id: t for r in records if (t := draw(times)) is not None}
+    return records, m, facts, opted_in
+
+
+def household_view(records: list[ClientRecord], m: MemberRecord | None, facts: LedgerFacts,
+                   opted_in: dict[str, datetime]) -> SubjectView:
+    primary = govern(records).primary
+    assert primary is not None
+    mates = tuple(Housemate(key_of(r.client_id), r, opted_in.get(r.client_id))
+                  for r in records if r is not primary)
+    return SubjectView(key_of(primary.client_id), primary, m,
+                       replace(facts, opted_in_at=opted_in.get(primary.client_id)), mates)
+
+
+def apply_household(subject: SubjectView, planned: list[Planned]) -> SubjectView:
+    """Apply a plan to a household, as the vendors and the task runner would."""
+    records = {r.client_id: r for r in (subject.client, *(h.client for h in subject.housemates))
+               if r is not None}  # fmt: skip
+    opted_in = {h.client.client_id: h.opted_in_at for h in subject.housemates if h.opted_in_at}
+    assert subject.client is not None
+    if subject.facts.opted_in_at:
+        opted_in[subject.client.client_id] = subject.facts.opted_in_at
+    withdrawn = [p for p in planned if p.processor == "phorest"]
+    for p in withdrawn:
+        assert p.action.kind == "withdraw_consent" and p.action.client_id in records
+        assert p.action.subject_key == key_of(p.action.client_id)
+        records[p.action.client_id] = replace(records[p.action.client_id], email_consent=False,
+                                              updated_at=MODEL_NOW)
+    mailchimp = [p for p in planned if p.processor == "mailchimp"]
+    single = replace(subject, housemates=())
+    after = apply_to_model(single, mailchimp)
+    ordered = [records[client_id] for client_id in sorted(records)]
+    return household_view(ordered, after.member, after.facts, opted_in)
+
+
+def governing_consent(subject: SubjectView) -> bool:
+    return subject.governance().consent
+
+
+@PROPERTY_SETTINGS
+@given(households())
+def test_a_shared_member_is_never_subscribed_while_a_governing_record_lacks_consent(
+    drawn: tuple[Any, ...],
+) -> None:
+    subject = household_view(*drawn)
+    planned = plan(subject)
+    after = apply_household(subject, planned)
+    assert governing_consent(after) or not marketed(after)
+    if "subscribe" in [p.action.kind for p in planned]:
+        assert subject.governance().tier == "active" and governing_consent(subject)
+
+
+@PROPERTY_SETTINGS
+@given(households())
+def test_a_shared_address_whose_governing_records_all_consent_is_subscribed(
+    drawn: tuple[Any, ...],
+) -> None:
+    records, m, facts, opted_in = drawn
+    facts = replace(facts, opted_out_at=None, resubscribe_refused=False)
+    m = m if m is None or m.status not in ("unsubscribed", "cleaned") else None
+    subject = household_view(records, m, facts, opted_in)
+    governance = subject.governance()
+    if not (governance.consent and governance.tier == "active"):
+        return
+    after = apply_household(subject, plan(subject))
+    if m is not None and m.status == "archived":
+        return  # an archived member is re-subscribed like an absent one
+    assert after.member is not None and after.member.status == "subscribed"
+    primary = governance.primary
+    assert primary is not None
+    assert (after.member.first_name.strip(), after.member.last_name.strip()) == (
+        primary.first_name.strip(), primary.last_name.strip())
+
+
+@PROPERTY_SETTINGS
+@given(households())
+def test_planning_a_household_again_after_applying_changes_nothing(drawn: tuple[Any, ...]) -> None:
+    subject = household_view(*drawn)
+    after = apply_household(subject, plan(subject))
+    assert plan(after) == []
+
+
+@PROPERTY_SETTINGS
+@given(households(), st.randoms(use_true_random=False))
+def test_the_order_records_are_read_in_changes_nothing(
+    drawn: tuple[Any, ...], rnd: Any,
+) -> None:
+    records, m, facts, opted_in = drawn
+    shuffled = list(records)
+    rnd.shuffle(shuffled)
+    first, second = household_view(records, m, facts, opted_in), household_view(
+        shuffled, m, facts, opted_in)
+    assert plan(first) == plan(second)
+    assert first.client == second.client
+
+
+@PROPERTY_SETTINGS
+@given(households())
+def test_consent_is_withdrawn_only_where_an_opt_out_stands(drawn: tuple[Any, ...]) -> None:
+    subject = household_view(*drawn)
+    withdrawn = [p for p in plan(subject) if p.processor == "phorest"]
+    m, facts = subject.member, subject.facts
+    own = facts.unsubscribed_by_syncd and m is not None and m.status == "unsubscribed"
+    opted_out = facts.opted_out_at is not None or (
+        m is not None and m.status in ("unsubscribed", "cleaned") and not own)
+    if not opted_out or subject.governance().tier == "dead":
+        assert withdrawn == []
+    for p in withdrawn:
+        assert p.why in ("unsubscribed_in_mailchimp", "cleaned_in_mailchimp", "opt_out_on_record")

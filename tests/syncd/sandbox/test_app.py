@@ -88,8 +88,12 @@ def test_seeded_world_has_every_kind_of_client_and_drift() -> None:
                  "unsubscribed_in_mailchimp_only", "consenting_client_missing",
                  "name_changed_in_phorest", "cleaned"):
         assert members.get(kind, 0) > 0, kind
-    assert clients["total"] == 3000
-    assert world.phorest.clients_count() == 3000
+    # Households sharing one address come on top, one per 40 clients, every kind of them.
+    assert clients["total"] == 3000 + clients["household"]
+    for kind in ("active+archived", "two_active_mixed_consent", "active+deleted",
+                 "active+merged", "family_of_three"):
+        assert clients[f"household_{kind}"] == 3000 // 40 // 5, kind
+    assert world.phorest.clients_count() == clients["total"]
     assert world.mailchimp.members_count() == members["total"]
 
 
