@@ -402,8 +402,9 @@ def _needs_look(
             continue  # this very version was reconciled (the feed's overlap re-reads it)
         if (client.state not in ERASED_CLIENT_STATES and not client.email_consent
                 and stored is not None and stored.consent is False
+                and _seen_state(stored.client_seen) == client.state
                 and stored.synced_email_key in (None, keys.email(email))):
-            continue
+            continue  # an archiving (or un-archiving) changes who governs: looked at
         wanted.setdefault(email, _Change()).clients.append(client)
     addressed = [(member, email, keys.email(email)) for member in members
                  if isinstance(member, MemberRecord) and (email := _normalised(member.email))]
@@ -832,6 +833,11 @@ def _email_key(keys: SubjectKeys, address: str | None) -> str | None:
 def _seen(client: ClientRecord) -> str:
     """Which version of a Phorest record this is (no personal data)."""
     return f"{client.version}|{client.updated_at.isoformat()}|{client.state}"
+
+
+def _seen_state(client_seen: str | None) -> str | None:
+    """The client state a :func:`_seen` value recorded."""
+    return client_seen.rsplit("|", 1)[-1] if client_seen else None
 
 
 def _live_primary(slot: _Address) -> ClientRecord | None:

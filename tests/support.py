@@ -152,7 +152,9 @@ def vendor_addresses(sandbox: Any) -> dict[str, Address]:
     return addresses
 
 
-def shared_address_violations(addresses: dict[str, Address]) -> list[str]:
+def shared_address_violations(
+    addresses: dict[str, Address], *, compliance_waits: bool = False
+) -> list[str]:
     """Where the vendors break the shared-address rule (client ids only, no addresses).
 
     - a member is marketed though a governing record lacks consent, the
@@ -160,13 +162,21 @@ def shared_address_violations(addresses: dict[str, Address]) -> list[str]:
     - an address whose governing records are active and all consent has no
       subscribed member;
     - a subscribed member's names are not the name source's (created first).
+
+    With ``compliance_waits``, a consenting address whose member is in
+    Mailchimp's compliance state (unsubscribed or cleaned) is not missing:
+    Mailchimp refuses to re-subscribe it through the API, so it waits for the
+    person (R2, ``needs_client_resubscribe``). A fresh resync never leaves one:
+    it reads such a member as an opt-out and withdraws the consent.
     """
     problems = []
     for address in addresses.values():
         ids = ",".join(r["clientId"] for r in address.records) or "-"
         if address.marketed and (not address.consent or address.tier in (None, DEAD_TIER)):
             problems.append(f"marketed without every governing record's consent: {ids}")
-        if address.tier == "active" and address.consent and not (
+        waits = compliance_waits and address.member is not None and address.member["status"] in (
+            "unsubscribed", "cleaned")
+        if address.tier == "active" and address.consent and not waits and not (
             address.member is not None and address.member["status"] == "subscribed"
         ):
             problems.append(f"consenting active address missing from the audience: {ids}")

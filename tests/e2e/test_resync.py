@@ -56,6 +56,7 @@ def test_resync_through_the_cli_converges_and_prints_no_personal_data(
     outputs += [dry.stdout, dry.stderr]
     assert dry.returncode == 0, dry.stderr
     assert "withdraw_consent" in dry.stdout and "unsubscribe" in dry.stdout
+    assert "Shared addresses" in dry.stdout and "active+active" in dry.stdout
     assert "@" not in dry.stdout + dry.stderr
     assert sandbox.mailchimp.snapshot_members() == members_before
 
@@ -64,6 +65,9 @@ def test_resync_through_the_cli_converges_and_prints_no_personal_data(
     assert dry_json.returncode == 0, dry_json.stderr
     plan = json.loads(dry_json.stdout)
     assert plan["dry_run"] is True and plan["planned"] == len(plan["rows"]) > 0
+    shared = {(row["records"], row["governed_by"]): row["count"]
+              for row in plan["shared_addresses"]}  # fmt: skip
+    assert shared[("active+active", "active")] > 0
 
     real = _syncd(config_path, "resync")
     outputs += [real.stdout, real.stderr]

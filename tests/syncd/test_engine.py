@@ -309,3 +309,32 @@ def test_a_client_forgotten_in_phorest_is_erased_from_mailchimp_by_poll(world: W
     assert result.counts == {("mailchimp", "erase", "R5", "client_forgotten"): 1}
     assert world.sandbox.mailchimp.member(client.email or "") is None
     assert _poll(world).planned == 0
+
+
+def test_a_deleted_record_at_a_shared_address_keeps_the_member_and_says_so_once(
+    world: World,
+) -> None:
+    phorest, email = world.sandbox.phorest, "shared.e2e@example.org"
+    stays = phorest.add_client(firstName="Ann", lastName="Lee", email=email,
+                               emailMarketingConsent=True, createdAt="2020-01-01T00:00:00.000Z")
+    goes = phorest.add_client(firstName="Bo", lastName="Lee", email=email,
+                              emailMarketingConsent=True)
+    phorest.delete(goes["clientId"])
+    world.sandbox.mailchimp.add_member(email, "subscribed",
+                                       merge_fields={"FNAME": "Ann", "LNAME": "Lee"})
+
+    dry = world.resync(dry_run=True)
+
+    assert [(row.client_id, row.action, row.why) for row in dry.kept] == [
+        (goes["clientId"], "keep", "shared address: kept for another client")]
+    assert ("active+deleted", "active") in dry.shared
+    assert not [row for row in dry.rows if row.client_id in (goes["clientId"], stays["clientId"])]
+    assert dry.as_json()["kept"][0]["client_id"] == goes["clientId"]
+
+    world.resync()
+    world.resync()
+
+    assert world.sandbox.mailchimp.member(email)["status"] == "subscribed"
+    kept = [e for e in world.ledger.audit_events(world.keys.client_id(goes["clientId"]))
+            if e.action == "keep_shared_member"]
+    assert [(e.reason, e.outcome) for e in kept] == [("R5:kept_for_another_client", "kept")]
