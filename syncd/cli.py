@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -300,15 +299,17 @@ def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
     from syncd import engine
     from syncd.ledger import Ledger
-    from syncd.lock import AlreadyRunning, writer_lock
+    from syncd.lock import AlreadyRunning, writer_ledger
 
     settings = load_settings(args, interactive=True)
     built, keys = engine.build(settings, needed_by="resync")
     processors = [args.processor] if args.processor else None
-    # One writer: a real run holds the lock; while the daemon holds it, the daemon does it.
-    lock = nullcontext() if args.dry_run else writer_lock(settings.ledger.path)
+    # One writer: a real run holds the lock (and takes over what a killed holder left
+    # in flight); while the daemon holds it, the daemon does it.
+    opened = Ledger.open(settings.ledger.path) if args.dry_run else writer_ledger(
+        settings.ledger.path)
     try:
-        with lock, Ledger.open(settings.ledger.path) as ledger:
+        with opened as ledger:
             with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
                 summary = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
                                         progress=progress, processors=processors).as_json()

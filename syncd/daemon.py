@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from types import FrameType
@@ -71,7 +71,7 @@ from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
 from syncd.log import redact_text
 from syncd.ledger import Ledger
-from syncd.lock import writer_lock
+from syncd.lock import writer_ledger
 from syncd.retry import RetryPolicy
 from syncd.tasks import run_due
 from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
@@ -217,24 +217,17 @@ class Daemon:
             self._api_errors.labels(vendor, status).inc()
 
     def _run_locked(self, runtime: _Runtime) -> None:
-        with writer_lock(runtime.settings.ledger.path):
-            with Ledger.open(runtime.settings.ledger.path) as ledger:
-                self.ledger_path = runtime.settings.ledger.path
-                self._ledger = ledger
-                # Holding the lock, every in-flight task is a dead process's: redo it.
-                released = ledger.release_stale_in_flight(timedelta(0))
-                if released:
-                    log.warning("tasks_released_after_restart", count=released)
-                if ledger.fail_abandoned_commands(
-                        "the daemon stopped before this resync finished; ask again"):
-                    log.warning("resync_request_abandoned")
-                server = self._serve(runtime.settings)
-                try:
-                    self._loop(ledger, runtime)
-                finally:
-                    notify("STOPPING=1")
-                    server.shutdown()
-                    server.server_close()
+        # Taking the lock also takes over what a killed holder left (see writer_ledger).
+        with writer_ledger(runtime.settings.ledger.path) as ledger:
+            self.ledger_path = runtime.settings.ledger.path
+            self._ledger = ledger
+            server = self._serve(runtime.settings)
+            try:
+                self._loop(ledger, runtime)
+            finally:
+                notify("STOPPING=1")
+                server.shutdown()
+                server.server_close()
 
     def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
         self._schedule(ledger, runtime)

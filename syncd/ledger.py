@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from syncd.errors import LedgerError
@@ -764,12 +764,14 @@ class Ledger:
         )
         return cursor.rowcount == 1
 
-    def release_stale_in_flight(self, older_than: timedelta) -> int:
-        """Return to pending the in-flight tasks not touched for ``older_than``.
+    def release_in_flight(self) -> int:
+        """Return every in-flight task to pending, due now.
 
-        A crash leaves such tasks behind; the daemon calls this at start-up. The
-        call may have reached the processor, so only idempotent actions are safe
-        to replay blindly; ``attempts`` already counts it.
+        Call it only holding the writer lock (:func:`syncd.lock.writer_ledger`
+        does, on taking it): the lock proves that no other process is working
+        on a task, so whatever is in flight was left by one that died. Its call
+        may have reached the processor, so only idempotent actions are safe to
+        replay blindly; ``attempts`` already counts it.
 
         Returns:
             How many tasks were released.
@@ -777,12 +779,13 @@ class Ledger:
         Raises:
             LedgerError: SQLite failed.
         """
-        now = self._clock()
+        now = self._now()
         cursor = self._run(
             "UPDATE tasks SET state = 'pending', updated_at = ?,"
+            " next_attempt_at = MIN(next_attempt_at, ?),"
             " last_error = 'released: in flight when syncd stopped'"
-            " WHERE state = 'in_flight' AND updated_at <= ?",
-            (_to_text(now), _to_text(now - older_than)),
+            " WHERE state = 'in_flight'",
+            (now, now),
         )
         return cursor.rowcount
 

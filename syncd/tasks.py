@@ -185,7 +185,7 @@ def _run_batch(
             with ledger.transaction():
                 for task in claimed:
                     ledger.retry_later(task.id, now + _delay(policy, task.attempts + 1), error)
-        except LedgerError:  # never mask the original error; release_stale_in_flight recovers
+        except LedgerError:  # never mask the original error; the next lock holder releases them
             log.exception("tasks_push_forward_failed", processor=processor, count=len(claimed))
         raise
     alerts: Counter[tuple[str, str, str]] = Counter()

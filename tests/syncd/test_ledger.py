@@ -323,21 +323,23 @@ def test_dedupe_key_prevents_duplicates_while_open_and_allows_requeue_after_fina
     }  # fmt: skip
 
 
-def test_release_stale_in_flight_returns_only_old_claims_to_pending(
+def test_release_in_flight_returns_every_claim_to_pending_due_now_whatever_its_age(
     ledger: Ledger, clock: FakeClock
 ) -> None:
-    old, recent, idle = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    later = START + timedelta(hours=1)
+    old, recent, waiting = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    backed_off = ledger.add_task("s3", "phorest", "a", "r", next_attempt_at=later)
     ledger.claim(old)
     clock.advance(minutes=9)
     ledger.claim(recent)
-    clock.advance(minutes=2)
-    assert ledger.release_stale_in_flight(timedelta(minutes=10)) == 1
-    assert [stored(ledger, t).state for t in (old, recent, idle)] == [
-        "pending", "in_flight", "pending",
-    ]  # fmt: skip
-    assert ledger.claim(old) is True
-    assert ledger.count_tasks_by_state(processor="mailchimp")["in_flight"] == 2
-    assert ledger.count_tasks_by_state(processor="ga4")["in_flight"] == 0
+    ledger.claim(backed_off)
+    ledger.retry_later(waiting, later, "retriable:http_503")
+    assert ledger.release_in_flight() == 3
+    assert [stored(ledger, t).state for t in (old, recent, backed_off, waiting)] == ["pending"] * 4
+    assert {t.id for t in ledger.due_tasks(10)} == {old, recent, backed_off}  # not `waiting`
+    assert stored(ledger, old).attempts == 1  # the interrupted call counts as an attempt
+    assert stored(ledger, old).last_error == "released: in flight when syncd stopped"
+    assert ledger.release_in_flight() == 0
 
 
 def test_long_error_text_is_cut_to_the_limit(ledger: Ledger) -> None:
