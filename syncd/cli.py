@@ -319,7 +319,14 @@ def cmd_resync(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_resync(summary)
-    return EXIT_ERROR if summary["failed"] else EXIT_OK
+    unfinished = summary.get("unfinished", 0)
+    if unfinished:
+        # Planned but not carried out (a retry wait, or a task that could not run): the
+        # drift is still there, so this run did not do its job.
+        print(f"syncd: {unfinished} of {summary['planned']} planned action(s) not carried out "
+              "(still queued, e.g. waiting to retry); syncd run or the next syncd resync "
+              "carries them out", file=sys.stderr)
+    return EXIT_ERROR if summary["failed"] or unfinished else EXIT_OK
 
 
 FOLLOW_EVERY_SECONDS = 0.25
@@ -516,8 +523,10 @@ def _print_resync(summary: dict[str, Any]) -> None:
         f"{processor}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))
         for processor, c in sorted((summary["outcomes"] or {}).items()) if c
     ) or "none run"
+    unfinished = summary.get("unfinished", 0)
     console.print(f"{summary['planned']} action(s) planned; outcomes: {outcomes}; "
-                  f"{summary['failed']} failed")
+                  f"{summary['failed']} failed"
+                  + (f"; {unfinished} not carried out" if unfinished else ""))
 
 
 def _print_sandbox(sandbox: Any, config_path: Path | None) -> None:

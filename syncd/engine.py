@@ -140,6 +140,7 @@ class ResyncResult:
         clients: Phorest clients read.
         members: Mailchimp members read.
         unusable_addresses: records whose email is not a plausible address (ignored).
+        unfinished: planned actions whose task is still pending or in flight at the end.
     """
 
     counts: dict[CountKey, int]
@@ -150,6 +151,7 @@ class ResyncResult:
     clients: int = 0
     members: int = 0
     unusable_addresses: int = 0
+    unfinished: int = 0
 
     @property
     def planned(self) -> int:
@@ -165,6 +167,7 @@ class ResyncResult:
             "unusable_addresses": self.unusable_addresses,
             "planned": self.planned,
             "failed": self.failed,
+            "unfinished": self.unfinished,
             "counts": [
                 {"processor": p, "action": a, "rule": r, "why": w, "count": n}
                 for (p, a, r, w), n in sorted(self.counts.items())
@@ -501,8 +504,11 @@ def _reconcile(
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
                      on_batch=lambda done: progress("applied", done, len(planned)))
     _record_results(ledger, planned, task_ids, keys)
-    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
-    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats)
+    unfinished = ledger.count_open(task_ids)
+    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts,
+          unfinished=unfinished)
+    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats,
+                        unfinished=unfinished)
 
 
 class _Index:

@@ -789,6 +789,22 @@ class Ledger:
         )
         return cursor.rowcount
 
+    def count_open(self, task_ids: Sequence[int]) -> int:
+        """How many of these tasks (each counted once) are still pending or in flight.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        unique = sorted(set(task_ids))
+        open_count = 0
+        for start in range(0, len(unique), KEYS_PER_QUERY):
+            batch = unique[start : start + KEYS_PER_QUERY]
+            marks = ", ".join("?" * len(batch))
+            sql = (f"SELECT COUNT(*) FROM tasks WHERE id IN ({marks})"
+                   " AND state IN ('pending', 'in_flight')")
+            open_count += int(self._run(sql, batch).fetchone()[0])
+        return open_count
+
     def task(self, task_id: int) -> Task | None:
         """The task with this id, or None.
 

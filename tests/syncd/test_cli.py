@@ -236,7 +236,7 @@ def test_resync_without_the_mailchimp_section_says_so_in_one_line(
     assert capsys.readouterr().err == "resync needs the [mailchimp] section\n"
 
 
-# -- resync: taking over a killed run's work ---------------------------------------
+# -- resync: taking over a killed run's work, and owning up to work not done ----------
 
 
 def _opted_out_in_mailchimp_only(sandbox: Any) -> list[dict[str, Any]]:
@@ -282,3 +282,27 @@ def test_resync_carries_out_the_withdrawal_a_killed_resync_left_in_flight(
         assert _opted_out_in_mailchimp_only(sandbox) == []
         assert main(["--config", str(config_path), "resync", "--dry-run", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["planned"] == 0
+
+
+def test_resync_exits_1_in_one_line_when_a_planned_action_was_not_carried_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from syncd.sandbox.app import Sandbox
+
+    with Sandbox(clients=80, seed=3, smtp_port=None) as sandbox:
+        config_path = sandbox.write_config(tmp_path / "syncd.toml")
+        waiting = _opted_out_in_mailchimp_only(sandbox)[0]
+        # An earlier run's withdrawal, waiting an hour to retry: the plan lands on it.
+        _plant_withdrawal(config_path, waiting["clientId"],
+                          next_attempt_at=datetime.now(UTC) + timedelta(hours=1))
+
+        assert main(["--config", str(config_path), "resync"]) == 1
+        out, err = capsys.readouterr()
+        assert "0 failed; 1 not carried out" in " ".join(out.split())  # rich wraps at 80
+        explanation = [line for line in err.splitlines() if "not carried out" in line]
+        assert len(explanation) == 1 and explanation[0].startswith("syncd: 1 of ")
+        assert sandbox.phorest.client(waiting["clientId"])["emailMarketingConsent"] is True
+        assert [c["clientId"] for c in _opted_out_in_mailchimp_only(sandbox)] == [
+            waiting["clientId"]]

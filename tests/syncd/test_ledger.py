@@ -342,6 +342,14 @@ def test_release_in_flight_returns_every_claim_to_pending_due_now_whatever_its_a
     assert ledger.release_in_flight() == 0
 
 
+def test_count_open_counts_each_task_once_while_pending_or_in_flight(ledger: Ledger) -> None:
+    pending, claimed, done = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    ledger.claim(claimed)
+    ledger.finish(done, "done")
+    assert ledger.count_open([pending, pending, claimed, done, 999]) == 2
+    assert ledger.count_open([]) == 0
+
+
 def test_long_error_text_is_cut_to_the_limit(ledger: Ledger) -> None:
     task_id = ledger.add_task("s1", "ga4", "a", "r")
     ledger.retry_later(task_id, START, "x" * 10_000)
