@@ -15,7 +15,11 @@ The loop (``schedule``), on the main thread:
   command row written by ``syncd resync``), with its progress written back;
 - every ``[daemon] alert_check_seconds``: the alert checks
   (:func:`syncd.alerts.run_checks`): raise and resolve alerts from the
-  ledger's state and email the manager what is due.
+  ledger's state and email the manager what is due;
+- every turn, once a job scrubbed personal data (a processed webhook, a
+  finished task): a checkpoint that empties the WAL of it
+  (:meth:`syncd.ledger.Ledger.flush_scrubbed`), retried at the next turn while
+  a reader holds an old snapshot.
 
 A job that raises is logged (type only), counted, recorded as an open alert
 in the ledger and tried again after a growing pause (5 s doubling to 5 min),
@@ -245,11 +249,20 @@ class Daemon:
                 self._reload.clear()
                 runtime = self.runtime = self._reloaded(ledger, runtime)
             runtime.scheduler.run_pending()
+            self._flush_scrubbed(ledger)
             idle = runtime.scheduler.idle_seconds
             self._wake.wait(timeout=max(0.05, min(WORK_EVERY_SECONDS, idle or WORK_EVERY_SECONDS)))
             if self._wake.is_set() and not self._stop.is_set() and not self._reload.is_set():
                 self._wake.clear()
                 self._jobs["work"]()  # a webhook arrived: work now, not at the next tick
+                self._flush_scrubbed(ledger)
+
+    def _flush_scrubbed(self, ledger: Ledger) -> None:
+        """Empty the WAL of what the jobs scrubbed; readers in the way mean: next turn."""
+        try:
+            ledger.flush_scrubbed()
+        except LedgerError:
+            log.warning("wal_flush_failed")
 
     def _safe_point(self) -> None:
         """Between pages and batches: stop here if asked, else show progress.

@@ -6,8 +6,9 @@ an ``flock`` when its process ends, however it ends, so a crash never leaves a
 stale lock behind. The file holds the holder's pid, for ``syncd status``.
 
 Whoever holds the lock owns all the work in the ledger. A holder that was
-killed leaves tasks in flight and a resync it was running for ``syncd resync``
-marked running; nobody else would ever finish them. :func:`writer_ledger` takes the lock and takes that over, and it
+killed leaves tasks in flight, a resync it was running for ``syncd resync``
+marked running, and scrubbed personal data in the WAL; nobody else would ever
+finish them. :func:`writer_ledger` takes the lock and takes that over, and it
 is the one way in for every engine (the daemon and the one-shot resync).
 """
 
@@ -67,7 +68,8 @@ def writer_ledger(ledger_path: str | os.PathLike[str]) -> Iterator[Ledger]:
     the lock proves that no live process is working on it, so its holder died
     (a later ``enqueue`` of the same action would otherwise deduplicate onto a
     task nobody runs). A resync still marked running for a waiting ``syncd
-    resync`` is failed.
+    resync`` is failed, and the WAL is emptied of what the dead holder may have
+    scrubbed without checkpointing.
 
     Yields:
         The open ledger, for the caller to write while it holds the lock.
@@ -82,6 +84,8 @@ def writer_ledger(ledger_path: str | os.PathLike[str]) -> Iterator[Ledger]:
             log.warning("tasks_released_after_restart", count=released)
         if ledger.fail_abandoned_commands(ABANDONED_COMMAND_REASON):
             log.warning("resync_request_abandoned")
+        if not ledger.flush_scrubbed(always=True):
+            log.info("wal_flush_deferred", reason="a reader holds an old snapshot")
         yield ledger
 
 

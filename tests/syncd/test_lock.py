@@ -35,8 +35,9 @@ def test_lock_holder_names_the_writer_and_never_creates_the_file(tmp_path: Path)
         assert lock_path(ledger).stat().st_mode & 0o777 == 0o600
 
 
-# A holder that dies mid-run: tasks claimed and a followed resync running, then
-# SIGKILL (no clean-up of any kind).
+SEEDED_EMAIL = "bob.locktest@example.com"
+# A holder that dies mid-run: tasks claimed, a followed resync running, a payload
+# scrubbed but still in the WAL, then SIGKILL (no clean-up of any kind).
 DYING_HOLDER = """
 import os, signal, sys
 from datetime import UTC, datetime, timedelta
@@ -49,15 +50,25 @@ with writer_ledger(sys.argv[1]) as ledger:
                                      dedupe_key=f"phorest:withdraw_consent:s{n}"))
     ledger.add_task("s9", "mailchimp", "unsubscribe", "R2", next_attempt_at=later)
     ledger.start_command(ledger.add_command("resync", {}))
+    scrubbed = ledger.add_task("s8", "mailchimp", "delete_permanent", "R3",
+                               payload={"email": sys.argv[2]})
+    ledger.claim(scrubbed)
+    ledger.finish(scrubbed, "done")
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def _wal_bytes(ledger_path: Path) -> bytes:
+    wal = Path(f"{ledger_path}-wal")
+    return wal.read_bytes() if wal.exists() else b""
+
+
 def test_taking_the_lock_takes_over_what_a_killed_holder_left(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.sqlite3"
-    died = subprocess.run([sys.executable, "-c", DYING_HOLDER, str(ledger_path)],
+    died = subprocess.run([sys.executable, "-c", DYING_HOLDER, str(ledger_path), SEEDED_EMAIL],
                           capture_output=True, text=True, timeout=60, check=False)
     assert died.returncode == -9, died.stderr
+    assert SEEDED_EMAIL.encode() in _wal_bytes(ledger_path)  # the check below can see it
     with Ledger.open(ledger_path) as reader:
         assert reader.count_tasks_by_state()["in_flight"] == 3
 
@@ -72,6 +83,8 @@ def test_taking_the_lock_takes_over_what_a_killed_holder_left(tmp_path: Path) ->
         assert again == ledger.due_tasks(1)[0].id
         command = ledger.command(1)
         assert command is not None and command.state == "failed"
+        assert _wal_bytes(ledger_path) == b""
+        assert SEEDED_EMAIL.encode() not in ledger_path.read_bytes()
 
 
 def test_a_refused_lock_takes_nothing_over(tmp_path: Path) -> None:
