@@ -1,17 +1,25 @@
-"""``syncd resync`` end to end: the real command, as a subprocess, against a sandbox."""
+"""``syncd resync`` end to end: the real command, as a subprocess, against a sandbox.
+
+Includes the SIGKILL trials: a resync killed at a random moment is finished by the next one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from syncd import config
+from syncd.cli import main
 from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
 
@@ -30,6 +38,14 @@ def _syncd(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SYNCD), "--config", str(config_path), *args], capture_output=True, text=True,
         env=env, timeout=TIMEOUT_SECONDS, check=False, cwd=config_path.parent,
+    )  # fmt: skip
+
+
+def _popen_syncd(config_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    return subprocess.Popen(
+        [str(SYNCD), "--config", str(config_path), *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, cwd=config_path.parent,
     )  # fmt: skip
 
 
@@ -93,3 +109,105 @@ def test_resync_reports_an_unusable_configuration_in_one_line(tmp_path: Path) ->
     result = _syncd(missing, "resync", "--dry-run")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip()
+
+
+# -- a one-shot resync killed with SIGKILL, then run again ------------------------------
+
+KILL_TRIALS = 10
+KILL_TRIAL_CLIENTS = 200  # 10-15 opt-outs to carry: a second or two of Phorest writes
+KILL_TRIAL_LATENCY_MS = 20
+KILL_SEED = 12
+# An uninterrupted resync of that world takes about 2.5 s (interpreter start and reads,
+# Phorest withdrawals at its 20 requests/s limit, Mailchimp batches); kills land anywhere.
+KILL_WINDOW_SECONDS = (0.3, 2.5)
+OPTED_OUT = ("unsubscribed", "cleaned")
+REQUEST_TIMEOUT_SECONDS = 10
+
+
+def _phorest_clients(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """Every live client (archived included), read over Phorest's HTTP API."""
+    c = sandbox.credentials
+    url = f"{sandbox.base_url}/third-party-api-server/api/business/{c.phorest_business_id}/client"
+    clients: list[dict[str, Any]] = []
+    page = 0
+    while True:
+        answer = requests.get(url, params={"size": 200, "page": page, "includeArchived": "true"},
+                              auth=(c.phorest_username, c.phorest_password),
+                              timeout=REQUEST_TIMEOUT_SECONDS)
+        answer.raise_for_status()
+        body = answer.json()
+        clients += body.get("_embedded", {}).get("clients", [])
+        page += 1
+        if page >= body["page"]["totalPages"]:
+            return [client for client in clients if not client.get("mergedToClientId")]
+
+
+def _mailchimp_members(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """Every member of the audience, read over Mailchimp's HTTP API."""
+    c = sandbox.credentials
+    url = f"{sandbox.base_url}/3.0/lists/{c.mailchimp_list_id}/members"
+    members: list[dict[str, Any]] = []
+    while True:
+        answer = requests.get(url, params={"count": 1000, "offset": len(members)},
+                              auth=("syncd-test", c.mailchimp_api_key),
+                              timeout=REQUEST_TIMEOUT_SECONDS)
+        answer.raise_for_status()
+        body = answer.json()
+        members += body["members"]
+        if not body["members"] or len(members) >= body["total_items"]:
+            return members
+
+
+def _opt_outs_missing_in_phorest(sandbox: Sandbox) -> list[str]:
+    """Client ids still consenting in Phorest although their Mailchimp member opted out.
+
+    Judged from the emulators' HTTP APIs alone. The client that counts for an address
+    is the one that governs it (DESIGN: the newest live client holding it).
+    """
+    governing: dict[str, dict[str, Any]] = {}
+    for client in _phorest_clients(sandbox):
+        if client.get("email"):
+            address = client["email"].strip().lower()
+            held = governing.get(address)
+            if held is None or client["updatedAt"] > held["updatedAt"]:
+                governing[address] = client
+    opted_out = {m["email_address"].strip().lower() for m in _mailchimp_members(sandbox)
+                 if m["status"] in OPTED_OUT}
+    return sorted(client["clientId"] for address, client in governing.items()
+                  if address in opted_out and client["emailMarketingConsent"])
+
+
+@pytest.mark.slow
+def test_a_resync_killed_at_random_moments_is_finished_by_the_next_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(KILL_SEED)
+    trials = []
+    for trial in range(KILL_TRIALS):
+        kill_after = rng.uniform(*KILL_WINDOW_SECONDS)
+        with Sandbox(clients=KILL_TRIAL_CLIENTS, seed=trial, smtp_port=None,
+                     latency_ms=KILL_TRIAL_LATENCY_MS) as sandbox:
+            config_path = sandbox.write_config(tmp_path / f"trial{trial}" / "syncd.toml")
+            assert _opt_outs_missing_in_phorest(sandbox), "the world has no opt-out to carry"
+            killed = _popen_syncd(config_path, "resync")
+            try:
+                killed.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                killed.kill()  # SIGKILL: no clean-up of any kind
+            killed.communicate(timeout=TIMEOUT_SECONDS)
+            missing_at_kill = len(_opt_outs_missing_in_phorest(sandbox))
+            with Ledger.open(config.load(config_path).ledger.path) as ledger:
+                left_in_flight = ledger.count_tasks_by_state()["in_flight"]  # for the report
+
+            again = _syncd(config_path, "resync")
+            assert main(["--config", str(config_path), "resync", "--dry-run", "--json"]) == 0
+            dry_run = json.loads(capsys.readouterr().out)
+            trials.append({
+                "trial": trial, "kill_after_s": round(kill_after, 2),
+                "killed": killed.returncode == -signal.SIGKILL,
+                "in_flight_at_kill": left_in_flight, "missing_at_kill": missing_at_kill,
+                "exit": again.returncode, "planned_after": dry_run["planned"],
+                "missing_after": _opt_outs_missing_in_phorest(sandbox),
+            })
+    print("\n".join(str(t) for t in trials))  # the trial report (pytest -s, or on failure)
+    assert [t for t in trials if t["exit"] or t["planned_after"] or t["missing_after"]] == []
