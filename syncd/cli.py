@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -300,15 +299,17 @@ def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
     from syncd import engine
     from syncd.ledger import Ledger
-    from syncd.lock import AlreadyRunning, writer_lock
+    from syncd.lock import AlreadyRunning, writer_ledger
 
     settings = load_settings(args, interactive=True)
     built, keys = engine.build(settings, needed_by="resync")
     processors = [args.processor] if args.processor else None
-    # One writer: a real run holds the lock; while the daemon holds it, the daemon does it.
-    lock = nullcontext() if args.dry_run else writer_lock(settings.ledger.path)
+    # One writer: a real run holds the lock (and takes over what a killed holder left
+    # in flight); while the daemon holds it, the daemon does it.
+    opened = Ledger.open(settings.ledger.path) if args.dry_run else writer_ledger(
+        settings.ledger.path)
     try:
-        with lock, Ledger.open(settings.ledger.path) as ledger:
+        with opened as ledger:
             with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
                 summary = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
                                         progress=progress, processors=processors).as_json()
@@ -318,7 +319,14 @@ def cmd_resync(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_resync(summary)
-    return EXIT_ERROR if summary["failed"] else EXIT_OK
+    unfinished = summary.get("unfinished", 0)
+    if unfinished:
+        # Planned but not carried out (a retry wait, or a task that could not run): the
+        # drift is still there, so this run did not do its job.
+        print(f"syncd: {unfinished} of {summary['planned']} planned action(s) not carried out "
+              "(still queued, e.g. waiting to retry); syncd run or the next syncd resync "
+              "carries them out", file=sys.stderr)
+    return EXIT_ERROR if summary["failed"] or unfinished else EXIT_OK
 
 
 FOLLOW_EVERY_SECONDS = 0.25
@@ -516,8 +524,10 @@ def _print_resync(summary: dict[str, Any]) -> None:
         f"{processor}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))
         for processor, c in sorted((summary["outcomes"] or {}).items()) if c
     ) or "none run"
+    unfinished = summary.get("unfinished", 0)
     console.print(f"{summary['planned']} action(s) planned; outcomes: {outcomes}; "
-                  f"{summary['failed']} failed")
+                  f"{summary['failed']} failed"
+                  + (f"; {unfinished} not carried out" if unfinished else ""))
 
 
 def _print_shared(console: Any, summary: dict[str, Any]) -> None:

@@ -15,7 +15,11 @@ The loop (``schedule``), on the main thread:
   command row written by ``syncd resync``), with its progress written back;
 - every ``[daemon] alert_check_seconds``: the alert checks
   (:func:`syncd.alerts.run_checks`): raise and resolve alerts from the
-  ledger's state and email the manager what is due.
+  ledger's state and email the manager what is due;
+- every turn, once a job scrubbed personal data (a processed webhook, a
+  finished task): a checkpoint that empties the WAL of it
+  (:meth:`syncd.ledger.Ledger.flush_scrubbed`), retried at the next turn while
+  a reader holds an old snapshot.
 
 A job that raises is logged (type only), counted, recorded as an open alert
 in the ledger and tried again after a growing pause (5 s doubling to 5 min),
@@ -51,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from types import FrameType
@@ -71,7 +75,7 @@ from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
 from syncd.log import redact_text
 from syncd.ledger import Ledger
-from syncd.lock import writer_lock
+from syncd.lock import writer_ledger
 from syncd.retry import RetryPolicy
 from syncd.tasks import run_due
 from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
@@ -217,24 +221,17 @@ class Daemon:
             self._api_errors.labels(vendor, status).inc()
 
     def _run_locked(self, runtime: _Runtime) -> None:
-        with writer_lock(runtime.settings.ledger.path):
-            with Ledger.open(runtime.settings.ledger.path) as ledger:
-                self.ledger_path = runtime.settings.ledger.path
-                self._ledger = ledger
-                # Holding the lock, every in-flight task is a dead process's: redo it.
-                released = ledger.release_stale_in_flight(timedelta(0))
-                if released:
-                    log.warning("tasks_released_after_restart", count=released)
-                if ledger.fail_abandoned_commands(
-                        "the daemon stopped before this resync finished; ask again"):
-                    log.warning("resync_request_abandoned")
-                server = self._serve(runtime.settings)
-                try:
-                    self._loop(ledger, runtime)
-                finally:
-                    notify("STOPPING=1")
-                    server.shutdown()
-                    server.server_close()
+        # Taking the lock also takes over what a killed holder left (see writer_ledger).
+        with writer_ledger(runtime.settings.ledger.path) as ledger:
+            self.ledger_path = runtime.settings.ledger.path
+            self._ledger = ledger
+            server = self._serve(runtime.settings)
+            try:
+                self._loop(ledger, runtime)
+            finally:
+                notify("STOPPING=1")
+                server.shutdown()
+                server.server_close()
 
     def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
         self._schedule(ledger, runtime)
@@ -252,11 +249,20 @@ class Daemon:
                 self._reload.clear()
                 runtime = self.runtime = self._reloaded(ledger, runtime)
             runtime.scheduler.run_pending()
+            self._flush_scrubbed(ledger)
             idle = runtime.scheduler.idle_seconds
             self._wake.wait(timeout=max(0.05, min(WORK_EVERY_SECONDS, idle or WORK_EVERY_SECONDS)))
             if self._wake.is_set() and not self._stop.is_set() and not self._reload.is_set():
                 self._wake.clear()
                 self._jobs["work"]()  # a webhook arrived: work now, not at the next tick
+                self._flush_scrubbed(ledger)
+
+    def _flush_scrubbed(self, ledger: Ledger) -> None:
+        """Empty the WAL of what the jobs scrubbed; readers in the way mean: next turn."""
+        try:
+            ledger.flush_scrubbed()
+        except LedgerError:
+            log.warning("wal_flush_failed")
 
     def _safe_point(self) -> None:
         """Between pages and batches: stop here if asked, else show progress.

@@ -154,6 +154,7 @@ class ResyncResult:
         kept: one row per dead record whose member was kept because another
             client still governs its address (not an action: never counted
             as planned).
+        unfinished: planned actions whose task is still pending or in flight at the end.
     """
 
     counts: dict[CountKey, int]
@@ -166,6 +167,7 @@ class ResyncResult:
     unusable_addresses: int = 0
     shared: dict[tuple[str, str], int] = field(default_factory=dict)
     kept: list[PlannedRow] = field(default_factory=list)
+    unfinished: int = 0
 
     @property
     def planned(self) -> int:
@@ -181,6 +183,7 @@ class ResyncResult:
             "unusable_addresses": self.unusable_addresses,
             "planned": self.planned,
             "failed": self.failed,
+            "unfinished": self.unfinished,
             "counts": [
                 {"processor": p, "action": a, "rule": r, "why": w, "count": n}
                 for (p, a, r, w), n in sorted(self.counts.items())
@@ -540,8 +543,11 @@ def _reconcile(
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
                      on_batch=lambda done: progress("applied", done, len(planned)))
     _record_results(ledger, planned, task_ids, keys)
-    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts)
-    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats, **extra)
+    unfinished = ledger.count_open(task_ids)
+    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts,
+          unfinished=unfinished)
+    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats, **extra,
+                        unfinished=unfinished)
 
 
 def _member_kept(subject: _Subject) -> bool:

@@ -15,9 +15,13 @@ Times are stored as fixed-width UTC text (``2026-11-24T19:40:05.123456Z``) so
 that comparing strings orders them. The schema uses plain types so that a
 PostgreSQL backend stays possible.
 
-Personal data: a pending task may carry identifiers in ``payload``; reaching a
-final state scrubs it, and ``secure_delete`` zeroes the old bytes in the file.
-Call :meth:`Ledger.checkpoint` periodically so old WAL frames do not keep them.
+Personal data: a pending task may carry identifiers in ``payload``, and an
+inbox event the address it names; reaching a final state scrubs them, and
+``secure_delete`` zeroes the old bytes in the file. ``secure_delete`` does not
+reach the WAL, whose older frames still hold the page as it was before the
+scrub, so the connection that scrubbed calls :meth:`Ledger.flush_scrubbed`
+(the task runner after each batch, the daemon at every loop turn, and
+:meth:`Ledger.close`) to checkpoint and truncate the WAL.
 """
 
 from __future__ import annotations
@@ -29,12 +33,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from syncd.errors import LedgerError
 
 BUSY_TIMEOUT_MS = 5000
+# How long a checkpoint that empties the WAL waits for readers on an old
+# snapshot before giving up until the next try (the daemon's loop must not stall).
+CHECKPOINT_BUSY_TIMEOUT_MS = 50
+# After a complete checkpoint, the next commit cuts the WAL down to what it
+# wrote: frames from before the checkpoint (old page versions, possibly with
+# scrubbed payloads) do not linger at the end of a reused file.
+WAL_SIZE_LIMIT_BYTES = 0
 WAL_SWITCH_RETRY_SECONDS = 0.01
 LEDGER_FILE_MODE = 0o600
 ERROR_TEXT_LIMIT_CHARS = 500
@@ -529,6 +540,8 @@ class Ledger:
         self._conn = conn
         self._clock = clock
         self._depth = 0
+        # Personal data was scrubbed since the WAL was last emptied (see flush_scrubbed).
+        self._scrubbed = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, clock: Clock | None = None) -> Ledger:
@@ -556,6 +569,7 @@ class Ledger:
             conn.execute("PRAGMA foreign_keys = ON")
             # Zero freed bytes so scrubbed payloads do not linger in the file.
             conn.execute("PRAGMA secure_delete = ON")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES:d}")
             _migrate(conn, path)
         except BaseException as exc:
             if conn is not None:
@@ -566,7 +580,15 @@ class Ledger:
         return cls(conn, path, clock or (lambda: datetime.now(UTC)))
 
     def close(self) -> None:
-        """Close the connection; uncommitted work is rolled back."""
+        """Close the connection; uncommitted work is rolled back.
+
+        What this connection scrubbed is flushed from the WAL first (when no
+        reader prevents it), since other connections may keep the WAL alive.
+        """
+        try:
+            self.flush_scrubbed()
+        except (LedgerError, sqlite3.ProgrammingError):
+            pass  # closing must not fail; the next writer's flush catches up
         self._conn.close()
 
     def __enter__(self) -> Ledger:
@@ -635,6 +657,42 @@ class Ledger:
             LedgerError: SQLite refused.
         """
         return self._run("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+
+    def flush_scrubbed(self, *, always: bool = False) -> bool:
+        """Empty the WAL if personal data was scrubbed since it was last emptied.
+
+        ``secure_delete`` zeroes scrubbed bytes in the database file, but the
+        WAL keeps every page version written since the last checkpoint, the
+        ones from before the scrub included. A ``TRUNCATE`` checkpoint copies
+        the WAL into the file and cuts the WAL to zero bytes. It cannot finish
+        while another connection reads an older snapshot; it then waits at most
+        :data:`CHECKPOINT_BUSY_TIMEOUT_MS` and gives up, and the next call (the
+        daemon's next loop turn) tries again. Inside a transaction nothing is
+        done: the scrub is not committed yet.
+
+        Args:
+            always: checkpoint even if this connection scrubbed nothing (e.g. a
+                process that died may have left scrubbed pages in the WAL).
+
+        Returns:
+            True when no scrubbed data waits in the WAL any more (or none did).
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        if always:
+            self._scrubbed = True
+        if not self._scrubbed:
+            return True
+        if self._conn.in_transaction:
+            return False
+        self._run(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS:d}")
+        try:
+            done = self.checkpoint()
+        finally:
+            self._run(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
+        self._scrubbed = not done
+        return done
 
     def integrity_problems(self) -> list[str]:
         """Run SQLite's integrity check. Returns problems; empty when the file is sound.
@@ -753,6 +811,7 @@ class Ledger:
                 raise LedgerError(f"{self.path}: no task {task_id}")
             if cursor.rowcount != 1:
                 return False
+            self._scrubbed = True
             self.add_audit(
                 task.subject_key, task.processor, task.action, task.reason, state,
                 vendor_request_id=task.vendor_request_id, task_id=task_id, detail=error,
@@ -775,12 +834,14 @@ class Ledger:
         )
         return cursor.rowcount == 1
 
-    def release_stale_in_flight(self, older_than: timedelta) -> int:
-        """Return to pending the in-flight tasks not touched for ``older_than``.
+    def release_in_flight(self) -> int:
+        """Return every in-flight task to pending, due now.
 
-        A crash leaves such tasks behind; the daemon calls this at start-up. The
-        call may have reached the processor, so only idempotent actions are safe
-        to replay blindly; ``attempts`` already counts it.
+        Call it only holding the writer lock (:func:`syncd.lock.writer_ledger`
+        does, on taking it): the lock proves that no other process is working
+        on a task, so whatever is in flight was left by one that died. Its call
+        may have reached the processor, so only idempotent actions are safe to
+        replay blindly; ``attempts`` already counts it.
 
         Returns:
             How many tasks were released.
@@ -788,14 +849,31 @@ class Ledger:
         Raises:
             LedgerError: SQLite failed.
         """
-        now = self._clock()
+        now = self._now()
         cursor = self._run(
             "UPDATE tasks SET state = 'pending', updated_at = ?,"
+            " next_attempt_at = MIN(next_attempt_at, ?),"
             " last_error = 'released: in flight when syncd stopped'"
-            " WHERE state = 'in_flight' AND updated_at <= ?",
-            (_to_text(now), _to_text(now - older_than)),
+            " WHERE state = 'in_flight'",
+            (now, now),
         )
         return cursor.rowcount
+
+    def count_open(self, task_ids: Sequence[int]) -> int:
+        """How many of these tasks (each counted once) are still pending or in flight.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        unique = sorted(set(task_ids))
+        open_count = 0
+        for start in range(0, len(unique), KEYS_PER_QUERY):
+            batch = unique[start : start + KEYS_PER_QUERY]
+            marks = ", ".join("?" * len(batch))
+            sql = (f"SELECT COUNT(*) FROM tasks WHERE id IN ({marks})"
+                   " AND state IN ('pending', 'in_flight')")
+            open_count += int(self._run(sql, batch).fetchone()[0])
+        return open_count
 
     def task(self, task_id: int) -> Task | None:
         """The task with this id, or None.
@@ -1095,6 +1173,8 @@ class Ledger:
             " WHERE id = ? AND processed_at IS NULL",
             (self._now(), _short(outcome), event_id),
         )
+        if cursor.rowcount == 1:
+            self._scrubbed = True
         return cursor.rowcount == 1
 
     def suppress(self, identifier_key: str, reason: str, request_id: int | None = None) -> bool:

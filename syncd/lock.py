@@ -4,6 +4,12 @@ The lock is an ``flock`` on ``<ledger>.lock``. The daemon holds it for as long
 as it runs; a one-shot ``syncd resync`` holds it for its run. The kernel drops
 an ``flock`` when its process ends, however it ends, so a crash never leaves a
 stale lock behind. The file holds the holder's pid, for ``syncd status``.
+
+Whoever holds the lock owns all the work in the ledger. A holder that was
+killed leaves tasks in flight, a resync it was running for ``syncd resync``
+marked running, and scrubbed personal data in the WAL; nobody else would ever
+finish them. :func:`writer_ledger` takes the lock and takes that over, and it
+is the one way in for every engine (the daemon and the one-shot resync).
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
+
 from syncd.errors import SyncdError
+from syncd.ledger import Ledger
+
+log = structlog.get_logger(__name__)
+
+ABANDONED_COMMAND_REASON = "syncd stopped before this resync finished; ask again"
 
 
 class AlreadyRunning(SyncdError):
@@ -45,6 +58,35 @@ def writer_lock(ledger_path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def writer_ledger(ledger_path: str | os.PathLike[str]) -> Iterator[Ledger]:
+    """Take the writer lock, open the ledger, and take over what a dead holder left.
+
+    Every task still in flight goes back to pending, due now, whatever its age:
+    the lock proves that no live process is working on it, so its holder died
+    (a later ``enqueue`` of the same action would otherwise deduplicate onto a
+    task nobody runs). A resync still marked running for a waiting ``syncd
+    resync`` is failed, and the WAL is emptied of what the dead holder may have
+    scrubbed without checkpointing.
+
+    Yields:
+        The open ledger, for the caller to write while it holds the lock.
+
+    Raises:
+        AlreadyRunning: another process holds the lock.
+        LedgerError: the ledger cannot be opened or written.
+    """
+    with writer_lock(ledger_path), Ledger.open(ledger_path) as ledger:
+        released = ledger.release_in_flight()
+        if released:
+            log.warning("tasks_released_after_restart", count=released)
+        if ledger.fail_abandoned_commands(ABANDONED_COMMAND_REASON):
+            log.warning("resync_request_abandoned")
+        if not ledger.flush_scrubbed(always=True):
+            log.info("wal_flush_deferred", reason="a reader holds an old snapshot")
+        yield ledger
 
 
 def lock_holder(ledger_path: str | os.PathLike[str]) -> int | None:

@@ -8,7 +8,8 @@ pending with a later ``next_attempt_at``). If ``apply`` raises, every claimed
 task is pushed forward before the error propagates, so nothing spins.
 
 Personal data lives only in a pending task's payload (the ledger scrubs it at a
-final state); alerts and log lines carry processors, reasons, counts and task ids.
+final state, and each batch ends by flushing the scrubbed pages out of the WAL);
+alerts and log lines carry processors, reasons, counts and task ids.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def run_due(
                     ledger, connector, processor, claimed, policy, keys, now, tally
                 )
                 handled += len(claimed)
+                # The batch scrubbed the payloads of what it finished: out of the WAL with
+                # them now, not at the end of a run that may last minutes.
+                ledger.flush_scrubbed()
                 if on_batch is not None:
                     on_batch(handled)
         else:
@@ -185,7 +189,7 @@ def _run_batch(
             with ledger.transaction():
                 for task in claimed:
                     ledger.retry_later(task.id, now + _delay(policy, task.attempts + 1), error)
-        except LedgerError:  # never mask the original error; release_stale_in_flight recovers
+        except LedgerError:  # never mask the original error; the next lock holder releases them
             log.exception("tasks_push_forward_failed", processor=processor, count=len(claimed))
         raise
     alerts: Counter[tuple[str, str, str]] = Counter()

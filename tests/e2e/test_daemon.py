@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from syncd import config
 from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
 from syncd.web import WEBHOOK_PREFIX
+from tests.support import seeded_values
 
 SYNCD = Path(sys.executable).with_name("syncd")
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -436,3 +438,75 @@ def test_sigterm_during_a_long_run_of_withdrawals_exits_promptly_and_loses_none(
     with Ledger.open(config.load(running.config_path).ledger.path) as ledger:
         states = ledger.count_tasks_by_state("phorest")
     assert states["pending"] == states["in_flight"] == states["failed"] == 0
+
+
+# -- scrubbed personal data and the WAL ----------------------------------------------------
+
+
+def _hook(running: Running) -> str:
+    secret = config.load(running.config_path).mailchimp.webhook_secret  # type: ignore[union-attr]
+    assert secret is not None
+    return f"http://127.0.0.1:{running.port}{WEBHOOK_PREFIX}{secret.get_secret_value()}"
+
+
+def _subscribed_consenting(sandbox: Sandbox) -> list[dict[str, Any]]:
+    return [c for c in sandbox.phorest.snapshot_clients()
+            if c.get("email") and c.get("emailMarketingConsent") and not c.get("archived")
+            and (sandbox.mailchimp.member(c["email"]) or {}).get("status") == "subscribed"]
+
+
+def _addresses_in_ledger_files(running: Running) -> dict[str, int]:
+    """Per ledger file (the database and its WAL, read as raw bytes): seeded addresses in it."""
+    ledger_path = Path(config.load(running.config_path).ledger.path)
+    addresses = [v.encode() for v in seeded_values(running.sandbox) if "@" in v]
+    found = {}
+    for path in (ledger_path, Path(f"{ledger_path}-wal")):
+        data = path.read_bytes() if path.exists() else b""
+        found[path.name] = sum(address in data for address in addresses)
+    return found
+
+
+def _no_address_left(running: Running) -> bool:
+    return not any(_addresses_in_ledger_files(running).values())
+
+
+def test_a_processed_opt_out_leaves_no_address_in_the_wal_while_the_daemon_runs(
+    running: Running,
+) -> None:
+    sandbox = running.sandbox
+    sandbox.mailchimp.add_webhook(_hook(running), validate=True)
+    clicker = _subscribed_consenting(sandbox)[0]
+    sandbox.mailchimp.click_unsubscribe(clicker["email"])
+    _wait(lambda: not sandbox.phorest.client(clicker["clientId"])["emailMarketingConsent"],
+          20, "the click to reach Phorest")
+    # Processing the event scrubbed its address; the WAL lets go of it by the next loop turn.
+    _wait(lambda: _no_address_left(running), 20, "the scrubbed addresses to leave the WAL")
+    assert running.process.poll() is None  # still running: nothing was closed to get here
+    assert _addresses_in_ledger_files(running) == {"ledger.sqlite3": 0, "ledger.sqlite3-wal": 0}
+
+
+def test_after_a_sigkill_and_restart_no_address_stays_in_the_wal(
+    running: Running, tmp_path: Path
+) -> None:
+    sandbox = running.sandbox
+    sandbox.mailchimp.add_webhook(_hook(running), validate=True)
+    clicker = _subscribed_consenting(sandbox)[0]
+    # Phorest is down: the recorded opt-out waits in the ledger, address and all.
+    sandbox.traffic.faults["phorest"].rate_5xx = 1.0
+    sandbox.mailchimp.click_unsubscribe(clicker["email"])
+    assert sandbox.mailchimp.drain_webhooks()
+    assert any(d["ok"] and d["type"] == "unsubscribe" for d in sandbox.mailchimp.webhook_log())
+    assert any(_addresses_in_ledger_files(running).values())  # the check below can see it
+    running.process.send_signal(signal.SIGKILL)
+    running.process.wait(timeout=10)
+    sandbox.traffic.faults["phorest"].rate_5xx = 0.0
+
+    running.notifications()
+    running.process = _start(running.config_path, running.port, tmp_path / "notify.sock",
+                             running.log_path)
+    _wait(lambda: any("READY=1" in m for m in running.notifications()), 30, "READY=1")
+    _wait(lambda: not sandbox.phorest.client(clicker["clientId"])["emailMarketingConsent"],
+          30, "the opt-out to reach Phorest after the restart")
+    _wait(lambda: _no_address_left(running), 20, "the scrubbed addresses to leave the WAL")
+    assert running.process.poll() is None
+    assert _addresses_in_ledger_files(running) == {"ledger.sqlite3": 0, "ledger.sqlite3-wal": 0}

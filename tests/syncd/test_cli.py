@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,75 @@ def test_resync_without_the_mailchimp_section_says_so_in_one_line(
         monkeypatch.setenv(f"SYNCD_{name}", "a-secret-long-enough-for-a-key")
     assert main(["--config", str(path), "resync", "--dry-run"]) == 2
     assert capsys.readouterr().err == "resync needs the [mailchimp] section\n"
+
+
+# -- resync: taking over a killed run's work, and owning up to work not done ----------
+
+
+def _opted_out_in_mailchimp_only(sandbox: Any) -> list[dict[str, Any]]:
+    """Consenting live clients whose Mailchimp member is unsubscribed or cleaned."""
+    return [c for c in sandbox.phorest.snapshot_clients()
+            if c.get("email") and c.get("emailMarketingConsent") and not c.get("archived")
+            and not c.get("deleted")
+            and (sandbox.mailchimp.member(c["email"]) or {}).get("status")
+            in ("unsubscribed", "cleaned")]
+
+
+def _plant_withdrawal(config_path: Path, client_id: str, **when: Any) -> None:
+    """Queue the withdrawal a resync would plan for this client, as an earlier run left it."""
+    from syncd import config, engine
+    from syncd.ledger import Ledger
+
+    settings = config.load(config_path)
+    subject_key = engine.subject_keys(settings).client_id(client_id)
+    with Ledger.open(settings.ledger.path) as ledger:
+        task_id = ledger.add_task(
+            subject_key, "phorest", "withdraw_consent", "R2:unsubscribed_in_mailchimp",
+            payload={"client_id": client_id}, dedupe_key=f"phorest:withdraw_consent:{subject_key}",
+            next_attempt_at=when.get("next_attempt_at"))
+        if when.get("in_flight"):
+            ledger.claim(task_id)
+
+
+def test_resync_carries_out_the_withdrawal_a_killed_resync_left_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from syncd.sandbox.app import Sandbox
+
+    with Sandbox(clients=80, seed=3, smtp_port=None) as sandbox:
+        config_path = sandbox.write_config(tmp_path / "syncd.toml")
+        stuck = _opted_out_in_mailchimp_only(sandbox)[0]
+        _plant_withdrawal(config_path, stuck["clientId"], in_flight=True)
+
+        assert main(["--config", str(config_path), "resync"]) == 0
+        assert "0 failed" in capsys.readouterr().out
+        assert sandbox.phorest.client(stuck["clientId"])["emailMarketingConsent"] is False
+        assert _opted_out_in_mailchimp_only(sandbox) == []
+        assert main(["--config", str(config_path), "resync", "--dry-run", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["planned"] == 0
+
+
+def test_resync_exits_1_in_one_line_when_a_planned_action_was_not_carried_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from syncd.sandbox.app import Sandbox
+
+    with Sandbox(clients=80, seed=3, smtp_port=None) as sandbox:
+        config_path = sandbox.write_config(tmp_path / "syncd.toml")
+        waiting = _opted_out_in_mailchimp_only(sandbox)[0]
+        # An earlier run's withdrawal, waiting an hour to retry: the plan lands on it.
+        _plant_withdrawal(config_path, waiting["clientId"],
+                          next_attempt_at=datetime.now(UTC) + timedelta(hours=1))
+
+        assert main(["--config", str(config_path), "resync"]) == 1
+        out, err = capsys.readouterr()
+        assert "0 failed; 1 not carried out" in " ".join(out.split())  # rich wraps at 80
+        explanation = [line for line in err.splitlines() if "not carried out" in line]
+        assert len(explanation) == 1 and explanation[0].startswith("syncd: 1 of ")
+        assert sandbox.phorest.client(waiting["clientId"])["emailMarketingConsent"] is True
+        assert [c["clientId"] for c in _opted_out_in_mailchimp_only(sandbox)] == [
+            waiting["clientId"]]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -323,21 +323,31 @@ def test_dedupe_key_prevents_duplicates_while_open_and_allows_requeue_after_fina
     }  # fmt: skip
 
 
-def test_release_stale_in_flight_returns_only_old_claims_to_pending(
+def test_release_in_flight_returns_every_claim_to_pending_due_now_whatever_its_age(
     ledger: Ledger, clock: FakeClock
 ) -> None:
-    old, recent, idle = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    later = START + timedelta(hours=1)
+    old, recent, waiting = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    backed_off = ledger.add_task("s3", "phorest", "a", "r", next_attempt_at=later)
     ledger.claim(old)
     clock.advance(minutes=9)
     ledger.claim(recent)
-    clock.advance(minutes=2)
-    assert ledger.release_stale_in_flight(timedelta(minutes=10)) == 1
-    assert [stored(ledger, t).state for t in (old, recent, idle)] == [
-        "pending", "in_flight", "pending",
-    ]  # fmt: skip
-    assert ledger.claim(old) is True
-    assert ledger.count_tasks_by_state(processor="mailchimp")["in_flight"] == 2
-    assert ledger.count_tasks_by_state(processor="ga4")["in_flight"] == 0
+    ledger.claim(backed_off)
+    ledger.retry_later(waiting, later, "retriable:http_503")
+    assert ledger.release_in_flight() == 3
+    assert [stored(ledger, t).state for t in (old, recent, backed_off, waiting)] == ["pending"] * 4
+    assert {t.id for t in ledger.due_tasks(10)} == {old, recent, backed_off}  # not `waiting`
+    assert stored(ledger, old).attempts == 1  # the interrupted call counts as an attempt
+    assert stored(ledger, old).last_error == "released: in flight when syncd stopped"
+    assert ledger.release_in_flight() == 0
+
+
+def test_count_open_counts_each_task_once_while_pending_or_in_flight(ledger: Ledger) -> None:
+    pending, claimed, done = (ledger.add_task(f"s{n}", "mailchimp", "a", "r") for n in range(3))
+    ledger.claim(claimed)
+    ledger.finish(done, "done")
+    assert ledger.count_open([pending, pending, claimed, done, 999]) == 2
+    assert ledger.count_open([]) == 0
 
 
 def test_long_error_text_is_cut_to_the_limit(ledger: Ledger) -> None:
@@ -435,6 +445,78 @@ def test_a_finished_payload_leaves_no_trace_in_the_file_bytes(path: Path) -> Non
         assert ledger.checkpoint() is True
         assert SEEDED_EMAIL.encode() not in file_bytes()
     assert SEEDED_EMAIL.encode() not in file_bytes()
+
+
+def _wal_bytes(path: Path) -> bytes:
+    wal = Path(f"{path}-wal")
+    return wal.read_bytes() if wal.exists() else b""
+
+
+def _scrub_task(ledger: Ledger) -> None:
+    task_id = ledger.add_task("s1", "mailchimp", "delete_permanent", "erasure",
+                              payload={"email": SEEDED_EMAIL})
+    ledger.claim(task_id)
+    ledger.finish(task_id, "done")
+
+
+def _scrub_inbox_event(ledger: Ledger) -> None:
+    ledger.add_inbox_event("mailchimp", "unsubscribe", START, {"email": SEEDED_EMAIL}, "e1")
+    (event,) = ledger.pending_inbox()
+    ledger.finish_inbox_event(event.id, "consent_withdrawal_queued")
+
+
+@pytest.mark.parametrize("scrub", [_scrub_task, _scrub_inbox_event], ids=["task", "inbox"])
+def test_flush_scrubbed_empties_the_wal_once_no_reader_holds_an_old_snapshot(
+    path: Path, scrub: Callable[[Ledger], None]
+) -> None:
+    with Ledger.open(path) as ledger:
+        ledger.set_cursor("warm", "up")  # the reader below starts on this snapshot
+        reader = sqlite3.connect(path)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM cursors").fetchall()
+            scrub(ledger)
+            assert SEEDED_EMAIL.encode() in _wal_bytes(path)  # the check below can see it
+            assert ledger.flush_scrubbed() is False  # the reader keeps the old frames alive
+            assert SEEDED_EMAIL.encode() in _wal_bytes(path)
+            reader.execute("ROLLBACK")
+            assert ledger.flush_scrubbed() is True  # tried again (the daemon's next turn)
+        finally:
+            reader.close()
+        assert _wal_bytes(path) == b""
+        assert SEEDED_EMAIL.encode() not in path.read_bytes()
+
+
+def test_closing_after_a_scrub_empties_the_wal_while_another_connection_stays_open(
+    path: Path,
+) -> None:
+    with Ledger.open(path) as other:
+        with Ledger.open(path) as ledger:
+            _scrub_task(ledger)
+            assert SEEDED_EMAIL.encode() in _wal_bytes(path)
+        # SQLite itself only empties the WAL when the last connection closes.
+        assert SEEDED_EMAIL.encode() not in _wal_bytes(path)
+        assert other.count_open([1]) == 0
+
+
+def test_frames_from_before_an_automatic_checkpoint_do_not_linger_in_the_wal(path: Path) -> None:
+    filler = "x" * 3000  # about one page per write
+    near_checkpoint_bytes = 950 * 4120  # SQLite checkpoints at 1000 frames of 4 KiB pages
+    with Ledger.open(path) as ledger:
+        n = 0
+        while len(_wal_bytes(path)) < near_checkpoint_bytes:
+            ledger.set_cursor(f"c{n}", filler)
+            n += 1
+        _scrub_task(ledger)  # near the end of the WAL, the unscrubbed page version
+        assert SEEDED_EMAIL.encode() in _wal_bytes(path)
+        largest = len(_wal_bytes(path))
+        for more in range(n, n + 200):  # past the automatic checkpoint, and the WAL restarts
+            ledger.set_cursor(f"c{more}", filler)
+            if len(_wal_bytes(path)) < largest:
+                break
+        # journal_size_limit: the first commit after the restart cut the file to what it wrote.
+        assert len(_wal_bytes(path)) < largest
+        assert SEEDED_EMAIL.encode() not in _wal_bytes(path)
 
 
 # -- subjects, suppression, cursors, alerts, requests -------------------------
