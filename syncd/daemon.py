@@ -26,13 +26,15 @@ in the ledger and tried again after a growing pause (5 s doubling to 5 min),
 so it neither kills the loop nor spins. Its alert is resolved when it next
 succeeds.
 
-HTTP (a threaded stdlib WSGI server on ``[daemon] listen``): ``/healthz``
-(200 when every processor was reached within the health window, else 503, with
-a JSON body per processor, read from the ledger as ``syncd status`` reads it),
+HTTP (waitress, built by :func:`syncd.httpd.serve` with its limits, on
+``[daemon] listen``): ``/healthz`` (200 when every processor was reached within
+the health window, else 503, with a JSON body per processor, read from the
+ledger as ``syncd status`` reads it),
 ``/metrics`` (Prometheus text: polls, job failures, vendor API calls and errors
 by vendor and status, processors up, tasks by processor and state, queue depth,
-oldest pending task age, last resync) and the Mailchimp webhook. Requests time out after :data:`HTTP_TIMEOUT_SECONDS`; only GET and
-HEAD are served except on the webhook, whose body is capped by
+oldest pending task age, last resync) and the Mailchimp webhook. Slow, silent
+and oversized requests are cut off by the server (:mod:`syncd.httpd`); only GET
+and HEAD are served except on the webhook, whose body is also capped by
 :mod:`syncd.web`.
 
 Signals only set flags. SIGTERM and SIGINT finish the job in flight and exit 0;
@@ -57,10 +59,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import schedule
 import structlog
@@ -69,7 +69,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, config, engine, status
+from syncd import alerts, config, engine, httpd, status
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -82,7 +82,6 @@ from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 
 log = structlog.get_logger(__name__)
 
-HTTP_TIMEOUT_SECONDS = 10
 WORK_EVERY_SECONDS = 1
 JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
 HEARTBEAT_EVERY_SECONDS = 10.0  # how often the loop's heartbeat is written for `syncd status`
@@ -230,8 +229,7 @@ class Daemon:
                 self._loop(ledger, runtime)
             finally:
                 notify("STOPPING=1")
-                server.shutdown()
-                server.server_close()
+                server.stop()
 
     def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
         self._schedule(ledger, runtime)
@@ -488,13 +486,9 @@ class Daemon:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def _serve(self, settings: config.Settings) -> WSGIServer:
-        daemon = settings.daemon
-        server = make_server(daemon.host, daemon.port, self._app, server_class=_Server,
-                             handler_class=_Handler)
-        self.http_port = server.server_port
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="syncd-http", daemon=True).start()
+    def _serve(self, settings: config.Settings) -> httpd.HttpServer:
+        server = httpd.serve(self._app, settings.daemon.host, settings.daemon.port)
+        self.http_port = server.port
         return server
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -575,18 +569,6 @@ class _LedgerCollector(Collector):
             last = ledger.get_cursor(status.LAST_RESYNC_CURSOR)
             resync.add_metric([], datetime.fromisoformat(last).timestamp() if last else 0.0)
         yield from (up, tasks, depth, oldest, resync)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Handler(WSGIRequestHandler):
-    timeout = HTTP_TIMEOUT_SECONDS  # a slow or silent client cannot hold a thread for long
-
-    def log_message(self, *_: Any) -> None:
-        """No access log: a webhook path holds the secret."""
 
 
 def _reply(start_response: Callable[..., Any], status: int, body: bytes,

@@ -12,7 +12,13 @@
   and changes nothing.
 - A wrong secret gets 404 and records nothing (compared in constant time, so
   the secret cannot be guessed by timing). A malformed body gets 400 and
-  records nothing. A body over :data:`WEBHOOK_BODY_LIMIT_BYTES` gets 413.
+  records nothing: a media type other than ``application/x-www-form-urlencoded``
+  (parsed, not prefix-matched; a charset other than UTF-8 is refused), bytes
+  that are not UTF-8 once percent-decoded, an address that is not one, a
+  ``fired_at`` outside :data:`FIRED_AT_EARLIEST` .. now +
+  :data:`FIRED_AT_FUTURE_SLACK_SECONDS`, or a name longer than Mailchimp
+  allows. A body over :data:`WEBHOOK_BODY_LIMIT_BYTES` gets 413; the app never
+  reads more than that, whatever ``Content-Length`` says.
 
 The app is plain WSGI so the daemon can host it and tests can mount it.
 """
@@ -24,7 +30,8 @@ import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.headerregistry import HeaderRegistry
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -38,6 +45,13 @@ log = structlog.get_logger(__name__)
 WEBHOOK_PREFIX = "/webhooks/mailchimp/"
 WEBHOOK_BODY_LIMIT_BYTES = 64 * 1024
 FIRED_AT_FORMAT = "%Y-%m-%d %H:%M:%S"  # Mailchimp's, no zone: UTC
+# A fired_at outside these bounds is not a real delivery: Mailchimp's webhooks
+# post-date 2000, and a clock a day ahead of ours is a forgery or a broken sender.
+FIRED_AT_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+FIRED_AT_FUTURE_SLACK_SECONDS = 24 * 60 * 60
+# Mailchimp's text merge fields hold at most 255 characters.
+MERGE_FIELD_MAX_CHARS = 255
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 HANDLED_EVENTS = frozenset({"unsubscribe", "cleaned", "upemail", "profile"})
 IGNORED_EVENTS = frozenset({"subscribe", "campaign"})
 
@@ -60,8 +74,14 @@ class WebhookEvent:
     dedupe_key: str
 
 
-def parse_mailchimp_event(form: Mapping[str, str]) -> WebhookEvent | None:
+def parse_mailchimp_event(form: Mapping[str, str], *,
+                          now: datetime | None = None) -> WebhookEvent | None:
     """Validate one form-encoded Mailchimp event.
+
+    Args:
+        form: the decoded form fields.
+        now: the current aware time, the upper bound of a plausible
+            ``fired_at`` (default: the system clock).
 
     Returns:
         The event, or None for a well-formed event type syncd does not act on.
@@ -78,6 +98,9 @@ def parse_mailchimp_event(form: Mapping[str, str]) -> WebhookEvent | None:
         occurred_at = datetime.strptime(form.get("fired_at", ""), FIRED_AT_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         raise WebhookError("fired_at missing or not 'YYYY-MM-DD HH:MM:SS'") from None
+    latest = (now or datetime.now(UTC)) + timedelta(seconds=FIRED_AT_FUTURE_SLACK_SECONDS)
+    if not FIRED_AT_EARLIEST <= occurred_at <= latest:
+        raise WebhookError("fired_at is not a plausible time")
     payload: dict[str, str] = {"list_id": form.get("data[list_id]", "")}
     if kind == "upemail":
         payload["old_email"] = _email(form, "data[old_email]")
@@ -88,17 +111,63 @@ def parse_mailchimp_event(form: Mapping[str, str]) -> WebhookEvent | None:
             if form.get(f"data[{key}]"):
                 payload[key] = form[f"data[{key}]"][:40]
         if kind == "profile":
-            payload["first_name"] = form.get("data[merges][FNAME]", "")
-            payload["last_name"] = form.get("data[merges][LNAME]", "")
+            payload["first_name"] = _merge_field(form, "data[merges][FNAME]")
+            payload["last_name"] = _merge_field(form, "data[merges][LNAME]")
     identity = json.dumps([kind, form.get("fired_at"), payload], sort_keys=True)
     return WebhookEvent(kind, occurred_at, payload, hashlib.sha256(identity.encode()).hexdigest())
 
 
 def _email(form: Mapping[str, str], key: str) -> str:
+    value = form.get(key, "")
+    # U+FFFD is what a decoder leaves for bytes it could not read: never part of
+    # a real address, and two different broken addresses would collide on it.
+    if "\ufffd" in value:
+        raise WebhookError(f"{key} is not an email address")
     try:
-        return normalise_email(form.get(key, ""))
+        return normalise_email(value)
     except IdentifierError:
         raise WebhookError(f"{key} missing or not an email address") from None
+
+
+def _merge_field(form: Mapping[str, str], key: str) -> str:
+    value = form.get(key, "")
+    if len(value) > MERGE_FIELD_MAX_CHARS:
+        raise WebhookError(f"{key} is longer than {MERGE_FIELD_MAX_CHARS} characters")
+    return value
+
+
+_HEADERS = HeaderRegistry()
+
+
+def _is_utf8_form(content_type: str) -> bool:
+    """Whether a Content-Type header is exactly form encoding, in UTF-8 if a charset is named.
+
+    The header is parsed as RFC 2045 defines it (type, subtype, parameters), so
+    ``application/x-www-form-urlencodedX`` or a list of types is not mistaken
+    for the form type, and a header with any parse defect is refused.
+    """
+    header = _HEADERS("content-type", content_type)
+    if header.defects or header.content_type != FORM_MEDIA_TYPE:
+        return False
+    charset = header.params.get("charset")
+    return charset is None or charset.lower() in ("utf-8", "utf8")
+
+
+def _body_length(environ: Mapping[str, Any]) -> int | None:
+    """How many body bytes the app may read, or None when ``Content-Length`` is malformed.
+
+    Only ASCII digits are a length: ``int()`` would also take ``-1``, ``+5`` and
+    `` 5``, and a negative length reads to the end of the stream. Without a
+    length, a server that marks its input as terminated (it buffered the whole
+    body, as waitress does) lets the app read up to one byte past the cap, so an
+    oversized body is seen as such; any other input has no body.
+    """
+    given = environ.get("CONTENT_LENGTH") or ""
+    if not given:
+        return WEBHOOK_BODY_LIMIT_BYTES + 1 if environ.get("wsgi.input_terminated") else 0
+    if not (given.isascii() and given.isdigit()):
+        return None
+    return int(given)
 
 
 # record(event) stores the event durably; returns False for a replay.
@@ -106,7 +175,9 @@ Recorder = Callable[[WebhookEvent], bool]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
-def mailchimp_webhook_app(secret: str, record: Recorder) -> Callable[..., Iterable[bytes]]:
+def mailchimp_webhook_app(secret: str, record: Recorder, *,
+                          clock: Callable[[], datetime] | None = None
+                          ) -> Callable[..., Iterable[bytes]]:
     """A WSGI app serving ``/webhooks/mailchimp/<secret>``.
 
     Args:
@@ -114,8 +185,11 @@ def mailchimp_webhook_app(secret: str, record: Recorder) -> Callable[..., Iterab
         record: stores an event durably before the 200 goes out (e.g.
             ``Ledger.add_inbox_event``); an exception there answers 503 so
             Mailchimp retries.
+        clock: returns the current aware UTC time, against which ``fired_at``
+            is judged (default: the system clock).
     """
     expected = secret.encode()
+    now = clock or (lambda: datetime.now(UTC))
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
@@ -127,28 +201,39 @@ def mailchimp_webhook_app(secret: str, record: Recorder) -> Callable[..., Iterab
             return _answer(start_response, 200, "ok")
         if method != "POST":
             return _answer(start_response, 405, "method not allowed")
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
+        length = _body_length(environ)
+        if length is None:
             return _answer(start_response, 400, "bad content length")
         if length > WEBHOOK_BODY_LIMIT_BYTES:
             return _answer(start_response, 413, "body too large")
-        content_type = environ.get("CONTENT_TYPE", "")
-        if not content_type.startswith("application/x-www-form-urlencoded"):
-            return _answer(start_response, 400, "expected application/x-www-form-urlencoded")
+        if not _is_utf8_form(environ.get("CONTENT_TYPE", "")):
+            return _answer(start_response, 400, f"expected {FORM_MEDIA_TYPE} in UTF-8")
+        raw = environ["wsgi.input"].read(length)
+        if len(raw) > WEBHOOK_BODY_LIMIT_BYTES:  # no length given, and the input ran past the cap
+            return _answer(start_response, 413, "body too large")
+        if environ.get("CONTENT_LENGTH") and len(raw) != length:
+            return _answer(start_response, 400, "body shorter than its content length")
         try:
-            body = environ["wsgi.input"].read(length).decode("utf-8")
-            form = dict(parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body)))
-            event = parse_mailchimp_event(form)
+            body = raw.decode("utf-8")
+            # errors="strict": a percent-encoded byte that is not UTF-8 is refused,
+            # not turned into U+FFFD and stored as if it were part of an address.
+            form = dict(parse_qsl(body, keep_blank_values=True, strict_parsing=bool(body),
+                                  encoding="utf-8", errors="strict"))
+            event = parse_mailchimp_event(form, now=now())
         except (UnicodeDecodeError, ValueError) as exc:
-            log.warning("webhook_rejected", source="mailchimp", reason=str(exc))
+            # Our own messages name the field; parse_qsl's quote the body, so not those.
+            reason = (str(exc) if isinstance(exc, WebhookError) else
+                      "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not form-encoded")
+            log.warning("webhook_rejected", source="mailchimp", reason=reason)
             return _answer(start_response, 400, "malformed event")
         if event is None:
             return _answer(start_response, 200, "ignored")
         try:
             fresh = record(event)
-        except Exception:  # the ledger is unavailable: make Mailchimp try again later
-            log.exception("webhook_not_recorded", source="mailchimp", kind=event.kind)
+        except Exception as exc:  # the ledger is unavailable: make Mailchimp try again later
+            # One line, the type only: the journal gets no traceback from a request.
+            log.error("webhook_not_recorded", source="mailchimp", kind=event.kind,
+                      error=type(exc).__name__)
             return _answer(start_response, 503, "try again")
         log.info("webhook_recorded", source="mailchimp", kind=event.kind, replay=not fresh)
         return _answer(start_response, 200, "ok")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,13 @@ import requests
 from syncd import log
 from syncd.ledger import Ledger
 from syncd.sandbox.mailchimp import MailchimpEmulator
-from syncd.web import WebhookEvent, mailchimp_webhook_app
+from syncd.web import (
+    WEBHOOK_BODY_LIMIT_BYTES,
+    WebhookError,
+    WebhookEvent,
+    mailchimp_webhook_app,
+    parse_mailchimp_event,
+)
 from tests.support import serve_wsgi
 
 SECRET = "s3cret-path-segment-0123456789"
@@ -119,6 +126,143 @@ def test_malformed_bodies_get_400_and_nothing_is_recorded(
 ) -> None:
     response = requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=5)
     assert response.status_code == 400
+    assert pending(ledger_path) == []
+
+
+@pytest.mark.parametrize(
+    "encoded_email",
+    ["%FF%FEzz@x.com", "zz%C3@x.com", "%ED%A0%80zz@x.com", "%EF%BF%BDzz@x.com"],
+    ids=["not-utf8", "truncated-utf8", "surrogate", "replacement-character"],
+)
+def test_an_email_that_is_not_valid_utf8_gets_400_and_nothing_is_recorded(
+    url: str, ledger_path: Path, encoded_email: str
+) -> None:
+    body = ("type=unsubscribe&fired_at=2026-11-24+10%3A11%3A12&data%5Blist_id%5D=a6"
+            f"&data%5Bemail%5D={encoded_email}")
+    response = requests.post(url, data=body, headers={"Content-Type": FORM}, timeout=5)
+    assert response.status_code == 400
+    assert pending(ledger_path) == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencodedX",
+        "application/x-www-form-urlencoded-but-not",
+        "application/x-www-form-urlencoded, text/plain",
+        "application/x-www-form-urlencoded; charset=latin-1",
+        "application/x-www-form-urlencoded;;",
+        "text/plain",
+        "",
+    ],
+    ids=["suffix", "longer-name", "two-types", "other-charset", "broken-params", "text", "none"],
+)
+def test_a_body_that_is_not_exactly_form_encoded_utf8_gets_400_and_nothing_is_recorded(
+    url: str, ledger_path: Path, content_type: str
+) -> None:
+    response = requests.post(url, data=unsubscribe_form(), timeout=5,
+                             headers={"Content-Type": content_type})
+    assert response.status_code == 400
+    assert pending(ledger_path) == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [FORM, "Application/X-WWW-Form-Urlencoded; charset=UTF-8", f'{FORM}; charset="utf-8"'],
+    ids=["plain", "mixed-case-with-charset", "quoted-charset"],
+)
+def test_the_form_media_type_is_recognised_in_any_of_its_spellings(
+    url: str, ledger_path: Path, content_type: str
+) -> None:
+    response = requests.post(url, data=unsubscribe_form(), timeout=5,
+                             headers={"Content-Type": content_type})
+    assert response.status_code == 200
+    assert len(pending(ledger_path)) == 1
+
+
+@pytest.mark.parametrize(
+    "fired_at",
+    ["0001-01-01 00:00:00", "9999-12-31 23:59:59", "1999-12-31 23:59:59",
+     (datetime.now(UTC) + timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S")],
+    ids=["year-1", "year-9999", "before-2000", "two-days-ahead"],
+)
+def test_an_implausible_fired_at_gets_400_and_nothing_is_recorded(
+    url: str, ledger_path: Path, fired_at: str
+) -> None:
+    response = requests.post(url, data=unsubscribe_form(fired_at=fired_at), timeout=5)
+    assert response.status_code == 400
+    assert pending(ledger_path) == []
+
+
+@pytest.mark.parametrize(
+    ("fired_at", "accepted"),
+    [("2000-01-01 00:00:00", True), ("1999-12-31 23:59:59", False),
+     ("2026-12-04 10:11:12", True), ("2026-12-04 10:11:13", False)],
+    ids=["first-second-of-2000", "last-second-of-1999", "a-day-ahead", "past-a-day-ahead"],
+)
+def test_fired_at_is_plausible_from_2000_to_a_day_ahead_of_the_clock(
+    fired_at: str, accepted: bool
+) -> None:
+    now = datetime(2026, 12, 3, 10, 11, 12, tzinfo=UTC)
+    form = unsubscribe_form(fired_at=fired_at)
+    if accepted:
+        event = parse_mailchimp_event(form, now=now)
+        assert event is not None and event.occurred_at.strftime("%Y-%m-%d %H:%M:%S") == fired_at
+    else:
+        with pytest.raises(WebhookError, match="plausible"):
+            parse_mailchimp_event(form, now=now)
+
+
+def test_a_name_longer_than_mailchimp_allows_gets_400_and_nothing_is_recorded(
+    url: str, ledger_path: Path
+) -> None:
+    form = unsubscribe_form(type="profile", **{"data[merges][FNAME]": "N" * 256})
+    assert requests.post(url, data=form, timeout=5).status_code == 400
+    assert pending(ledger_path) == []
+
+
+def call_app(ledger_path: Path, environ: dict[str, object]) -> str:
+    """One request straight into the app (no server in between to fix the framing)."""
+
+    def record(event: WebhookEvent) -> bool:
+        with Ledger.open(ledger_path) as ledger:
+            return ledger.add_inbox_event(
+                "mailchimp", event.kind, event.occurred_at, event.payload, event.dedupe_key
+            )
+
+    statuses: list[str] = []
+    environ = {"PATH_INFO": f"/webhooks/mailchimp/{SECRET}", "REQUEST_METHOD": "POST",
+               "CONTENT_TYPE": FORM, **environ}
+    b"".join(mailchimp_webhook_app(SECRET, record)(
+        environ, lambda status, headers: statuses.append(status)))
+    return statuses[0]
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [("-1", "400"), ("+70000", "400"), (" 70000", "400"), ("1e9", "400"), (None, "413"),
+     (str(WEBHOOK_BODY_LIMIT_BYTES + 1), "413")],
+    ids=["negative", "signed", "spaced", "not-a-number", "missing-on-a-terminated-input",
+         "over-the-cap"],
+)
+def test_the_app_never_reads_past_its_cap_whatever_content_length_says(
+    ledger_path: Path, length: str | None, status: str
+) -> None:
+    body = "&".join(f"{k}={v}" for k, v in unsubscribe_form(
+        **{"data[merges][NOTES]": "x" * (WEBHOOK_BODY_LIMIT_BYTES * 4)}).items()).encode()
+    stream = io.BytesIO(body)
+    environ: dict[str, object] = {"wsgi.input": stream, "wsgi.input_terminated": True}
+    if length is not None:
+        environ["CONTENT_LENGTH"] = length
+    assert call_app(ledger_path, environ).startswith(status)
+    assert stream.tell() <= WEBHOOK_BODY_LIMIT_BYTES + 1
+    assert pending(ledger_path) == []
+
+
+def test_a_body_shorter_than_its_content_length_gets_400(ledger_path: Path) -> None:
+    body = b"type=unsubscribe&fired_at=2026-11-24+10%3A11%3A12&data%5Bemail%5D=a%40example.com"
+    environ = {"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body) + 10)}
+    assert call_app(ledger_path, environ).startswith("400")
     assert pending(ledger_path) == []
 
 
