@@ -64,11 +64,11 @@ def _secret(description: str, *, required: bool = False) -> Any:
     )
 
 
-def _secret_file(key: str) -> Any:
+def _secret_file(section: str, key: str) -> Any:
     return Field(
         default=None,
         description=f"Path to a file holding {key} (trailing newline ignored).",
-        examples=[f"/etc/syncd/{key}"],
+        examples=[f"/etc/syncd/{section}_{key}"],
     )
 
 
@@ -203,7 +203,7 @@ class IdentitySettings(Section):
         "Keys the subject HMAC (at least 16 bytes). Losing it orphans the suppression list.",
         required=True,
     )
-    hmac_key_file: Path | None = _secret_file("hmac_key")
+    hmac_key_file: Path | None = _secret_file("identity", "hmac_key")
     default_phone_region: str = Field(
         default="GB", description="Region assumed for phone numbers written without +country code."
     )
@@ -242,7 +242,7 @@ class PhorestSettings(Section):
         examples=["global/manager@example.com"],
     )
     password: SecretStr | None = _secret("API password issued by Phorest.", required=True)
-    password_file: Path | None = _secret_file("password")
+    password_file: Path | None = _secret_file("phorest", "password")
     page_size: int = Field(
         default=100, ge=1, le=200, description="Clients per page when scanning (Phorest max 200)."
     )
@@ -269,7 +269,7 @@ class MailchimpSettings(Section):
     api_key: SecretStr | None = _secret(
         "Marketing API key; its -usN suffix names the data centre.", required=True
     )
-    api_key_file: Path | None = _secret_file("api_key")
+    api_key_file: Path | None = _secret_file("mailchimp", "api_key")
     list_id: str = Field(min_length=1, description="Audience (list) id.", examples=["a1b2c3d4e5"])
     base_url: OptionalHttpUrl = Field(
         default="",
@@ -281,7 +281,7 @@ class MailchimpSettings(Section):
     webhook_secret: SecretStr | None = _secret(
         "Last path segment of the audience webhook URL; unset disables the webhook route."
     )
-    webhook_secret_file: Path | None = _secret_file("webhook_secret")
+    webhook_secret_file: Path | None = _secret_file("mailchimp", "webhook_secret")
     timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
 
     @model_validator(mode="after")
@@ -325,7 +325,7 @@ class GoogleAnalyticsSettings(Section):
     credentials: SecretStr | None = _secret(
         "Service-account key JSON (usually given as credentials_file).", required=True
     )
-    credentials_file: Path | None = _secret_file("credentials")
+    credentials_file: Path | None = _secret_file("google_analytics", "credentials")
     admin_base_url: HttpUrl = Field(
         default="https://analyticsadmin.googleapis.com", description="Admin API root."
     )
@@ -402,9 +402,9 @@ class AlertsSettings(Section):
     )
     smtp_username: str = Field(default="", description="SMTP login; empty: no authentication.")
     smtp_password: SecretStr | None = _secret("SMTP password.")
-    smtp_password_file: Path | None = _secret_file("smtp_password")
+    smtp_password_file: Path | None = _secret_file("alerts", "smtp_password")
     webhook_url: SecretStr | None = _secret("Optional JSON webhook (Slack/Teams/ntfy).")
-    webhook_url_file: Path | None = _secret_file("webhook_url")
+    webhook_url_file: Path | None = _secret_file("alerts", "webhook_url")
     remind_every_hours: float = Field(
         default=24, gt=0, description="Repeat an unresolved alert this often, no more."
     )
@@ -663,16 +663,16 @@ def render_example() -> str:
                 out.append(f"# {field.description} ({kind}: {secret_hint(name, key)})")
                 out.append(f'# {toml_key} = "…"')
                 continue
+            if key in secret_files:
+                out.append(f"# {field.description}")
+                out.append(f"# {toml_key} = {toml_value(field.examples[0])}")
+                continue
             if field.is_required():
                 value = field.examples[0]
                 note = " (required; example value)"
             else:
                 value = field.get_default(call_default_factory=True)
                 note = ""
-            if key in secret_files:
-                out.append(f"# {field.description}")
-                out.append(f"# {toml_key} = {toml_value(value)}")
-                continue
             out.append(f"# {field.description}{note}")
             out.append(f"{toml_key} = {toml_value(value)}")
     return "\n".join(out) + "\n"

@@ -343,3 +343,11 @@ def test_a_non_http_base_url_is_one_error(tmp_path: Path, section: str, extra: s
 def test_phorest_base_url_cannot_be_empty(tmp_path: Path) -> None:
     (line,) = errors_of(write(tmp_path, MINIMAL + "base_url = ''\n"))
     assert ": phorest.base_url: " in line
+
+
+def test_the_example_shows_a_path_for_every_secret_file_key() -> None:
+    text = config.render_example()
+    assert '"None"' not in text
+    for section, model in config.SECTION_MODELS.items():
+        for key in model.secret_fields():
+            assert f'# {key}_file = "/etc/syncd/{section}_{key}"\n' in text
