@@ -16,6 +16,7 @@ import contextvars
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -43,6 +44,9 @@ ENV_PREFIX = "SYNCD_"
 CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
 MIN_HMAC_KEY_BYTES = 16
 REDACTED = "***"
+# The config file and each secret file are read whole, so they are bounded:
+# a service-account key is about 2 KiB, the sample config about 6 KiB.
+FILE_LIMIT_BYTES = 1024 * 1024
 
 # Whether a missing required secret is an error. `syncd config validate` run
 # from an admin's shell cannot see systemd's $CREDENTIALS_DIRECTORY, so it
@@ -153,14 +157,65 @@ def secret_hint(section: str, key: str) -> str:
     )
 
 
+class _NotAFile(Exception):
+    """A path that is not a regular file of at most :data:`FILE_LIMIT_BYTES`."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`FILE_LIMIT_BYTES`.
+
+    The type and size are checked on the opened file before reading, so a FIFO
+    or a device can neither block nor feed an endless stream, and a file that
+    grows meanwhile is still cut off at the limit.
+
+    Raises:
+        OSError: the path cannot be opened.
+        _NotAFile: not a regular file, or larger than the limit (the message says which).
+    """
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    too_big = _NotAFile(f"larger than {FILE_LIMIT_BYTES // 1024 // 1024} MiB")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
+            raise _NotAFile(f"{kind}, not a regular file")
+        if info.st_size > FILE_LIMIT_BYTES:
+            raise too_big
+        data = bytearray()
+        while len(data) <= FILE_LIMIT_BYTES:
+            chunk = os.read(fd, FILE_LIMIT_BYTES + 1 - len(data))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+        raise too_big  # it grew after fstat, or its size was not known (/proc)
+    finally:
+        os.close(fd)
+
+
 def _read_secret_file(path: Path, key: str) -> str:
     try:
-        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        value = _read_regular_file(path).decode("utf-8").rstrip("\r\n")
     except OSError as exc:
         raise PydanticCustomError(
             "secret_file",
             "cannot read {path}: {reason}",
             {"key": key, "path": str(path), "reason": exc.strerror or type(exc).__name__},
+        ) from None
+    except _NotAFile as exc:
+        raise PydanticCustomError(
+            "secret_file",
+            "cannot read {path}: {reason}",
+            {"key": key, "path": str(path), "reason": str(exc)},
         ) from None
     except UnicodeDecodeError:
         raise PydanticCustomError(
@@ -533,18 +588,21 @@ def read_toml(path: Path) -> dict[str, Any]:
         ConfigError: missing, unreadable or malformed file.
     """
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(_read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: config file not found (give --config PATH or set {CONFIG_PATH_ENV})"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except _NotAFile as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except RecursionError:  # tomllib parses arrays and inline tables recursively
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def load(
@@ -569,6 +627,8 @@ def load(
         raise ConfigError(_describe(exc, file)) from None
     except SettingsError as exc:
         raise ConfigError(f"environment: {_one_line(str(exc))}") from None
+    except RecursionError:  # json.loads of a SYNCD_ variable's value
+        raise ConfigError("environment: a SYNCD_ variable holds JSON nested too deeply") from None
     finally:
         _require_secrets.reset(token)
 

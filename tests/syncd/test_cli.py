@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -233,3 +234,61 @@ def test_resync_without_the_mailchimp_section_says_so_in_one_line(
         monkeypatch.setenv(f"SYNCD_{name}", "a-secret-long-enough-for-a-key")
     assert main(["--config", str(path), "resync", "--dry-run"]) == 2
     assert capsys.readouterr().err == "resync needs the [mailchimp] section\n"
+
+
+# A hang guard, not a speed check: the unfixed reader blocked (FIFO) or filled memory (/dev/zero).
+HANG_GUARD_SECONDS = 20
+
+
+def run_guarded(*argv: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([str(SYNCD), *argv], capture_output=True, text=True,
+                              timeout=HANG_GUARD_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"syncd {' '.join(argv)} hung")
+
+
+@pytest.mark.parametrize(
+    ("kind", "described"),
+    [("fifo", "a FIFO"), ("dev-zero", "a character device"), ("directory", "a directory")],
+    ids=["fifo", "dev-zero", "directory"],
+)
+def test_validate_refuses_a_secret_file_that_is_not_a_regular_file_without_hanging(
+    tmp_path: Path, kind: str, described: str
+) -> None:
+    secret = {"fifo": tmp_path / "password.fifo", "dev-zero": Path("/dev/zero"),
+              "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(secret)
+    path = tmp_path / "c.toml"
+    path.write_text(VALID.replace('password = "phorest-password-value"',
+                                  f'password_file = "{secret}"'))
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{path}: phorest.password_file: cannot read {secret}: {described}, not a regular file\n")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_validate_refuses_a_config_path_that_is_not_a_regular_file_without_hanging(
+    tmp_path: Path, kind: str
+) -> None:
+    if kind == "fifo":
+        path = tmp_path / "syncd.fifo"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"{path}: cannot read config file: ")
+    assert "not a regular file" in result.stderr
+
+
+def test_deeply_nested_toml_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(VALID + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nested" in result.stderr
+    assert "Traceback" not in result.stderr

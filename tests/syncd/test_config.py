@@ -351,3 +351,53 @@ def test_the_example_shows_a_path_for_every_secret_file_key() -> None:
     for section, model in config.SECTION_MODELS.items():
         for key in model.secret_fields():
             assert f'# {key}_file = "/etc/syncd/{section}_{key}"\n' in text
+
+
+# --- files that are not regular files, or too big, or nested too deeply -----
+
+
+def test_a_secret_file_that_is_a_directory_is_one_error_naming_the_key(tmp_path: Path) -> None:
+    text = MINIMAL.replace('password = "phorest-password"', f'password_file = "{tmp_path}"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "not a regular file" in line
+
+
+def test_a_secret_file_that_is_a_device_is_one_error_naming_the_key(tmp_path: Path) -> None:
+    # /dev/null, not /dev/zero: an unfixed reader would fill memory (the CLI test covers it).
+    text = MINIMAL.replace('password = "phorest-password"', 'password_file = "/dev/null"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "not a regular file" in line
+
+
+def test_an_oversized_secret_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with big.open("wb") as fh:
+        fh.truncate(config.FILE_LIMIT_BYTES + 1)  # sparse: nothing is really written
+    text = MINIMAL.replace('password = "phorest-password"', f'password_file = "{big}"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "larger than" in line
+
+
+def test_an_oversized_config_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "#" * config.FILE_LIMIT_BYTES + "\n")
+    (line,) = errors_of(path)
+    assert line.startswith(f"{path}: cannot read config file: ") and "larger than" in line
+
+
+def test_a_device_as_the_config_file_is_refused() -> None:
+    (line,) = errors_of(Path("/dev/null"))
+    assert line == "/dev/null: cannot read config file: a character device, not a regular file"
+
+
+def test_deeply_nested_toml_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    (line,) = errors_of(path)
+    assert line.startswith(f"{path}: invalid TOML: ") and "nested" in line
+
+
+def test_deeply_nested_json_in_the_environment_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCD_ALERTS__TO", "[" * 100_000 + "]" * 100_000)
+    (line,) = errors_of(write(tmp_path, MINIMAL))
+    assert line.startswith("environment") and "nested" in line
