@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -292,3 +293,42 @@ def test_deeply_nested_toml_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "nested" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "setting"),
+    [("alerts", "remind_every_hours = inf"), ("phorest", "max_requests_per_second = 1e-300"),
+     ("policy", "purge_guard_percent = nan"), ("policy", "request_deadline_months = true"),
+     ("google_analytics", "enforce_retention = 0"), ("ledger", 'path = ""')],
+    ids=["inf", "tiny", "nan", "bool-as-number", "number-as-bool", "empty-path"],
+)
+def test_validate_rejects_values_that_would_crash_at_run_time(
+    tmp_path: Path, section: str, setting: str
+) -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    key = setting.split(" = ")[0]
+    del data[section][key]
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        + (f"{setting}\n" if name == section else "")
+        for name, values in data.items()
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"{path}: {section}.{key}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_validate_rejects_an_unknown_environment_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    result = subprocess.run(
+        [str(SYNCD), "config", "validate", "--config", str(path)], capture_output=True,
+        text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")},
+             "SYNCD_NOSECTION__X": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("environment SYNCD_NOSECTION__X: unknown section")
