@@ -259,10 +259,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     """``syncd sandbox``: serve the emulators until interrupted."""
     # Imported here, not at the top: the sandbox is a development tool and the
     # daemon's own code paths never load it.
-    from syncd.sandbox.app import Sandbox
+    from syncd.sandbox.app import Sandbox, check_config_path
 
     log.configure(args.log_level or "info")
     try:
+        if args.write_config:  # before any port is taken
+            check_config_path(args.write_config)
         sandbox = Sandbox(
             clients=args.clients,
             seed=args.seed,
@@ -285,7 +287,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     with sandbox:
         if args.write_config:
-            sandbox.write_config(args.write_config)
+            try:
+                sandbox.write_config(args.write_config)
+            except (OSError, ValueError) as exc:  # e.g. a read-only directory
+                problem = (f"cannot write {args.write_config}: {exc.strerror or type(exc).__name__}"
+                           if isinstance(exc, OSError) else str(exc))
+                print(f"syncd sandbox: {problem}", file=sys.stderr)
+                return EXIT_ERROR
         _print_sandbox(sandbox, args.write_config)
         stop.wait()
     print("sandbox stopped", file=sys.stderr)

@@ -16,6 +16,7 @@ import contextvars
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,11 +29,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from syncd.errors import ConfigError, IdentifierError
 from syncd.identity import normalise_email
@@ -43,6 +45,10 @@ ENV_PREFIX = "SYNCD_"
 CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
 MIN_HMAC_KEY_BYTES = 16
 REDACTED = "***"
+# The config file and each secret file are read whole, so they are bounded:
+# a service-account key is about 2 KiB, the sample config about 6 KiB.
+FILE_LIMIT_BYTES = 1024 * 1024
+ENV_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 # Whether a missing required secret is an error. `syncd config validate` run
 # from an admin's shell cannot see systemd's $CREDENTIALS_DIRECTORY, so it
@@ -64,24 +70,72 @@ def _secret(description: str, *, required: bool = False) -> Any:
     )
 
 
-def _secret_file(key: str) -> Any:
+def _secret_file(section: str, key: str) -> Any:
     return Field(
         default=None,
         description=f"Path to a file holding {key} (trailing newline ignored).",
-        examples=[f"/etc/syncd/{key}"],
+        examples=[f"/etc/syncd/{section}_{key}"],
     )
+
+
+class _EnvText(str):
+    """A value that came from an environment variable, where everything is text.
+
+    Only such values may be parsed into numbers and booleans: in the TOML file
+    a number or a boolean must be written as one.
+    """
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """``bool``, ``int`` or ``float`` for a scalar field (optional or not), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if candidate is bool or candidate is int or candidate is float:
+            return candidate  # type: ignore[no-any-return]
+    return None
 
 
 class Section(BaseModel):
     """Base of every ``[section]``: unknown keys are errors, values are frozen.
+
+    Numbers must be finite and booleans must be booleans: TOML ``0``, ``1`` or
+    ``"true"`` is not a boolean, and ``true`` is not a number. From environment
+    variables, where every value is text, numbers are parsed and booleans may
+    be ``true``, ``false``, ``1`` or ``0``.
 
     Secret fields (marked with ``json_schema_extra={"secret": True}``) are
     resolved after validation: the value itself (from the file or the
     environment), else ``<key>_file``, else ``$CREDENTIALS_DIRECTORY/<section>_<key>``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     section: ClassVar[str] = ""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode would take 0 or "yes" as a boolean and true as a
+        # number; only text from the environment is parsed.
+        kind = _scalar_type(cls.model_fields[info.field_name].annotation)  # type: ignore[index]
+        from_env = isinstance(value, _EnvText)
+        if kind is bool and not isinstance(value, bool):
+            word = value.strip().lower() if from_env else None
+            if word in ENV_BOOLEANS:
+                return ENV_BOOLEANS[word]
+            raise PydanticCustomError(
+                "strict_bool",
+                "must be true or false (in the environment: true, false, 1 or 0)"
+                if from_env
+                else "must be true or false, without quotes",
+            )
+        if kind in (int, float) and (
+            isinstance(value, bool) or (isinstance(value, str) and not from_env)
+        ):
+            raise PydanticCustomError(
+                "strict_number",
+                "must be {what}, written without quotes (true and false are not numbers)",
+                {"what": "an integer" if kind is int else "a number"},
+            )
+        return str(value) if from_env else value
 
     @classmethod
     def secret_fields(cls) -> list[str]:
@@ -153,14 +207,65 @@ def secret_hint(section: str, key: str) -> str:
     )
 
 
+class _NotAFile(Exception):
+    """A path that is not a regular file of at most :data:`FILE_LIMIT_BYTES`."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`FILE_LIMIT_BYTES`.
+
+    The type and size are checked on the opened file before reading, so a FIFO
+    or a device can neither block nor feed an endless stream, and a file that
+    grows meanwhile is still cut off at the limit.
+
+    Raises:
+        OSError: the path cannot be opened.
+        _NotAFile: not a regular file, or larger than the limit (the message says which).
+    """
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    too_big = _NotAFile(f"larger than {FILE_LIMIT_BYTES // 1024 // 1024} MiB")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
+            raise _NotAFile(f"{kind}, not a regular file")
+        if info.st_size > FILE_LIMIT_BYTES:
+            raise too_big
+        data = bytearray()
+        while len(data) <= FILE_LIMIT_BYTES:
+            chunk = os.read(fd, FILE_LIMIT_BYTES + 1 - len(data))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+        raise too_big  # it grew after fstat, or its size was not known (/proc)
+    finally:
+        os.close(fd)
+
+
 def _read_secret_file(path: Path, key: str) -> str:
     try:
-        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        value = _read_regular_file(path).decode("utf-8").rstrip("\r\n")
     except OSError as exc:
         raise PydanticCustomError(
             "secret_file",
             "cannot read {path}: {reason}",
             {"key": key, "path": str(path), "reason": exc.strerror or type(exc).__name__},
+        ) from None
+    except _NotAFile as exc:
+        raise PydanticCustomError(
+            "secret_file",
+            "cannot read {path}: {reason}",
+            {"key": key, "path": str(path), "reason": str(exc)},
         ) from None
     except UnicodeDecodeError:
         raise PydanticCustomError(
@@ -194,6 +299,20 @@ class LedgerSettings(Section):
         description="SQLite ledger file (tasks, suppression list, audit trail). Created 0600.",
     )
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be the path of the ledger file, not empty")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _not_a_directory(cls, value: Path) -> Path:
+        if value.is_dir():
+            raise ValueError("is a directory; give the path of the ledger file inside it")
+        return value
+
 
 class IdentitySettings(Section):
     """How people are keyed without storing who they are."""
@@ -203,7 +322,7 @@ class IdentitySettings(Section):
         "Keys the subject HMAC (at least 16 bytes). Losing it orphans the suppression list.",
         required=True,
     )
-    hmac_key_file: Path | None = _secret_file("hmac_key")
+    hmac_key_file: Path | None = _secret_file("identity", "hmac_key")
     default_phone_region: str = Field(
         default="GB", description="Region assumed for phone numbers written without +country code."
     )
@@ -242,17 +361,17 @@ class PhorestSettings(Section):
         examples=["global/manager@example.com"],
     )
     password: SecretStr | None = _secret("API password issued by Phorest.", required=True)
-    password_file: Path | None = _secret_file("password")
+    password_file: Path | None = _secret_file("phorest", "password")
     page_size: int = Field(
         default=100, ge=1, le=200, description="Clients per page when scanning (Phorest max 200)."
     )
     max_requests_per_second: float = Field(
-        default=20, gt=0, le=100, description="Client-side rate limit (Phorest allows 100/s)."
+        default=20, ge=0.1, le=100, description="Client-side rate limit (Phorest allows 100/s)."
     )
     poll_interval_seconds: int = Field(
-        default=60, ge=5, description="How often the daemon asks Phorest for changes."
+        default=60, ge=5, le=86_400, description="How often the daemon asks Phorest for changes."
     )
-    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+    timeout_seconds: float = Field(default=30, ge=1, le=300, description="Per-request timeout.")
 
     @field_validator("username")
     @classmethod
@@ -269,7 +388,7 @@ class MailchimpSettings(Section):
     api_key: SecretStr | None = _secret(
         "Marketing API key; its -usN suffix names the data centre.", required=True
     )
-    api_key_file: Path | None = _secret_file("api_key")
+    api_key_file: Path | None = _secret_file("mailchimp", "api_key")
     list_id: str = Field(min_length=1, description="Audience (list) id.", examples=["a1b2c3d4e5"])
     base_url: OptionalHttpUrl = Field(
         default="",
@@ -281,8 +400,8 @@ class MailchimpSettings(Section):
     webhook_secret: SecretStr | None = _secret(
         "Last path segment of the audience webhook URL; unset disables the webhook route."
     )
-    webhook_secret_file: Path | None = _secret_file("webhook_secret")
-    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+    webhook_secret_file: Path | None = _secret_file("mailchimp", "webhook_secret")
+    timeout_seconds: float = Field(default=30, ge=1, le=300, description="Per-request timeout.")
 
     @model_validator(mode="after")
     def _data_centre(self) -> MailchimpSettings:
@@ -325,7 +444,7 @@ class GoogleAnalyticsSettings(Section):
     credentials: SecretStr | None = _secret(
         "Service-account key JSON (usually given as credentials_file).", required=True
     )
-    credentials_file: Path | None = _secret_file("credentials")
+    credentials_file: Path | None = _secret_file("google_analytics", "credentials")
     admin_base_url: HttpUrl = Field(
         default="https://analyticsadmin.googleapis.com", description="Admin API root."
     )
@@ -338,7 +457,7 @@ class GoogleAnalyticsSettings(Section):
     enforce_retention: bool = Field(
         default=False, description="Correct a longer retention setting instead of only reporting it."
     )
-    timeout_seconds: float = Field(default=30, gt=0, le=300, description="Per-request timeout.")
+    timeout_seconds: float = Field(default=30, ge=1, le=300, description="Per-request timeout.")
 
     @field_validator("credentials")
     @classmethod
@@ -402,17 +521,21 @@ class AlertsSettings(Section):
     )
     smtp_username: str = Field(default="", description="SMTP login; empty: no authentication.")
     smtp_password: SecretStr | None = _secret("SMTP password.")
-    smtp_password_file: Path | None = _secret_file("smtp_password")
+    smtp_password_file: Path | None = _secret_file("alerts", "smtp_password")
     webhook_url: SecretStr | None = _secret("Optional JSON webhook (Slack/Teams/ntfy).")
-    webhook_url_file: Path | None = _secret_file("webhook_url")
+    webhook_url_file: Path | None = _secret_file("alerts", "webhook_url")
     remind_every_hours: float = Field(
-        default=24, gt=0, description="Repeat an unresolved alert this often, no more."
+        default=24, ge=1, le=720, description="Repeat an unresolved alert this often, no more."
     )
+    # The floor is low so tests can see a processor go down in seconds.
     processor_down_minutes: float = Field(
-        default=30, gt=0, description="Alert when a processor has been unreachable this long."
+        default=30,
+        ge=0.05,
+        le=10_080,
+        description="Alert when a processor has been unreachable this long.",
     )
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class DaemonSettings(Section):
@@ -494,7 +617,7 @@ class Settings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):  # type: ignore[no-untyped-def]
         # Environment beats the file; no .env files, no /run/secrets guessing.
-        return (env_settings, init_settings)
+        return (_EnvSource(settings_cls), init_settings)
 
     def sections(self) -> Iterator[tuple[str, Section]]:
         """The configured sections, in schema order."""
@@ -502,6 +625,20 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if value is not None:
                 yield name, value
+
+
+class _EnvSource(EnvSettingsSource):
+    """``SYNCD_<SECTION>__<KEY>`` variables, their text marked as coming from the environment."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for name, values in data.items():
+            if isinstance(values, dict):
+                data[name] = {
+                    key: _EnvText(value) if type(value) is str else value
+                    for key, value in values.items()
+                }
+        return data
 
 
 def _section_model(annotation: Any) -> type[Section]:
@@ -514,8 +651,6 @@ def _section_model(annotation: Any) -> type[Section]:
 SECTION_MODELS: dict[str, type[Section]] = {
     name: _section_model(field.annotation) for name, field in Settings.model_fields.items()
 }
-
-
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
@@ -533,18 +668,21 @@ def read_toml(path: Path) -> dict[str, Any]:
         ConfigError: missing, unreadable or malformed file.
     """
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(_read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: config file not found (give --config PATH or set {CONFIG_PATH_ENV})"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except _NotAFile as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except RecursionError:  # tomllib parses arrays and inline tables recursively
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def load(
@@ -562,15 +700,37 @@ def load(
     """
     file = resolve_path(path)
     data = read_toml(file)
+    problems = _unknown_environment_sections()
     token = _require_secrets.set(require_secrets)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, file)) from None
+        problems += _describe(exc, file)
     except SettingsError as exc:
-        raise ConfigError(f"environment: {_one_line(str(exc))}") from None
+        problems.append(f"environment: {_one_line(str(exc))}")
+    except RecursionError:  # json.loads of a SYNCD_ variable's value
+        problems.append("environment: a SYNCD_ variable holds JSON nested too deeply")
     finally:
         _require_secrets.reset(token)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _unknown_environment_sections() -> list[str]:
+    """One line per ``SYNCD_`` variable that names no section (pydantic would ignore it)."""
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_PATH_ENV:
+            continue
+        section = upper.removeprefix(ENV_PREFIX).split("__", 1)[0].lower()
+        if section not in SECTION_MODELS:
+            problems.append(
+                f"environment {name}: unknown section {section!r} (sections: "
+                f"{', '.join(SECTION_MODELS)}; keys are set as {ENV_PREFIX}<SECTION>__<KEY>)"
+            )
+    return problems
 
 
 def missing_secrets(settings: Settings) -> list[str]:
@@ -663,19 +823,28 @@ def render_example() -> str:
                 out.append(f"# {field.description} ({kind}: {secret_hint(name, key)})")
                 out.append(f'# {toml_key} = "…"')
                 continue
+            if key in secret_files:
+                out.append(f"# {field.description}")
+                out.append(f"# {toml_key} = {toml_value(field.examples[0])}")
+                continue
             if field.is_required():
                 value = field.examples[0]
                 note = " (required; example value)"
             else:
                 value = field.get_default(call_default_factory=True)
                 note = ""
-            if key in secret_files:
-                out.append(f"# {field.description}")
-                out.append(f"# {toml_key} = {toml_value(value)}")
-                continue
-            out.append(f"# {field.description}{note}")
+            out.append(f"# {field.description}{_bounds_note(field)}{note}")
             out.append(f"{toml_key} = {toml_value(value)}")
     return "\n".join(out) + "\n"
+
+
+def _bounds_note(field: Any) -> str:
+    """`` Allowed: 1 to 200.`` for a bounded number, else nothing."""
+    low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+    if _scalar_type(field.annotation) not in (int, float) or low is None or high is None:
+        return ""
+    return f" Allowed: {low:g} to {high:g}."
 
 
 def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:

@@ -401,7 +401,12 @@ class Daemon:
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
 
     def _guarded(self, ledger: Ledger, job: _Job) -> Callable[[], None]:
-        """``job`` wrapped so a failure is logged, counted, alerted and paused, never raised."""
+        """``job`` wrapped so a failure is logged, counted, alerted and paused, never raised.
+
+        Any exception counts, bugs included (an OverflowError from a setting, a
+        TypeError): one job must never end the daemon. Only the exception's type
+        is logged and stored, as its message may hold personal data.
+        """
 
         def run() -> None:
             if time.monotonic() < job.paused_until:
@@ -411,7 +416,7 @@ class Daemon:
             except Interrupted:
                 log.info("job_interrupted", job=job.name, reason="stopping")
                 return
-            except (SyncdError, OSError, ValueError, KeyError, RuntimeError) as error:
+            except Exception as error:  # noqa: BLE001 - see the docstring
                 job.failures += 1
                 first, longest = JOB_BACKOFF_SECONDS
                 pause = min(longest, first * 2 ** (job.failures - 1))
@@ -423,16 +428,16 @@ class Daemon:
                     ledger.raise_alert(f"job_failed:{job.name}", "job_failed",
                                        f"the {job.name} job keeps failing "
                                        f"({type(error).__name__}); syncd retries it")
-                except LedgerError:
-                    log.exception("job_alert_failed", job=job.name)
+                except Exception as alert_error:  # noqa: BLE001 - the loop must go on
+                    log.error("job_alert_failed", job=job.name, error=type(alert_error).__name__)
                 return
             if job.failures:
                 log.info("job_recovered", job=job.name, after_failures=job.failures)
                 job.failures, job.paused_until = 0, 0.0
                 try:
                     ledger.resolve_alert(f"job_failed:{job.name}")
-                except LedgerError:
-                    log.exception("job_alert_failed", job=job.name)
+                except Exception as alert_error:  # noqa: BLE001 - the loop must go on
+                    log.error("job_alert_failed", job=job.name, error=type(alert_error).__name__)
 
         return run
 
@@ -465,6 +470,10 @@ class Daemon:
         except (SyncdError, OSError, ValueError, KeyError, RuntimeError) as error:
             ledger.finish_command(command.id, "failed",
                                   error=f"{type(error).__name__}: {redact_text(str(error))}")
+            raise
+        except Exception as error:  # a bug: its message may hold anything, so the type only
+            ledger.finish_command(command.id, "failed", error=f"{type(error).__name__} (a bug "
+                                  "in syncd; see the daemon's log)")
             raise
         summary = result.as_json()
         del summary["rows"]  # per-client rows stay with dry runs; the CLI prints counts

@@ -135,11 +135,13 @@ class Sandbox:
     ) -> dict[str, Any]:
         """A syncd configuration pointing every connector at this sandbox.
 
-        Secrets are written as 0600 files in ``directory`` and referenced by
-        ``*_file`` keys, exactly as a real installation would keep them.
+        Secrets are written as 0600 files in ``directory`` (0700, created if
+        absent; its parent must exist) and referenced by ``*_file`` keys,
+        exactly as a real installation would keep them.
         """
         c = self.credentials
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)  # mkdir's mode yields to the umask, and the directory may be old
         secret = lambda name, value: str(_write_private(directory / name, value))  # noqa: E731
         info = self.google.service_account_info(f"{self.base_url}/token")
         sections: dict[str, Any] = {
@@ -176,21 +178,43 @@ class Sandbox:
         return sections
 
     def write_config(self, path: Path, **kwargs: Any) -> Path:
-        """Write :meth:`config` as TOML to ``path`` (secrets beside it in ``<path>.d/``)."""
+        """Write :meth:`config` as TOML to ``path``, 0600 (secrets beside it in ``<path>.d/``).
+
+        Raises:
+            ValueError: ``path`` is a directory or its directory does not exist
+                (see :func:`check_config_path`).
+            OSError: the file cannot be written.
+        """
         from syncd.config import render_toml
 
+        check_config_path(path)
         sections = self.config(path.parent / f"{path.name}.d", **kwargs)
         header = (
             "# syncd configuration for the local sandbox, written by `syncd sandbox`.\n"
             f"# Sandbox started {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at {self.base_url}.\n\n"
         )
-        path.write_text(header + render_toml(sections))
-        return path
+        return _write_private(path, header + render_toml(sections))
+
+
+def check_config_path(path: Path) -> None:
+    """Refuse a config path that is a directory or whose directory does not exist.
+
+    The sandbox never creates directories along the way: run as root with a
+    mistyped path, it would otherwise leave them anywhere.
+
+    Raises:
+        ValueError: with a one-line reason.
+    """
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path, e.g. {path / 'syncd.toml'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: the directory {path.parent} does not exist")
 
 
 def _write_private(path: Path, value: str) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # O_CREAT's mode only applies to a new file
         fh.write(value)
     return path
 

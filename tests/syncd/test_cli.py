@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -306,3 +308,99 @@ def test_resync_exits_1_in_one_line_when_a_planned_action_was_not_carried_out(
         assert sandbox.phorest.client(waiting["clientId"])["emailMarketingConsent"] is True
         assert [c["clientId"] for c in _opted_out_in_mailchimp_only(sandbox)] == [
             waiting["clientId"]]
+
+# A hang guard, not a speed check: the unfixed reader blocked (FIFO) or filled memory (/dev/zero).
+HANG_GUARD_SECONDS = 20
+
+
+def run_guarded(*argv: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([str(SYNCD), *argv], capture_output=True, text=True,
+                              timeout=HANG_GUARD_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"syncd {' '.join(argv)} hung")
+
+
+@pytest.mark.parametrize(
+    ("kind", "described"),
+    [("fifo", "a FIFO"), ("dev-zero", "a character device"), ("directory", "a directory")],
+    ids=["fifo", "dev-zero", "directory"],
+)
+def test_validate_refuses_a_secret_file_that_is_not_a_regular_file_without_hanging(
+    tmp_path: Path, kind: str, described: str
+) -> None:
+    secret = {"fifo": tmp_path / "password.fifo", "dev-zero": Path("/dev/zero"),
+              "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(secret)
+    path = tmp_path / "c.toml"
+    path.write_text(VALID.replace('password = "phorest-password-value"',
+                                  f'password_file = "{secret}"'))
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{path}: phorest.password_file: cannot read {secret}: {described}, not a regular file\n")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_validate_refuses_a_config_path_that_is_not_a_regular_file_without_hanging(
+    tmp_path: Path, kind: str
+) -> None:
+    if kind == "fifo":
+        path = tmp_path / "syncd.fifo"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"{path}: cannot read config file: ")
+    assert "not a regular file" in result.stderr
+
+
+def test_deeply_nested_toml_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(VALID + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nested" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "setting"),
+    [("alerts", "remind_every_hours = inf"), ("phorest", "max_requests_per_second = 1e-300"),
+     ("policy", "purge_guard_percent = nan"), ("policy", "request_deadline_months = true"),
+     ("google_analytics", "enforce_retention = 0"), ("ledger", 'path = ""')],
+    ids=["inf", "tiny", "nan", "bool-as-number", "number-as-bool", "empty-path"],
+)
+def test_validate_rejects_values_that_would_crash_at_run_time(
+    tmp_path: Path, section: str, setting: str
+) -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    key = setting.split(" = ")[0]
+    del data[section][key]
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        + (f"{setting}\n" if name == section else "")
+        for name, values in data.items()
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    result = run_guarded("config", "validate", "--config", str(path))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"{path}: {section}.{key}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_validate_rejects_an_unknown_environment_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    result = subprocess.run(
+        [str(SYNCD), "config", "validate", "--config", str(path)], capture_output=True,
+        text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")},
+             "SYNCD_NOSECTION__X": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("environment SYNCD_NOSECTION__X: unknown section")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
 from pathlib import Path
+from typing import get_args
 
+import annotated_types
 import pytest
 
 from syncd import config
@@ -343,3 +346,248 @@ def test_a_non_http_base_url_is_one_error(tmp_path: Path, section: str, extra: s
 def test_phorest_base_url_cannot_be_empty(tmp_path: Path) -> None:
     (line,) = errors_of(write(tmp_path, MINIMAL + "base_url = ''\n"))
     assert ": phorest.base_url: " in line
+
+
+# --- bounds, strict types and safe reads --------------------------------------
+
+
+def _scalar_type(annotation: object) -> type | None:
+    """bool, int or float for a scalar setting (Optional or not), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if candidate in (bool, int, float):
+            return candidate  # type: ignore[return-value]
+    return None
+
+
+def _fields_of(kind: tuple[type, ...]) -> list[tuple[str, str]]:
+    return [
+        (section, field.alias or key)
+        for section, model in config.SECTION_MODELS.items()
+        for key, field in model.model_fields.items()
+        if _scalar_type(field.annotation) in kind
+    ]
+
+
+NUMERIC_FIELDS = _fields_of((int, float))
+BOOL_FIELDS = _fields_of((bool,))
+
+
+def _bounds(section: str, key: str) -> tuple[float | None, float | None, bool]:
+    """(lowest, highest, whether the lowest itself is allowed) from the field's metadata."""
+    field = config.SECTION_MODELS[section].model_fields[key]
+    low = high = None
+    low_inclusive = True
+    for item in field.metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = item.ge
+        elif isinstance(item, annotated_types.Gt):
+            low, low_inclusive = item.gt, False
+        elif isinstance(item, annotated_types.Le):
+            high = item.le
+        elif isinstance(item, annotated_types.Lt):
+            high = item.lt
+    return low, high, low_inclusive
+
+
+def _absurd_values(section: str, key: str) -> list[object]:
+    low, _high, low_inclusive = _bounds(section, key)
+    values: list[object] = [math.inf, -math.inf, math.nan, 1e300, -1e300, True]
+    if low is not None and (low > 0 or (low == 0 and not low_inclusive)):
+        values.append(1e-300)  # a field that refuses 0 refuses "practically 0" too
+    return values
+
+
+def _example_with(section: str, key: str, value: object, tmp_path: Path) -> Path:
+    data = tomllib.loads(EXAMPLE.read_text())
+    data[section][key] = value
+    return write(tmp_path, config.render_toml(data))
+
+
+def test_the_generated_field_lists_are_not_empty() -> None:
+    assert ("phorest", "poll_interval_seconds") in NUMERIC_FIELDS
+    assert ("google_analytics", "enforce_retention") in BOOL_FIELDS
+
+
+@pytest.mark.parametrize(("section", "key"), NUMERIC_FIELDS, ids=[".".join(f) for f in NUMERIC_FIELDS])
+def test_every_numeric_setting_has_a_finite_lower_and_upper_bound(section: str, key: str) -> None:
+    low, high, low_inclusive = _bounds(section, key)
+    assert low is not None and high is not None, f"{section}.{key} needs ge= and le="
+    assert math.isfinite(low) and math.isfinite(high)
+    # A field that refuses 0 needs a real minimum (ge=), not gt=0, which lets 1e-300 in.
+    assert low_inclusive, f"{section}.{key}: use ge=<smallest sensible value>, not gt="
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [(s, k, v) for s, k in NUMERIC_FIELDS for v in _absurd_values(s, k)],
+    ids=[f"{s}.{k}={v!r}" for s, k in NUMERIC_FIELDS for v in _absurd_values(s, k)],
+)
+def test_non_finite_absurd_and_boolean_numbers_are_rejected_with_the_key_path(
+    tmp_path: Path, section: str, key: str, value: object
+) -> None:
+    (line,) = errors_of(_example_with(section, key, value, tmp_path), require_secrets=False)
+    assert f": {section}.{key}: " in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(("section", "key"), NUMERIC_FIELDS, ids=[".".join(f) for f in NUMERIC_FIELDS])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e999", "true"])
+def test_non_finite_numbers_from_the_environment_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, section: str, key: str, value: str
+) -> None:
+    variable = f"SYNCD_{section}__{key}".upper()
+    monkeypatch.setenv(variable, value)
+    (line,) = errors_of(EXAMPLE, require_secrets=False)
+    assert line.startswith(f"environment {variable}: {section}.{key}: ")
+
+
+def test_numbers_from_the_environment_still_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND", "2.5")
+    monkeypatch.setenv("SYNCD_PHOREST__POLL_INTERVAL_SECONDS", "30")
+    settings = config.load(EXAMPLE, require_secrets=False)
+    assert settings.phorest.max_requests_per_second == 2.5
+    assert settings.phorest.poll_interval_seconds == 30
+
+
+def test_a_number_written_as_a_toml_string_is_rejected(tmp_path: Path) -> None:
+    (line,) = errors_of(_example_with("phorest", "page_size", "50", tmp_path), require_secrets=False)
+    assert ": phorest.page_size: " in line
+
+
+@pytest.mark.parametrize(("section", "key"), BOOL_FIELDS, ids=[".".join(f) for f in BOOL_FIELDS])
+@pytest.mark.parametrize("value", [0, 1, "true", "false", "yes", 1.0], ids=repr)
+def test_booleans_in_the_file_must_be_toml_booleans(
+    tmp_path: Path, section: str, key: str, value: object
+) -> None:
+    (line,) = errors_of(_example_with(section, key, value, tmp_path), require_secrets=False)
+    assert f": {section}.{key}: must be true or false" in line
+
+
+@pytest.mark.parametrize(("section", "key"), BOOL_FIELDS, ids=[".".join(f) for f in BOOL_FIELDS])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("false", False), ("1", True), ("0", False), ("TRUE", True), ("False", False)],
+)
+def test_booleans_from_the_environment_accept_true_false_1_0(
+    monkeypatch: pytest.MonkeyPatch, section: str, key: str, value: str, expected: bool
+) -> None:
+    monkeypatch.setenv(f"SYNCD_{section}__{key}".upper(), value)
+    settings = config.load(EXAMPLE, require_secrets=False)
+    assert getattr(getattr(settings, section), key) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "2", ""])
+def test_other_environment_booleans_are_rejected_saying_what_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("SYNCD_GOOGLE_ANALYTICS__ENFORCE_RETENTION", value)
+    (line,) = errors_of(EXAMPLE, require_secrets=False)
+    assert line.startswith(
+        "environment SYNCD_GOOGLE_ANALYTICS__ENFORCE_RETENTION: google_analytics.enforce_retention: "
+    )
+    assert "true, false, 1 or 0" in line
+
+
+@pytest.mark.parametrize("value", ["", "   "], ids=["empty", "blank"])
+def test_an_empty_ledger_path_is_rejected(tmp_path: Path, value: str) -> None:
+    (line,) = errors_of(write(tmp_path, MINIMAL + f'[ledger]\npath = "{value}"\n'))
+    assert ": ledger.path: " in line and "empty" in line
+
+
+def test_an_empty_ledger_path_from_the_environment_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCD_LEDGER__PATH", "")
+    (line,) = errors_of(write(tmp_path, MINIMAL))
+    assert line.startswith("environment SYNCD_LEDGER__PATH: ledger.path: ")
+
+
+def test_a_directory_as_the_ledger_path_is_rejected(tmp_path: Path) -> None:
+    (line,) = errors_of(write(tmp_path, MINIMAL + f'[ledger]\npath = "{tmp_path}"\n'))
+    assert ": ledger.path: " in line and "directory" in line
+
+
+@pytest.mark.parametrize(
+    "variable", ["SYNCD_NOSECTION__X", "SYNCD_PHOREST_PAGE_SIZE", "SYNCD_NOSECTION"]
+)
+def test_an_unknown_environment_section_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "1")
+    (line,) = errors_of(write(tmp_path, MINIMAL))
+    assert line.startswith(f"environment {variable}: ")
+    assert "unknown section" in line
+
+
+def test_an_unknown_environment_key_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCD_PHOREST__NO_SUCH_KEY", "1")
+    (line,) = errors_of(write(tmp_path, MINIMAL))
+    assert line == (
+        "environment SYNCD_PHOREST__NO_SUCH_KEY: phorest.no_such_key: unknown key"
+    )
+
+
+def test_unknown_environment_sections_are_reported_with_the_other_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCD_NOSECTION__X", "1")
+    lines = errors_of(write(tmp_path, MINIMAL + "page_size = 0\n"))
+    assert len(lines) == 2
+    assert any(": phorest.page_size: " in line for line in lines)
+
+
+def test_a_secret_file_that_is_a_directory_is_one_error_naming_the_key(tmp_path: Path) -> None:
+    text = MINIMAL.replace('password = "phorest-password"', f'password_file = "{tmp_path}"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "not a regular file" in line
+
+
+def test_a_secret_file_that_is_a_device_is_one_error_naming_the_key(tmp_path: Path) -> None:
+    # /dev/null, not /dev/zero: an unfixed reader would fill memory (the CLI test covers it).
+    text = MINIMAL.replace('password = "phorest-password"', 'password_file = "/dev/null"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "not a regular file" in line
+
+
+def test_an_oversized_secret_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with big.open("wb") as fh:
+        fh.truncate(config.FILE_LIMIT_BYTES + 1)  # sparse: nothing is really written
+    text = MINIMAL.replace('password = "phorest-password"', f'password_file = "{big}"')
+    (line,) = errors_of(write(tmp_path, text))
+    assert ": phorest.password_file: " in line and "larger than" in line
+
+
+def test_an_oversized_config_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "#" * config.FILE_LIMIT_BYTES + "\n")
+    (line,) = errors_of(path)
+    assert line.startswith(f"{path}: cannot read config file: ") and "larger than" in line
+
+
+def test_a_device_as_the_config_file_is_refused() -> None:
+    (line,) = errors_of(Path("/dev/null"))
+    assert line == "/dev/null: cannot read config file: a character device, not a regular file"
+
+
+def test_deeply_nested_toml_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    (line,) = errors_of(path)
+    assert line.startswith(f"{path}: invalid TOML: ") and "nested" in line
+
+
+def test_deeply_nested_json_in_the_environment_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCD_ALERTS__TO", "[" * 100_000 + "]" * 100_000)
+    (line,) = errors_of(write(tmp_path, MINIMAL))
+    assert line.startswith("environment") and "nested" in line
+
+
+def test_the_example_shows_a_path_for_every_secret_file_key() -> None:
+    text = config.render_example()
+    assert '"None"' not in text
+    for section, model in config.SECTION_MODELS.items():
+        for key in model.secret_fields():
+            assert f'# {key}_file = "/etc/syncd/{section}_{key}"\n' in text

@@ -290,6 +290,57 @@ def test_cli_serves_writes_config_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
+def test_written_config_and_secrets_are_private_even_over_an_existing_file(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text("# an older, world-readable file\n")
+    path.chmod(0o644)
+    (tmp_path / "syncd.toml.d").mkdir(mode=0o755)
+    (tmp_path / "syncd.toml.d").chmod(0o755)
+    sandbox.write_config(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    secrets = tmp_path / "syncd.toml.d"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in secrets.iterdir()} == {0o600}
+
+
+@pytest.mark.parametrize("where", ["directory", "missing-parent"])
+def test_write_config_refuses_a_directory_or_a_missing_parent(
+    sandbox: Sandbox, tmp_path: Path, where: str
+) -> None:
+    path = tmp_path if where == "directory" else tmp_path / "no" / "such" / "syncd.toml"
+    with pytest.raises(ValueError):
+        sandbox.write_config(path)
+    assert not (tmp_path / "no").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path.parent / f"{tmp_path.name}.d").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "fragment"),
+    [("directory", "is a directory"), ("missing-parent", "does not exist")],
+)
+def test_cli_write_config_refuses_bad_paths_in_one_line(
+    tmp_path: Path, where: str, fragment: str
+) -> None:
+    path = tmp_path if where == "directory" else tmp_path / "no" / "such" / "syncd.toml"
+    try:
+        result = subprocess.run(
+            [str(SYNCD), "sandbox", "--clients", "0", "--port", "0", "--smtp-port", "0",
+             "--write-config", str(path)],
+            capture_output=True, text=True, timeout=30,  # a hang guard: it must not serve
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the sandbox started instead of refusing the path")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr
+    assert result.stderr.startswith("syncd sandbox: ")
+    assert not (tmp_path / "no").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path.parent / f"{tmp_path.name}.d").exists()
+
+
 def test_production_modules_never_import_the_sandbox() -> None:
     code = (
         "import sys, syncd.cli, syncd.config, syncd.ledger, syncd.log, syncd.identity, connectors\n"
