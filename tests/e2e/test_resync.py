@@ -154,6 +154,7 @@ def test_a_resync_killed_at_random_moments_is_finished_by_the_next_one(
         kill_after = rng.uniform(*KILL_WINDOW_SECONDS)
         with Sandbox(clients=KILL_TRIAL_CLIENTS, seed=trial, smtp_port=None,
                      latency_ms=KILL_TRIAL_LATENCY_MS) as sandbox:
+            (tmp_path / f"trial{trial}").mkdir()
             config_path = sandbox.write_config(tmp_path / f"trial{trial}" / "syncd.toml")
             opted_out = _opted_out_addresses(sandbox)
             assert _opt_outs_missing_in_phorest(sandbox, opted_out), "no opt-out to carry"
