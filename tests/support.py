@@ -188,3 +188,44 @@ def shared_address_violations(
             ):
                 problems.append(f"names not from the name source: {ids}")
     return problems
+
+
+@dataclass
+class Wired:
+    """A sandbox wired to syncd as the daemon wires it (see :func:`wired_sandbox`)."""
+
+    ledger: Any
+    ledger_path: Any
+    live: dict[str, Any]
+    keys: Any
+
+
+@contextmanager
+def wired_sandbox(sandbox: Any, tmp_path: Any,
+                  sleep: Callable[[float], None] | None = None) -> Iterator[Wired]:
+    """The real connectors, a ledger file, and syncd's webhook app registered with Mailchimp.
+
+    Mailchimp's deliveries land in the ledger's inbox, as the daemon's listener
+    records them; the caller processes the inbox.
+    """
+    import connectors
+    from syncd import config
+    from syncd.identity import SubjectKeys
+    from syncd.inbox import recorder
+    from syncd.ledger import Ledger
+    from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
+
+    ledger_path = tmp_path / "ledger.sqlite3"
+    settings = config.load(sandbox.write_config(tmp_path / "syncd.toml", ledger_path=ledger_path))
+    assert settings.identity.hmac_key is not None
+    assert settings.mailchimp.webhook_secret is not None
+    keys = SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
+                       settings.identity.default_phone_region)
+    secret = settings.mailchimp.webhook_secret.get_secret_value()
+    options = {} if sleep is None else {"sleep": sleep}
+    live = {kind: connectors.load(kind)(getattr(settings, kind), **options)
+            for kind in ("phorest", "mailchimp")}  # fmt: skip
+    with serve_wsgi(mailchimp_webhook_app(secret, recorder(ledger_path))) as base:
+        sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
+        with Ledger.open(ledger_path) as ledger:
+            yield Wired(ledger, ledger_path, live, keys)

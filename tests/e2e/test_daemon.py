@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,15 @@ def _start(config_path: Path, port: int, notify_path: Path, log_path: Path,
     )  # fmt: skip
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Running]:
+@contextmanager
+def started_daemon(tmp_path: Path, *, clients: int, seed: int,
+                   healthy_within_seconds: float = 30) -> Iterator[Running]:
+    """``syncd run`` against a fresh sandbox, once it said READY=1 and /healthz is 200."""
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.setblocking(False)
-    with Sandbox(clients=150, seed=4, smtp_port=0) as sandbox:
+    with Sandbox(clients=clients, seed=seed, smtp_port=0) as sandbox:
         config_path = sandbox.write_config(tmp_path / "syncd.toml")
         port, log_path = _free_port(), tmp_path / "daemon.log"
         process = _start(config_path, port, notify_path, log_path)
@@ -98,13 +101,20 @@ def running(tmp_path: Path) -> Iterator[Running]:
             _wait(lambda: seen.extend(run.notifications()) or any("READY=1" in m for m in seen),
                   30, "READY=1")
             # Ready comes before the first poll (a full resync); healthy once both were reached.
-            _wait(lambda: run.get("/healthz")[0] == 200, 30, "/healthz to turn 200")
+            _wait(lambda: run.get("/healthz")[0] == 200, healthy_within_seconds,
+                  "/healthz to turn 200")
             yield run
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
             notify.close()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    with started_daemon(tmp_path, clients=150, seed=4) as run:
+        yield run
 
 
 def test_the_daemon_reports_ready_propagates_both_ways_and_stops_cleanly(

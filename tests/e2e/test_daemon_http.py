@@ -16,15 +16,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
 from syncd import config
-from syncd.sandbox.app import Sandbox
 from syncd.web import WEBHOOK_BODY_LIMIT_BYTES, WEBHOOK_PREFIX
-from tests.e2e.test_daemon import Running, _free_port, _start, _wait
+from tests.e2e.test_daemon import Running, started_daemon
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -37,26 +35,8 @@ DRIP_GIVE_UP_SECONDS = 45.0  # a slow client still connected after this was neve
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     tmp_path = tmp_path_factory.mktemp("daemon_http")
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.setblocking(False)
-    with Sandbox(clients=50, seed=12, smtp_port=0) as sandbox:
-        config_path = sandbox.write_config(tmp_path / "syncd.toml")
-        port, log_path = _free_port(), tmp_path / "daemon.log"
-        process = _start(config_path, port, notify_path, log_path)
-        run = Running(sandbox, config_path, process, port, notify, log_path)
-        try:
-            seen: list[str] = []
-            _wait(lambda: seen.extend(run.notifications()) or any("READY=1" in m for m in seen),
-                  30, "READY=1")
-            _wait(lambda: run.get("/healthz")[0] == 200, 60, "/healthz to turn 200")
-            yield run
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            notify.close()
+    with started_daemon(tmp_path, clients=50, seed=12, healthy_within_seconds=60) as run:
+        yield run
 
 
 @pytest.fixture

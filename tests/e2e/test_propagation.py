@@ -21,19 +21,16 @@ from pathlib import Path
 import pytest
 import structlog
 
-import connectors
 from connectors.base import Connector
-from syncd import config
 from syncd import log as syncd_log
 from syncd.engine import poll, resync
 from syncd.identity import SubjectKeys
-from syncd.inbox import process_inbox, recorder
+from syncd.inbox import process_inbox
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
-from tests.support import seeded_values, serve_wsgi
+from tests.support import seeded_values, wired_sandbox
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 POLICY = RetryPolicy(budget=8)
@@ -81,31 +78,14 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    ledger_path = tmp_path / "ledger.sqlite3"
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     stream = io.StringIO()
     syncd_log.configure(level="debug", fmt="json", stream=stream)
     try:
-        with Sandbox(clients=200, seed=11, smtp_port=None) as sandbox:
-            settings = config.load(sandbox.write_config(tmp_path / "syncd.toml",
-                                                        ledger_path=ledger_path))
-            assert settings.identity.hmac_key is not None
-            assert settings.mailchimp.webhook_secret is not None
-            keys = SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
-                               settings.identity.default_phone_region)
-            secret = settings.mailchimp.webhook_secret.get_secret_value()
-            live: dict[str, Connector] = {
-                kind: connectors.load(kind)(getattr(settings, kind), sleep=lambda _: None)
-                for kind in ("phorest", "mailchimp")
-            }
-
-            record = recorder(ledger_path)
-
-            with serve_wsgi(mailchimp_webhook_app(secret, record)) as base:
-                sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
-                with Ledger.open(ledger_path) as ledger:
-                    yield World(sandbox, ledger, ledger_path, live, keys, stream)
+        with Sandbox(clients=200, seed=11, smtp_port=None) as sandbox, \
+                wired_sandbox(sandbox, tmp_path, sleep=lambda _: None) as wired:
+            yield World(sandbox, wired.ledger, wired.ledger_path, wired.live, wired.keys, stream)
     finally:
         structlog.reset_defaults()
         root.handlers[:] = handlers

@@ -21,18 +21,15 @@ from pathlib import Path
 
 import pytest
 
-import connectors
 from connectors.base import Connector
-from syncd import config
 from syncd.engine import poll, resync
 from syncd.identity import SubjectKeys
-from syncd.inbox import process_inbox, recorder
+from syncd.inbox import process_inbox
 from syncd.ledger import Ledger
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
 from syncd.tasks import run_due
-from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
-from tests.support import Address, serve_wsgi, shared_address_violations, vendor_addresses
+from tests.support import Address, shared_address_violations, vendor_addresses, wired_sandbox
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 CLIENTS = 2000
@@ -80,23 +77,9 @@ SEEDS = [1, *(pytest.param(seed, marks=pytest.mark.slow) for seed in (2, 3, 4, 5
 
 @pytest.fixture(params=SEEDS, ids=lambda seed: f"seed{seed}")
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    ledger_path = tmp_path / "ledger.sqlite3"
-    with Sandbox(clients=CLIENTS, seed=request.param, smtp_port=None) as sandbox:
-        settings = config.load(sandbox.write_config(tmp_path / "syncd.toml",
-                                                    ledger_path=ledger_path))
-        assert settings.identity.hmac_key is not None
-        assert settings.mailchimp.webhook_secret is not None
-        keys = SubjectKeys(settings.identity.hmac_key.get_secret_value().encode(),
-                           settings.identity.default_phone_region)
-        secret = settings.mailchimp.webhook_secret.get_secret_value()
-        live: dict[str, Connector] = {
-            kind: connectors.load(kind)(getattr(settings, kind), sleep=_short_sleep)
-            for kind in ("phorest", "mailchimp")
-        }
-        with serve_wsgi(mailchimp_webhook_app(secret, recorder(ledger_path))) as base:
-            sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
-            with Ledger.open(ledger_path) as ledger:
-                yield World(sandbox, ledger, live, keys)
+    with Sandbox(clients=CLIENTS, seed=request.param, smtp_port=None) as sandbox, \
+            wired_sandbox(sandbox, tmp_path, sleep=_short_sleep) as wired:
+        yield World(sandbox, wired.ledger, wired.live, wired.keys)
 
 
 def _consents(address: Address) -> dict[str, bool]:
