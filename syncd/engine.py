@@ -679,8 +679,7 @@ def _views(
         held = (*governance.live, *governance.dead) or ((client,) if client else ())
         records = [_record(c, subject_key if c is client else record_keys[c.client_id],
                            stored_by_key) for c in held]
-        own = {r.subject_key: r for r in records}
-        mine = own.get(subject_key)
+        mine = next((r for r in records if r.subject_key == subject_key), None)
         opted_in_at = mine.opted_in_at if mine else (stored.opted_in_at if stored else None)
         # Every record's stored facts speak for the address, whichever is primary now.
         facts_here = [f for f in (stored, *(r.stored for r in records if r.stored is not stored))
@@ -724,7 +723,8 @@ def _record(client: ClientRecord, subject_key: str,
         # Consent switched on in Phorest since the ledger last looked (R2: a fresh
         # opt-in, dated by Phorest).
         opted_in_at = client.updated_at
-    return _Record(subject_key, client.client_id, stored, consent=client.email_consent if live else None,
+    return _Record(subject_key, client.client_id, stored,
+                   consent=client.email_consent if live else None,
                    consent_at=client.updated_at if live else None, opted_in_at=opted_in_at,
                    client_seen=_seen(client))
 
@@ -770,6 +770,11 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
                     changes["opted_in_at"] = record.opted_in_at
                 if record.client_seen != (held.client_seen if held else None):
                     changes["client_seen"] = record.client_seen
+                if (held is not None and held.unsubscribed_by_syncd
+                        and not facts.unsubscribed_by_syncd
+                        and record.subject_key != view.subject_key):
+                    # The mark may sit on a former primary's subject: it ends for all.
+                    changes["unsubscribed_by_syncd"] = False
                 if changes or held is None:
                     ledger.upsert_subject(record.subject_key, **changes)
                     written += 1

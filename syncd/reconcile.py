@@ -170,7 +170,7 @@ class Governance:
         return bool(self.governing) and all(c.email_consent for c in self.governing)
 
     def describe(self) -> tuple[str, str]:
-        """(what shares the address, who governs it) for counts, e.g. ("active+archived", "active")."""
+        """(what shares the address, who governs it), e.g. ("active+archived", "active")."""
         states = sorted((c.state for c in (*self.live, *self.dead)), key=_state_order)
         return "+".join(states), self.tier or "-"
 

@@ -338,3 +338,25 @@ def test_a_deleted_record_at_a_shared_address_keeps_the_member_and_says_so_once(
     kept = [e for e in world.ledger.audit_events(world.keys.client_id(goes["clientId"]))
             if e.action == "keep_shared_member"]
     assert [(e.reason, e.outcome) for e in kept] == [("R5:kept_for_another_client", "kept")]
+
+
+def test_a_mark_of_syncds_own_unsubscribe_never_hides_the_persons_later_opt_out(
+    world: World,
+) -> None:
+    phorest, email = world.sandbox.phorest, "family.e2e@example.org"
+    first = phorest.add_client(firstName="Ann", lastName="Lee", email=email,
+                               emailMarketingConsent=True, createdAt="2020-01-01T00:00:00.000Z")
+    second = phorest.add_client(firstName="Bo", lastName="Lee", email=email,
+                                emailMarketingConsent=True)
+    world.sandbox.mailchimp.add_member(email, "subscribed",
+                                       merge_fields={"FNAME": "Ann", "LNAME": "Lee"})
+    # A mark left on the other record's subject (it was the primary once).
+    world.ledger.upsert_subject(world.keys.client_id(second["clientId"]),
+                                unsubscribed_by_syncd=True)
+    world.resync()  # the member is seen subscribed: the mark ends everywhere
+    world.sandbox.mailchimp.click_unsubscribe(email)
+
+    world.resync()
+
+    for client in (first, second):
+        assert phorest.client(client["clientId"])["emailMarketingConsent"] is False
