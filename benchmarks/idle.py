@@ -28,9 +28,9 @@ import urllib.request
 from pathlib import Path
 
 from syncd import config
+from syncd.health import LAST_RESYNC_CURSOR
 from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
-from syncd.status import LAST_RESYNC_CURSOR
 
 SYNCD = Path(sys.executable).with_name("syncd")
 TICKS = os.sysconf("SC_CLK_TCK")

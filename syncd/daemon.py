@@ -69,7 +69,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, config, engine, httpd, status
+from syncd import alerts, config, engine, health, httpd
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -284,7 +284,7 @@ class Daemon:
         self._last_beat = time.monotonic()
         if self._ledger is not None and self._heartbeat.due():
             try:
-                self._ledger.set_cursor(status.HEARTBEAT_CURSOR, datetime.now(UTC).isoformat())
+                self._ledger.set_cursor(health.HEARTBEAT_CURSOR, datetime.now(UTC).isoformat())
             except LedgerError:
                 log.warning("heartbeat_write_failed")
 
@@ -354,7 +354,7 @@ class Daemon:
                 self._probe(ledger, runtime)
                 raise
             self._polls.labels("ok").inc()
-            ledger.set_cursor(status.LAST_POLL_CURSOR, now().isoformat())
+            ledger.set_cursor(health.LAST_POLL_CURSOR, now().isoformat())
             notify(f"STATUS=running; last poll {now():%H:%M:%S} UTC")
             self._reached(ledger, runtime.connectors)
 
@@ -374,8 +374,8 @@ class Daemon:
                                    policy=policy, progress=moved, processors=processors)
             if processors is None:  # a full read is also the freshest possible poll
                 finished = now().isoformat()
-                ledger.set_cursor(status.LAST_RESYNC_CURSOR, finished)
-                ledger.set_cursor(status.LAST_POLL_CURSOR, finished)
+                ledger.set_cursor(health.LAST_RESYNC_CURSOR, finished)
+                ledger.set_cursor(health.LAST_POLL_CURSOR, finished)
             self._reached(ledger, runtime.connectors)
             notify(f"STATUS=running; last resync {now():%H:%M:%S} UTC")
             return result
@@ -534,9 +534,9 @@ class Daemon:
         runtime = self.runtime
         if runtime is None:
             return 503, {"status": "starting", "processors": {}}
-        processors = status.processor_states(
+        processors = health.processor_states(
             ledger.processor_health(), sorted(runtime.connectors), now=datetime.now(UTC),
-            window=status.health_window(runtime.settings))
+            window=health.health_window(runtime.settings))
         healthy = bool(processors) and all(p["state"] == "ok" for p in processors.values())
         return (200 if healthy else 503), {"status": "ok" if healthy else "degraded",
                                            "processors": processors}
@@ -575,7 +575,7 @@ class _LedgerCollector(Collector):
             depth.add_metric([], queued)
             first = ledger.oldest_pending_task_at()
             oldest.add_metric([], max(0.0, time.time() - first.timestamp()) if first else 0.0)
-            last = ledger.get_cursor(status.LAST_RESYNC_CURSOR)
+            last = ledger.get_cursor(health.LAST_RESYNC_CURSOR)
             resync.add_metric([], datetime.fromisoformat(last).timestamp() if last else 0.0)
         yield from (up, tasks, depth, oldest, resync)
 

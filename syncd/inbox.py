@@ -44,11 +44,11 @@ import structlog
 from connectors.base import Action, ClientRecord
 from connectors.phorest import PhorestConnector
 from syncd.errors import ConnectorError, IdentifierError
+from syncd.events import WebhookEvent
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import InboxEvent, Ledger
 from syncd.reconcile import Planned, govern
 from syncd.tasks import enqueue
-from syncd.web import WebhookEvent
 
 log = structlog.get_logger(__name__)
 

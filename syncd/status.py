@@ -6,7 +6,8 @@ and the lock file, and returns a :class:`Report`:
 - the daemon: running (the pid holding the writer lock) and alive (its
   heartbeat, written while the loop turns, is recent);
 - per processor: the last successful contact, the last error, whether the
-  credentials were accepted, and a state (see :func:`processor_states`);
+  credentials were accepted, and a state (see
+  :func:`syncd.health.processor_states`);
 - tasks by state, the oldest failing task, the manual steps waiting
   (``needs_person``), open data-subject requests with their due dates, open
   alerts, queued or running resyncs, the last poll and the last resync.
@@ -25,7 +26,7 @@ times; error lines are the connectors' own classifications, redacted again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,58 +34,23 @@ from typing import Any
 
 from syncd import engine
 from syncd.config import Settings
-from syncd.ledger import Ledger, ProcessorHealth, Task
+from syncd.ledger import Ledger, Task
 from syncd.errors import SyncdError
+from syncd.health import (
+    HEARTBEAT_CURSOR,
+    LAST_POLL_CURSOR,
+    LAST_RESYNC_CURSOR,
+    health_window,
+    iso_seconds,
+    processor_states,
+)
 from syncd.lock import lock_holder, lock_path
 from syncd.log import redact_text
 
-HEALTH_WINDOW_MIN_SECONDS = 180.0  # or three poll intervals, whichever is longer
-HEARTBEAT_CURSOR = "daemon.heartbeat"
-LAST_POLL_CURSOR = "daemon.last_poll"
-LAST_RESYNC_CURSOR = "daemon.last_resync"
 REQUEST_DUE_SOON_DAYS = 7
 LISTED = 10  # manual steps, requests and alerts shown by name; the rest are counted
 
 EXIT_CODES = {"healthy": 0, "degraded": 1, "down": 2}
-
-
-def health_window(settings: Settings) -> timedelta:
-    """How recent a contact (or a heartbeat) must be to count as current."""
-    interval = settings.phorest.poll_interval_seconds if settings.phorest else 60
-    return timedelta(seconds=max(HEALTH_WINDOW_MIN_SECONDS, 3.0 * interval))
-
-
-def processor_states(
-    known: Mapping[str, ProcessorHealth], names: Iterable[str], *, now: datetime, window: timedelta
-) -> dict[str, dict[str, Any]]:
-    """Per configured processor: its state and the facts behind it, JSON-ready.
-
-    States: ``ok`` (reached within ``window``), ``down`` (the latest contacts
-    failed), ``stale`` (reached once, not within ``window``) and ``unknown``
-    (never contacted).
-    """
-    states: dict[str, dict[str, Any]] = {}
-    for name in names:
-        health = known.get(name)
-        if health is None:
-            states[name] = {"state": "unknown", "last_ok": None, "last_error": None,
-                            "last_error_at": None, "credentials_ok": None, "down_since": None}
-            continue
-        if health.down_since is not None:
-            state = "down"
-        elif health.last_ok_at is not None and now - health.last_ok_at <= window:
-            state = "ok"
-        else:
-            state = "stale" if health.last_ok_at is not None else "unknown"
-        states[name] = {
-            "state": state,
-            "last_ok": _iso(health.last_ok_at),
-            "last_error": redact_text(health.last_error) if health.last_error else None,
-            "last_error_at": _iso(health.last_error_at),
-            "credentials_ok": health.credentials_ok,
-            "down_since": _iso(health.down_since),
-        }
-    return states
 
 
 @dataclass
@@ -138,14 +104,15 @@ def gather(settings: Settings, *, now: datetime | None = None) -> Report:
         heartbeat = _moment(ledger.get_cursor(HEARTBEAT_CURSOR))
         report = Report(
             "healthy", [], str(path),
-            {"running": pid is not None, "pid": pid, "heartbeat": _iso(heartbeat)},
+            {"running": pid is not None, "pid": pid, "heartbeat": iso_seconds(heartbeat)},
             processors=processor_states(ledger.processor_health(), names, now=now, window=window),
             tasks=ledger.count_tasks_by_state(),
             oldest_failing_task=_task(ledger.oldest_failing_task()),
             manual_steps=[_task(t) for t in ledger.tasks_in_state("needs_person", LISTED)],
             requests=[_request(r, now) for r in ledger.open_requests()],
-            alerts=[{"problem": a.problem_key, "summary": a.summary, "since": _iso(a.created_at),
-                     "notified": a.notify_count} for a in ledger.open_alerts()],
+            alerts=[{"problem": a.problem_key, "summary": a.summary,
+                     "since": iso_seconds(a.created_at), "notified": a.notify_count}
+                    for a in ledger.open_alerts()],
             commands=[_command(c) for c in ledger.active_commands()],
             last_poll=ledger.get_cursor(LAST_POLL_CURSOR),
             last_resync=ledger.get_cursor(LAST_RESYNC_CURSOR),
@@ -247,20 +214,22 @@ def _task(task: Task | None) -> dict[str, Any] | None:
         return None
     return {"id": task.id, "processor": task.processor, "action": task.action,
             "reason": task.reason, "state": task.state, "attempts": task.attempts,
-            "created_at": _iso(task.created_at), "next_attempt_at": _iso(task.next_attempt_at),
+            "created_at": iso_seconds(task.created_at),
+            "next_attempt_at": iso_seconds(task.next_attempt_at),
             "last_error": redact_text(task.last_error) if task.last_error else None}
 
 
 def _request(request: Any, now: datetime) -> dict[str, Any]:
-    return {"id": request.id, "kind": request.kind, "received_at": _iso(request.received_at),
-            "due_at": _iso(request.due_at), "overdue": request.due_at < now,
+    return {"id": request.id, "kind": request.kind,
+            "received_at": iso_seconds(request.received_at),
+            "due_at": iso_seconds(request.due_at), "overdue": request.due_at < now,
             "due_soon": request.due_at < now + timedelta(days=REQUEST_DUE_SOON_DAYS)}
 
 
 def _command(command: Any) -> dict[str, Any]:
     progress = command.progress or {}
     return {"id": command.id, "kind": command.kind, "state": command.state,
-            "requested_at": _iso(command.requested_at), "stage": progress.get("stage")}
+            "requested_at": iso_seconds(command.requested_at), "stage": progress.get("stage")}
 
 
 def _moment(text: str | None) -> datetime | None:
@@ -271,7 +240,3 @@ def _moment(text: str | None) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="seconds") if moment is not None else None

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.headerregistry import HeaderRegistry
 from typing import Any
@@ -38,6 +37,7 @@ from urllib.parse import parse_qsl
 import structlog
 
 from syncd.errors import IdentifierError
+from syncd.events import WebhookEvent
 from syncd.identity import normalise_email
 
 log = structlog.get_logger(__name__)
@@ -58,20 +58,6 @@ IGNORED_EVENTS = frozenset({"subscribe", "campaign"})
 
 class WebhookError(ValueError):
     """A webhook body that cannot be trusted (answered 400)."""
-
-
-@dataclass(frozen=True)
-class WebhookEvent:
-    """One parsed Mailchimp audience event.
-
-    ``payload`` holds what processing needs (addresses, reason, names) and is
-    scrubbed from the ledger once processed.
-    """
-
-    kind: str
-    occurred_at: datetime
-    payload: dict[str, str]
-    dedupe_key: str
 
 
 def parse_mailchimp_event(form: Mapping[str, str], *,

@@ -171,7 +171,7 @@ def test_resync_progress_shows_a_bar_with_totals_on_a_terminal(
 ) -> None:
     from rich.console import Console
 
-    from syncd import cli
+    from syncd.cli import _resync as cli
 
     screen = Console(record=True, width=100, force_terminal=True)
     monkeypatch.setattr("rich.console.Console", lambda **_: screen)
@@ -187,7 +187,7 @@ def test_resync_progress_shows_a_bar_with_totals_on_a_terminal(
 
 
 def test_resync_progress_is_silent_off_a_terminal() -> None:
-    from syncd import cli
+    from syncd.cli import _resync as cli
 
     with cli._ResyncProgress(enabled=False) as update:
         assert update is None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import FakeClock
-from syncd import ledger as ledger_module
+from syncd.ledger import _db as ledger_module  # where the migrations are read
 from syncd.errors import LedgerError
 from syncd.ledger import SCHEMA_VERSION, Ledger, Task
 

@@ -1,0 +1,176 @@
+"""The rows the ledger returns, and the states and kinds they may hold.
+
+The schema's CHECK constraints allow the same states and kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+OPEN_TASK_STATES = ("pending", "in_flight")
+FINAL_TASK_STATES = ("done", "failed", "needs_person", "cancelled")
+TASK_STATES = OPEN_TASK_STATES + FINAL_TASK_STATES
+IDENTIFIER_KINDS = ("email", "phone", "client_id")
+REQUEST_KINDS = ("erase", "restrict", "unrestrict", "export")
+REQUEST_FINAL_STATES = ("done", "failed", "cancelled")
+COMMAND_KINDS = ("resync",)
+COMMAND_FINAL_STATES = ("done", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """One person known to syncd (``consent`` is None while unknown)."""
+
+    subject_key: str
+    consent: bool | None
+    consent_at: datetime | None
+    restricted: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectFacts:
+    """What the ledger knows about a subject's marketing state (see :meth:`Ledger.subject_facts`)."""
+
+    subject_key: str
+    consent: bool | None
+    restricted: bool
+    opted_out_at: datetime | None
+    opted_in_at: datetime | None
+    resubscribe_refused: bool
+    synced_email_key: str | None = None
+    client_seen: str | None = None
+    unsubscribed_by_syncd: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One action on one processor for one subject."""
+
+    id: int
+    subject_key: str
+    processor: str
+    action: str
+    reason: str
+    payload: dict[str, Any] | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    last_error: str | None
+    vendor_request_id: str | None
+    request_id: int | None
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A data-subject request (erase, restrict, unrestrict, export)."""
+
+    id: int
+    kind: str
+    subject_key: str
+    source: str
+    received_at: datetime
+    due_at: datetime
+    state: str
+    closed_at: datetime | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One entry of the append-only evidence trail."""
+
+    id: int
+    at: datetime
+    subject_key: str | None
+    processor: str | None
+    action: str
+    reason: str | None
+    outcome: str
+    vendor_request_id: str | None
+    task_id: int | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A problem the manager has been, or will be, told about."""
+
+    id: int
+    problem_key: str
+    kind: str
+    summary: str
+    state: str
+    created_at: datetime
+    last_notified_at: datetime | None
+    notify_count: int
+    resolved_at: datetime | None
+    recovery_notified_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorHealth:
+    """What the daemon last learned about one processor (no personal data).
+
+    Attributes:
+        processor: the connector's name.
+        last_ok_at: the last successful contact.
+        last_error: the last problem, one line.
+        last_error_at: when it was seen.
+        credentials_ok: False when the processor refused the credentials,
+            True once they worked, None before any contact.
+        down_since: when the current run of failed contacts began (None while up).
+        updated_at: when this row was last written.
+    """
+
+    processor: str
+    last_ok_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    credentials_ok: bool | None
+    down_since: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Work an operator asked the running daemon to do.
+
+    Attributes:
+        options: the command's arguments (e.g. ``{"processor": "mailchimp"}``).
+        progress: the latest ``{"stage", "done", "total"}`` while it runs.
+        result: the outcome summary once done.
+        error: one line when it failed.
+    """
+
+    id: int
+    kind: str
+    options: dict[str, Any]
+    state: str
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEvent:
+    """One pushed event waiting to be (or already) processed."""
+
+    id: int
+    source: str
+    kind: str
+    occurred_at: datetime
+    received_at: datetime
+    payload: dict[str, Any] | None
+    dedupe_key: str
+    processed_at: datetime | None
+    outcome: str | None

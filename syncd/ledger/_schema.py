@@ -1,0 +1,202 @@
+"""The ledger's schema, as the migrations that build it, oldest first.
+
+A file's ``PRAGMA user_version`` counts the migrations applied to it;
+:func:`syncd.ledger._db._migrate` applies the rest when the file is opened.
+"""
+
+# Migrations are history: never edit one that has shipped, append a new one.
+# Each runs in one transaction together with its user_version bump.
+_V1_INITIAL = """
+CREATE TABLE subjects (
+    subject_key TEXT PRIMARY KEY,
+    consent     INTEGER CHECK (consent IN (0, 1)),
+    consent_at  TEXT,
+    restricted  INTEGER NOT NULL DEFAULT 0 CHECK (restricted IN (0, 1)),
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+
+CREATE TABLE identifiers (
+    identifier_key TEXT PRIMARY KEY,
+    kind           TEXT NOT NULL CHECK (kind IN ('email', 'phone', 'client_id')),
+    subject_key    TEXT NOT NULL REFERENCES subjects (subject_key) ON DELETE CASCADE,
+    created_at     TEXT NOT NULL
+);
+CREATE INDEX identifiers_by_subject ON identifiers (subject_key);
+
+CREATE TABLE subject_state (
+    subject_key TEXT NOT NULL REFERENCES subjects (subject_key) ON DELETE CASCADE,
+    processor   TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    observed_at TEXT NOT NULL,
+    PRIMARY KEY (subject_key, processor)
+);
+
+CREATE TABLE requests (
+    id          INTEGER PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('erase', 'restrict', 'unrestrict', 'export')),
+    subject_key TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    due_at      TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'open'
+                CHECK (state IN ('open', 'done', 'failed', 'cancelled')),
+    closed_at   TEXT,
+    note        TEXT
+);
+CREATE INDEX requests_by_state_due ON requests (state, due_at);
+
+CREATE TABLE suppression (
+    identifier_key TEXT PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    request_id     INTEGER REFERENCES requests (id),
+    created_at     TEXT NOT NULL
+);
+
+-- The last CHECK makes "no payload once final" a property of the file, not
+-- only of the code that writes it.
+CREATE TABLE tasks (
+    id                INTEGER PRIMARY KEY,
+    subject_key       TEXT NOT NULL,
+    processor         TEXT NOT NULL,
+    action            TEXT NOT NULL,
+    reason            TEXT NOT NULL,
+    payload           TEXT,
+    state             TEXT NOT NULL DEFAULT 'pending' CHECK (state IN
+                      ('pending', 'in_flight', 'done', 'failed', 'needs_person', 'cancelled')),
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   TEXT NOT NULL,
+    created_at        TEXT NOT NULL,
+    updated_at        TEXT NOT NULL,
+    last_error        TEXT,
+    vendor_request_id TEXT,
+    request_id        INTEGER REFERENCES requests (id),
+    dedupe_key        TEXT UNIQUE,
+    CHECK (state IN ('pending', 'in_flight') OR (payload IS NULL AND dedupe_key IS NULL))
+);
+CREATE INDEX tasks_by_state_due ON tasks (state, next_attempt_at);
+CREATE INDEX tasks_by_subject ON tasks (subject_key);
+CREATE INDEX tasks_by_request ON tasks (request_id);
+
+-- Append-only evidence (R11). No foreign keys: evidence must outlive the
+-- subjects and tasks it mentions.
+CREATE TABLE audit (
+    id                INTEGER PRIMARY KEY,
+    at                TEXT NOT NULL,
+    subject_key       TEXT,
+    processor         TEXT,
+    action            TEXT NOT NULL,
+    reason            TEXT,
+    outcome           TEXT NOT NULL,
+    vendor_request_id TEXT,
+    task_id           INTEGER,
+    detail            TEXT
+);
+CREATE INDEX audit_by_subject ON audit (subject_key, at);
+CREATE INDEX audit_by_time ON audit (at);
+
+CREATE TABLE cursors (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE alerts (
+    id               INTEGER PRIMARY KEY,
+    problem_key      TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    summary          TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'resolved')),
+    created_at       TEXT NOT NULL,
+    last_notified_at TEXT,
+    notify_count     INTEGER NOT NULL DEFAULT 0,
+    resolved_at      TEXT
+);
+CREATE UNIQUE INDEX alerts_one_open_per_problem ON alerts (problem_key) WHERE state = 'open';
+"""
+
+# Events pushed to syncd (Mailchimp webhooks), recorded before they are
+# answered and processed later. ``payload`` carries the identifiers the event
+# names until it is processed, then it is scrubbed; ``dedupe_key`` makes a
+# replayed delivery a no-op.
+_V2_INBOX = """
+CREATE TABLE inbox (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    occurred_at  TEXT NOT NULL,
+    received_at  TEXT NOT NULL,
+    payload      TEXT,
+    dedupe_key   TEXT NOT NULL UNIQUE,
+    processed_at TEXT,
+    outcome      TEXT,
+    CHECK (processed_at IS NULL OR payload IS NULL)
+);
+CREATE INDEX inbox_pending ON inbox (processed_at, id);
+"""
+
+# What a full resync learns about a subject's opt-outs and opt-ins (R2), stamped
+# with the processor's own times, and whether Mailchimp refused a re-subscribe.
+_V3_SUBJECT_OPT_TIMES = """
+ALTER TABLE subjects ADD COLUMN opted_out_at TEXT;
+ALTER TABLE subjects ADD COLUMN opted_in_at TEXT;
+ALTER TABLE subjects ADD COLUMN resubscribe_refused INTEGER NOT NULL DEFAULT 0
+    CHECK (resubscribe_refused IN (0, 1));
+"""
+
+# synced_email_key: the keyed hash of the address the subject's Mailchimp member was
+# last seen or put under, so an email change in Phorest moves that member (R6).
+# client_seen: which version of the Phorest record syncd last reconciled (version,
+# updatedAt and state; no personal data), so a poll skips changes already handled.
+_V4_SUBJECT_SYNC_STATE = """
+ALTER TABLE subjects ADD COLUMN synced_email_key TEXT;
+ALTER TABLE subjects ADD COLUMN client_seen TEXT;
+"""
+
+# processor_health: what the daemon last learned about each processor, kept so
+# that ``syncd status`` (another process) and a restarted daemon can see it.
+# commands: work an operator asked the running daemon to do (``syncd resync``
+# while the daemon holds the writer lock), with its progress and outcome.
+# alerts.recovery_notified_at: when the manager was told a problem cleared.
+_V5_DAEMON_STATE = """
+CREATE TABLE processor_health (
+    processor      TEXT PRIMARY KEY,
+    last_ok_at     TEXT,
+    last_error     TEXT,
+    last_error_at  TEXT,
+    credentials_ok INTEGER CHECK (credentials_ok IN (0, 1)),
+    down_since     TEXT,
+    updated_at     TEXT NOT NULL
+);
+
+CREATE TABLE commands (
+    id           INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL CHECK (kind IN ('resync')),
+    options      TEXT NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    requested_at TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    progress     TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX commands_by_state ON commands (state, id);
+
+ALTER TABLE alerts ADD COLUMN recovery_notified_at TEXT;
+"""
+
+# unsubscribed_by_syncd: syncd itself set the subject's member unsubscribed, so
+# that status is not a new opt-out by the person and withdraws nobody's consent
+# (at a shared address, one client without consent unsubscribes the member).
+_V6_OWN_UNSUBSCRIBE = """
+ALTER TABLE subjects ADD COLUMN unsubscribed_by_syncd INTEGER NOT NULL DEFAULT 0
+    CHECK (unsubscribed_by_syncd IN (0, 1));
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE,
+    _V6_OWN_UNSUBSCRIBE,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
