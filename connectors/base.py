@@ -156,6 +156,13 @@ class Outcome:
             ``forgotten_email``, ``stale_version`` …), never personal data.
         request_id: the vendor's request id, for the audit trail.
         retry_after_seconds: the vendor's hint for a retriable outcome.
+        evidence: the vendor's receipt for a done action when it is not a
+            request id (GA's ``deletionRequestTime``), for the audit trail;
+            never personal data.
+        quota_wait: for a retriable outcome, True when the vendor's quota for
+            the period is spent and ``retry_after_seconds`` is when it
+            resets: the action was not tried and failed, it waits its turn,
+            so it must never count against the retry budget.
     """
 
     action: Action
@@ -163,6 +170,8 @@ class Outcome:
     reason: str | None = None
     request_id: str | None = None
     retry_after_seconds: float | None = None
+    evidence: str | None = None
+    quota_wait: bool = False
 
 
 @dataclass(frozen=True, slots=True)
