@@ -76,7 +76,11 @@ WRITES_PER_MINUTE = 150
 APPLY_BATCH_SIZE = 25
 # Google's quota day may turn a little after ours: a minute late costs nothing.
 QUOTA_RESET_MARGIN_SECONDS = 60.0
-RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "RATE_LIMIT_EXCEEDED"})
+# Quota reasons: the legacy ``errors[].reason`` codes and the ErrorInfo one. A daily
+# limit is known by its reason, or by the quota limit (or message) naming a day.
+RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "RATE_LIMIT_EXCEEDED",
+                                "userRateLimitExceeded", "dailyLimitExceeded"})  # fmt: skip
+DAILY_LIMIT_REASONS = frozenset({"dailyLimitExceeded"})
 # Why a 401 or 403 that is not a rate limit was refused: title, and what a person must do.
 SERVICE_DISABLED_REASONS = frozenset({"SERVICE_DISABLED", "accessNotConfigured"})
 SCOPE_REASONS = frozenset({"ACCESS_TOKEN_SCOPE_INSUFFICIENT", "insufficientPermissions"})
@@ -494,8 +498,8 @@ def _error_reasons(response: requests.Response) -> tuple[frozenset[str], bool]:
             if isinstance(metadata, dict):
                 limits.append(str(metadata.get("quota_limit") or ""))
     safe = frozenset(r for r in reasons if re.fullmatch(r"[A-Za-z_]{1,64}", r))
-    daily = bool(safe & RATE_LIMIT_REASONS) and any(
-        "perday" in limit.lower().replace(" ", "") for limit in limits)
+    names_a_day = any("perday" in limit.lower().replace(" ", "") for limit in limits)
+    daily = bool(safe & DAILY_LIMIT_REASONS) or (bool(safe & RATE_LIMIT_REASONS) and names_a_day)
     return safe, daily
 
 

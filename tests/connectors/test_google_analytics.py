@@ -278,6 +278,17 @@ def test_a_dry_run_sends_nothing_not_even_for_a_token(
                      "retriable", "rate_limited", None, False, id="403-RATE_LIMIT_EXCEEDED-only"),
         pytest.param({"status": 403, "json": DAILY_QUOTA}, "retriable", "quota_exhausted",
                      TO_MIDNIGHT_SECONDS + QUOTA_RESET_MARGIN_SECONDS, True, id="403-daily-quota"),
+        pytest.param({"status": 403, "json": google_error(
+                         403, "PERMISSION_DENIED", "Daily Limit Exceeded",
+                         reasons=("dailyLimitExceeded",))},
+                     "retriable", "quota_exhausted",
+                     TO_MIDNIGHT_SECONDS + QUOTA_RESET_MARGIN_SECONDS, True,
+                     id="403-legacy-dailyLimitExceeded"),
+        pytest.param({"status": 403, "json": google_error(
+                         403, "PERMISSION_DENIED", "User Rate Limit Exceeded",
+                         reasons=("userRateLimitExceeded",))},
+                     "retriable", "rate_limited", None, False,
+                     id="403-legacy-userRateLimitExceeded"),
         pytest.param({"status": 429, "json": google_error(
                          429, "RESOURCE_EXHAUSTED", "Quota exceeded", info="RATE_LIMIT_EXCEEDED",
                          quota_limit="UserDeletionsPerDayPerProperty")},
