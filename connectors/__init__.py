@@ -17,6 +17,7 @@ from syncd.errors import ConfigError
 REGISTRY: dict[str, str] = {
     "phorest": "connectors.phorest:PhorestConnector",
     "mailchimp": "connectors.mailchimp:MailchimpConnector",
+    "google_analytics": "connectors.google_analytics:GoogleAnalyticsConnector",
 }
 
 

@@ -1,10 +1,13 @@
 """The connector contract: what syncd needs from every outside system.
 
-A connector knows *how to talk to one system* and nothing else: it reads what
-the system holds (a paged full scan, and the changes since a cursor) and
-applies a batch of actions, returning one outcome per action. Values in and
-out are frozen dataclasses, so the reconciliation that decides *what should
-happen* stays pure and the ledger never sees a vendor's wire format.
+A connector knows *how to talk to one system* and nothing else: it applies a
+batch of actions, returning one outcome per action, and, when the system holds
+a list syncd can read (a :class:`ReadableConnector`), reads it (a paged full
+scan, and the changes since a cursor). Google Analytics is write-only: it
+holds no list of users to read, so its connector offers no ``scan`` rather
+than an empty one. Values in and out are frozen dataclasses, so the
+reconciliation that decides *what should happen* stays pure and the ledger
+never sees a vendor's wire format.
 
 It also holds the call observers: connectors report every HTTP request they
 make as ``(vendor, status)`` through :func:`report_call`, and whoever counts
@@ -153,6 +156,13 @@ class Outcome:
             ``forgotten_email``, ``stale_version`` …), never personal data.
         request_id: the vendor's request id, for the audit trail.
         retry_after_seconds: the vendor's hint for a retriable outcome.
+        evidence: the vendor's receipt for a done action when it is not a
+            request id (GA's ``deletionRequestTime``), for the audit trail;
+            never personal data.
+        quota_wait: for a retriable outcome, True when the vendor's quota for
+            the period is spent and ``retry_after_seconds`` is when it
+            resets: the action was not tried and failed, it waits its turn,
+            so it must never count against the retry budget.
     """
 
     action: Action
@@ -160,6 +170,8 @@ class Outcome:
     reason: str | None = None
     request_id: str | None = None
     retry_after_seconds: float | None = None
+    evidence: str | None = None
+    quota_wait: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +187,10 @@ class CheckResult:
 
 @runtime_checkable
 class Connector(Protocol):
-    """What every connector offers. One module and one class per system."""
+    """What every connector offers. One module and one class per system.
+
+    Reading is not part of it: see :class:`ReadableConnector`.
+    """
 
     name: str
     # How many actions one ``apply`` call should be given: a connector that groups
@@ -186,6 +201,24 @@ class Connector(Protocol):
     def check(self) -> CheckResult:
         """Verify reachability and credentials with one cheap call."""
         ...
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        """Carry out ``actions``; exactly one outcome per action, in order.
+
+        Failures are outcomes, not exceptions: a vendor refusing one member
+        must not lose the others' results.
+        """
+        ...
+
+
+@runtime_checkable
+class ReadableConnector(Connector, Protocol):
+    """A connector whose system holds records syncd reads and reconciles (Phorest, Mailchimp).
+
+    A write-only processor (Google Analytics: it erases on request but lists no
+    one) is a plain :class:`Connector`; inventing an empty scan for it would
+    claim it holds no one.
+    """
 
     def scan(self) -> Iterator[Record]:
         """Every record, streamed page by page at the largest page size allowed.
@@ -200,14 +233,6 @@ class Connector(Protocol):
 
         Raises:
             ConnectorError: the feed could not be read after the in-call retries.
-        """
-        ...
-
-    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
-        """Carry out ``actions``; exactly one outcome per action, in order.
-
-        Failures are outcomes, not exceptions: a vendor refusing one member
-        must not lose the others' results.
         """
         ...
 

@@ -9,18 +9,19 @@
   that does not exist yet needs a writable directory, and is *not* created.
 - every configured section that has a connector in :data:`connectors.REGISTRY`,
   in registry order: the connector's own ``check()`` (one or two cheap calls,
-  not retried). A required secret that is missing is reported as such without
-  building the connector.
+  not retried; for ``google_analytics`` a token from the key's token endpoint,
+  then a read of the property's retention settings). A required secret that is
+  missing is reported as such without building the connector, and so is a
+  secret the connector cannot use (a service-account key that is not one).
 - ``alerts``: the SMTP server accepts a connection (through SSL or STARTTLS as
   ``smtp_security`` says), and when ``smtp_username`` is set, that the login is
   accepted. A username with no password, or a server that offers no AUTH, is a
   failure: alert mail could not be sent. The optional webhook is not called.
-- any other configured processor section (today ``google_analytics``) has no
-  connector in this version, so nothing of it runs in the daemon either: it is
-  listed as SKIPPED and does **not** count as a failure. Failing would make
-  ``check`` permanently red for a section the example configuration ships, and
-  leaving it out would let an operator believe it was verified. A section
-  switched off with ``enabled = false`` is listed as SKIPPED too.
+- a configured processor section that has no connector in this version (none
+  today) would be listed as SKIPPED and not count as a failure: failing would
+  make ``check`` permanently red for a section the example configuration
+  ships, and leaving it out would let an operator believe it was verified. A
+  section switched off with ``enabled = false`` is listed as SKIPPED too.
 
 Lines carry only the connectors' own detail text (written to be safe), syncd's
 own messages, and exception type names: never a secret, an address, a username
@@ -44,7 +45,7 @@ from typing import Any
 import connectors
 from syncd.alerts import SMTP_TIMEOUT_SECONDS, smtp_session
 from syncd.config import AlertsSettings, Section, Settings
-from syncd.errors import LedgerError
+from syncd.errors import ConfigError, LedgerError
 from syncd.ledger import Ledger
 
 MAX_WORKERS = 8
@@ -126,7 +127,7 @@ def check_all(settings: Settings, *, timeout_seconds: float | None = None) -> li
             results[kind] = ProcessorCheck(kind, True, "disabled (enabled = false)", 0.0, True)
             continue
         section = _capped(section, timeout_seconds)
-        # Two calls at most (Mailchimp: ping, then the audience).
+        # Two calls at most (Mailchimp: ping, then the audience; GA: a token, then the settings).
         per_call = float(getattr(section, "timeout_seconds", SMTP_TIMEOUT_SECONDS))
         budget = 2 * per_call + GRACE_SECONDS
         jobs.append(_Job(kind, _connector_check(kind, section), budget))
@@ -220,7 +221,10 @@ def _connector_check(kind: str, section: Section) -> Callable[[], tuple[bool, st
         missing = [key for key in section.required_secret_fields() if getattr(section, key) is None]
         if missing:
             return False, f"missing secret {missing[0]}"
-        connector: Any = connectors.load(kind)(section)
+        try:
+            connector: Any = connectors.load(kind)(section)
+        except ConfigError as error:  # e.g. a key file that is not a usable key: syncd's words
+            return False, str(error)
         result = connector.check()
         return bool(result.ok), result.detail or ("ok" if result.ok else "failed")
 

@@ -442,14 +442,20 @@ class GoogleAnalyticsSettings(Section):
         pattern=r"^\d+$", description="Numeric GA4 property id.", examples=["123456789"]
     )
     credentials: SecretStr | None = _secret(
-        "Service-account key JSON (usually given as credentials_file).", required=True
+        "Service-account key JSON (usually given as credentials_file). The account needs the "
+        "Editor role on the property.",
+        required=True,
     )
     credentials_file: Path | None = _secret_file("google_analytics", "credentials")
     admin_base_url: HttpUrl = Field(
-        default="https://analyticsadmin.googleapis.com", description="Admin API root."
+        default="https://analyticsadmin.googleapis.com",
+        description="Admin API root; set to point at a sandbox.",
     )
     identity: Literal["user_id", "client_id", "email"] = Field(
-        default="user_id", description="How a client is known to GA: user_id | client_id | email."
+        default="user_id",
+        description="What an erasure sends GA: user_id or client_id (the Phorest client id, "
+        "which the website must set as that GA field), or email (sent normalised). "
+        "user_id | client_id | email.",
     )
     max_event_retention: RetentionDuration = Field(
         default="FOURTEEN_MONTHS", description="Longest event-data retention the policy allows."

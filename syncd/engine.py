@@ -39,7 +39,7 @@ from typing import Any
 import structlog
 
 import connectors as registry
-from connectors.base import ClientRecord, Connector, MemberRecord
+from connectors.base import ClientRecord, MemberRecord, ReadableConnector
 from syncd.errors import ConfigError, IdentifierError
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger, SubjectFacts
@@ -95,7 +95,7 @@ def subject_keys(settings: Any) -> SubjectKeys:
     return SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
 
 
-def build(settings: Any, *, needed_by: str) -> tuple[dict[str, Connector], SubjectKeys]:
+def build(settings: Any, *, needed_by: str) -> tuple[dict[str, ReadableConnector], SubjectKeys]:
     """The connectors and subject keys a resync or a poll needs, from a configuration.
 
     Args:
@@ -242,7 +242,7 @@ class _Subject:
 def resync(
     settings: Any,
     ledger: Ledger,
-    connectors: Mapping[str, Connector],
+    connectors: Mapping[str, ReadableConnector],
     keys: SubjectKeys,
     *,
     dry_run: bool = False,
@@ -286,7 +286,7 @@ def resync(
 
 def poll(
     ledger: Ledger,
-    connectors: Mapping[str, Connector],
+    connectors: Mapping[str, ReadableConnector],
     keys: SubjectKeys,
     *,
     now: datetime | None = None,
@@ -436,7 +436,7 @@ def _look_up(
     index: _Index,
     ledger: Ledger,
     keys: SubjectKeys,
-    connectors: Mapping[str, Connector],
+    connectors: Mapping[str, ReadableConnector],
     wanted: Mapping[str, _Change],
     blank: Iterable[ClientRecord],
 ) -> None:
@@ -493,7 +493,7 @@ def _look_up(
 
 def _reconcile(
     ledger: Ledger,
-    connectors: Mapping[str, Connector],
+    connectors: Mapping[str, ReadableConnector],
     keys: SubjectKeys,
     index: _Index,
     *,

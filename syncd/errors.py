@@ -3,9 +3,10 @@
 One root, :class:`SyncdError`. Configuration problems are :class:`ConfigError`;
 a failed call to an outside system is a :class:`ConnectorError`, either
 :class:`RetriableError` (429, 5xx, timeouts, dropped connections) or
-:class:`PermanentError` (any other refusal). The ledger and identifier parsing
-have one type each so the CLI can turn every one of them into a one-line
-message and an exit code.
+:class:`PermanentError` (any other refusal); a spent daily quota is a
+:class:`QuotaExhaustedError`, retriable but only after the reset. The ledger
+and identifier parsing have one type each so the CLI can turn every one of
+them into a one-line message and an exit code.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ class RetriableError(ConnectorError):
     """The call may succeed later: rate limited, server error, timeout, network."""
 
     permanent = False
+
+
+class QuotaExhaustedError(RetriableError):
+    """The vendor's quota for a period (e.g. GA's user deletions per day) is spent.
+
+    The call can succeed only once the quota resets, hours away, so it is
+    never retried in-call; ``retry_after_seconds`` is the time until the reset.
+    An action refused this way waits in the ledger and is not a failed attempt.
+    """
 
 
 class PermanentError(ConnectorError):

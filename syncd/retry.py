@@ -9,7 +9,9 @@ before the next *persisted* attempt, which the ledger stores as
 Rules, in one place:
 
 - Only a :class:`~syncd.errors.RetriableError` is retried; a
-  :class:`~syncd.errors.PermanentError` never is.
+  :class:`~syncd.errors.PermanentError` never is, and neither is a
+  :class:`~syncd.errors.QuotaExhaustedError` in-call (its quota resets hours
+  later: the persisted tier waits for it).
 - A non-idempotent call is replayed only when the request cannot have reached
   the server (``reached_server is False``: connection refused, connect timeout).
   A read timeout or a dropped connection may have been processed, and a
@@ -32,7 +34,7 @@ import tenacity
 from tenacity import RetryCallState, wait_random_exponential
 from tenacity.wait import wait_base
 
-from syncd.errors import RetriableError
+from syncd.errors import QuotaExhaustedError, RetriableError
 
 log = structlog.get_logger(__name__)
 
@@ -91,11 +93,12 @@ class RetryPolicy:
             sleep: how to wait; tests pass a recorder so they never sleep.
 
         Returns:
-            A tenacity ``Retrying`` that retries only ``RetriableError``.
+            A tenacity ``Retrying`` that retries only ``RetriableError``, never a
+            ``QuotaExhaustedError``.
         """
 
         def should_retry(error: BaseException) -> bool:
-            if not isinstance(error, RetriableError):
+            if not isinstance(error, RetriableError) or isinstance(error, QuotaExhaustedError):
                 return False
             return idempotent or error.reached_server is False
 

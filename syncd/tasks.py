@@ -4,8 +4,9 @@
 ledger task per planned action before anything is sent; :func:`run_due` claims
 due tasks with a compare-and-set, calls each connector's ``apply`` once per
 batch, then records every outcome (done, needs_person, failed, or back to
-pending with a later ``next_attempt_at``). If ``apply`` raises, every claimed
-task is pushed forward before the error propagates, so nothing spins.
+pending with a later ``next_attempt_at``; a vendor's daily quota that is spent
+reschedules to its reset and never fails a task). If ``apply`` raises, every
+claimed task is pushed forward before the error propagates, so nothing spins.
 
 Personal data lives only in a pending task's payload (the ledger scrubs it at a
 final state, and each batch ends by flushing the scrubbed pages out of the WAL);
@@ -221,12 +222,20 @@ def _record(
     log.debug("task_outcome", task_id=task.id, processor=processor, status=outcome.status,
               reason=reason)  # fmt: skip
     if outcome.status == "done":
-        ledger.finish(task.id, "done", vendor_request_id=rid)
+        # A receipt that is not a request id (GA's deletionRequestTime) is the audit detail.
+        ledger.finish(task.id, "done", error=outcome.evidence, vendor_request_id=rid)
         _learn(ledger, processor, task)
         return None
     if outcome.status == "needs_person":
         ledger.finish(task.id, "needs_person", error=reason, vendor_request_id=rid)
         return f"needs_person:{processor}:{reason}", "needs_person", f"need a person ({reason})"
+    if outcome.status == "retriable" and outcome.quota_wait:
+        # Not a failed try: the vendor's quota for the day is spent (GA: 500 deletions per
+        # property). Wait for its reset however many days it takes, never against the budget:
+        # a purge bigger than one day's quota must not fail its tail.
+        wait = timedelta(seconds=max(outcome.retry_after_seconds or 0.0, 0.0))
+        ledger.retry_later(task.id, now + wait, f"quota_wait:{reason}")
+        return None
     if outcome.status == "retriable" and not policy.exhausted(attempts):
         hint = timedelta(seconds=min(outcome.retry_after_seconds or 0.0,
                                      policy.persisted_max_delay_seconds))  # fmt: skip

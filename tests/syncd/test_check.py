@@ -62,14 +62,13 @@ def test_everything_configured_and_working_is_ok(settings: config.Settings) -> N
         "ledger", "phorest", "mailchimp", "google_analytics", "alerts"
     ]  # fmt: skip
     assert code == 0
-    assert [r.status for r in results] == ["OK", "OK", "OK", "SKIPPED", "OK"]
+    assert [r.status for r in results] == ["OK", "OK", "OK", "OK", "OK"]
     assert _line(text, "phorest").startswith("phorest  OK  credentials accepted (")
     assert _line(text, "phorest").endswith(" ms)")
     assert _line(text, "mailchimp").startswith("mailchimp  OK  credentials accepted (")
     assert "not created yet" in _line(text, "ledger")
-    assert _line(text, "google_analytics") == (
-        "google_analytics  SKIPPED  no connector in this version"
-    )
+    assert _line(text, "google_analytics").startswith(
+        "google_analytics  OK  credentials accepted (")
     assert "accepts connections (no login configured)" in _line(text, "alerts")
     assert len(text.splitlines()) == 5
     assert all(r.seconds >= 0 for r in results)
@@ -93,6 +92,36 @@ def test_wrong_phorest_password_fails_that_line_only(settings: config.Settings) 
     assert _line(text, "phorest") == "phorest  FAILED  credentials refused (401)"
     others = [r for r in results if r.name != "phorest"]
     assert others and all(r.ok for r in others)
+
+
+def test_google_analytics_without_the_role_fails_naming_the_role(
+    settings: config.Settings,
+) -> None:
+    # The emulator's service account cannot see this property, as one never added to it.
+    results = check_all(_with(settings, "google_analytics", property_id="987654321"))
+    text, code = render(results)
+
+    assert code == 1
+    assert _line(text, "google_analytics") == (
+        "google_analytics  FAILED  credentials refused: HTTP 403: the service account needs the "
+        "Editor role on GA4 property 987654321"
+    )
+    assert all(r.ok for r in results if r.name != "google_analytics")
+
+
+def test_a_deleted_service_account_and_an_unusable_key_fail_that_line(
+    settings: config.Settings, sandbox: Sandbox
+) -> None:
+    unusable = _with(settings, "google_analytics",
+                     credentials=SecretStr('{"type": "service_account"}'))  # fmt: skip
+    assert _by_name(check_all(unusable))["google_analytics"].detail == (
+        "google_analytics.credentials: not a usable service-account key")
+
+    sandbox.google.delete_service_account()
+    deleted = _by_name(check_all(settings))["google_analytics"]
+
+    assert not deleted.ok
+    assert deleted.detail == "credentials refused: token endpoint refused the key (deleted_client)"
 
 
 def test_unreachable_mailchimp_fails(settings: config.Settings) -> None:
@@ -249,12 +278,16 @@ def test_output_holds_no_secret_or_address(settings: config.Settings, sandbox: S
         render(check_all(settings))[0],
         render(check_all(_with(settings, "phorest", password=SecretStr(wrong))))[0],
         render(check_all(_with(settings, "mailchimp", api_key=SecretStr("bad-key-us1"))))[0],
+        render(check_all(_with(settings, "google_analytics", property_id="987654321")))[0],
     ]
+    sandbox.google.delete_service_account()
+    outputs.append(render(check_all(settings))[0])
     c = sandbox.credentials
     forbidden = [
         c.phorest_password, wrong, c.phorest_username, c.phorest_username.split("/", 1)[1],
         c.mailchimp_api_key, "bad-key-us1", c.mailchimp_webhook_secret, c.hmac_key,
         "manager@example.com", "syncd@example.com", "private_key", "BEGIN",
+        sandbox.google.client_email, sandbox.google.private_key_id,
     ]  # fmt: skip
     for text in outputs:
         for value in forbidden:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from syncd.errors import PermanentError, RetriableError
+from syncd.errors import PermanentError, QuotaExhaustedError, RetriableError
 from syncd.retry import RetryPolicy
 
 OK = "ok"
@@ -30,6 +30,11 @@ def connect_failed() -> RetriableError:
 
 def read_timeout() -> RetriableError:
     return RetriableError("GET /thing: ReadTimeout", reached_server=None)
+
+
+def quota_spent() -> QuotaExhaustedError:
+    return QuotaExhaustedError("POST /thing: HTTP 403", status=403, retry_after_seconds=3600,
+                               reached_server=True)  # fmt: skip
 
 
 @dataclass
@@ -78,6 +83,7 @@ def run(policy: RetryPolicy, script: Script, *, idempotent: bool = True) -> tupl
         pytest.param([server_error(), OK], False, RetriableError, 1, id="post-reached-server"),
         pytest.param([read_timeout(), OK], False, RetriableError, 1, id="post-read-timeout"),
         pytest.param([connect_failed(), OK], False, OK, 2, id="post-connect-failed"),
+        pytest.param([quota_spent(), OK], True, QuotaExhaustedError, 1, id="daily-quota-spent"),
         pytest.param([read_timeout(), OK], True, OK, 2, id="get-read-timeout"),
     ],
 )

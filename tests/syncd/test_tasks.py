@@ -268,3 +268,64 @@ def test_no_address_stays_in_the_ledger_file_once_tasks_finish(
     assert b"Lovelace" not in data
     for email in emails + seeded:
         assert email.encode() not in data
+
+
+class _Scripted:
+    """A connector answering every action with the outcome ``answer`` makes of it."""
+
+    name = "google_analytics"
+    apply_batch_size = 10
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        self.calls += 1
+        return [self.answer(action) for action in actions]
+
+
+def erase(keys: SubjectKeys, client_id: str) -> Planned:
+    return Planned("google_analytics", Action("erase", keys.client_id(client_id),
+                                              client_id=client_id), "R3", "erasure")
+
+
+def test_a_spent_quota_waits_for_its_reset_and_never_fails_the_task(
+    ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    reset_seconds = 5 * 3600.0
+    spent: Any = _Scripted(lambda action: Outcome(action, "retriable", "quota_exhausted",
+                                                  retry_after_seconds=reset_seconds,
+                                                  quota_wait=True))  # fmt: skip
+    [task_id] = enqueue(ledger, [erase(keys, "client-1")])
+
+    # Far more quota days than the retry budget allows failed attempts.
+    for _ in range(POLICY.budget + 3):
+        report = run_due(ledger, {"google_analytics": spent}, POLICY, keys, now=clock.now)
+        assert report and report.counts["google_analytics"] == {"retriable": 1}
+        task = ledger.task(task_id)
+        assert task is not None and task.state == "pending"
+        # The reset the vendor named, not the policy's (capped) backoff.
+        assert task.next_attempt_at == clock.now + timedelta(seconds=reset_seconds)
+        assert task.last_error == "quota_wait:quota_exhausted"
+        clock.now = task.next_attempt_at
+
+    assert ledger.open_alerts() == [] and ledger.audit_events() == []
+    assert spent.calls == POLICY.budget + 3
+
+
+def test_a_receipt_that_is_not_a_request_id_is_kept_as_the_audit_detail(
+    ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    receipt = "deletionRequestTime=2026-11-24T19:40:05.123456Z"
+    done: Any = _Scripted(lambda action: Outcome(action, "done", "deleted", evidence=receipt))
+    [task_id] = enqueue(ledger, [erase(keys, "client-2")])
+
+    assert run_due(ledger, {"google_analytics": done}, POLICY, keys, now=clock.now)
+
+    [event] = ledger.audit_events(keys.client_id("client-2"))
+    assert (event.processor, event.action, event.outcome, event.task_id) == (
+        "google_analytics", "erase", "done", task_id)  # fmt: skip
+    assert event.detail == receipt
+    task = ledger.task(task_id)
+    assert task is not None and task.payload is None  # the client id is scrubbed
