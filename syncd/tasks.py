@@ -223,7 +223,7 @@ def _record(
               reason=reason)  # fmt: skip
     if outcome.status == "done":
         # A receipt that is not a request id (GA's deletionRequestTime) is the audit detail.
-        ledger.finish(task.id, "done", error=outcome.evidence, vendor_request_id=rid)
+        ledger.finish(task.id, "done", vendor_request_id=rid, detail=outcome.evidence)
         _learn(ledger, processor, task)
         return None
     if outcome.status == "needs_person":
@@ -234,7 +234,7 @@ def _record(
         # property). Wait for its reset however many days it takes, never against the budget:
         # a purge bigger than one day's quota must not fail its tail.
         wait = timedelta(seconds=max(outcome.retry_after_seconds or 0.0, 0.0))
-        ledger.retry_later(task.id, now + wait, f"quota_wait:{reason}")
+        ledger.retry_later(task.id, now + wait, f"quota_wait:{reason}", refund_attempt=True)
         return None
     if outcome.status == "retriable" and not policy.exhausted(attempts):
         hint = timedelta(seconds=min(outcome.retry_after_seconds or 0.0,

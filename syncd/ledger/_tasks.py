@@ -95,6 +95,7 @@ class TasksMixin(AuditMixin):
         *,
         error: str | None = None,
         vendor_request_id: str | None = None,
+        detail: str | None = None,
     ) -> bool:
         """Record a final outcome: scrub the payload, free the dedupe key, write audit.
 
@@ -103,6 +104,8 @@ class TasksMixin(AuditMixin):
             state: one of ``FINAL_TASK_STATES``.
             error: short text without personal data, for ``last_error`` and the audit.
             vendor_request_id: the processor's request id, for the evidence.
+            detail: other evidence for the audit (e.g. GA's ``deletionRequestTime``);
+                the audit's detail is ``error`` when this is not given.
 
         Returns:
             False if the task was already final (nothing written).
@@ -130,12 +133,22 @@ class TasksMixin(AuditMixin):
             self._scrubbed = True
             self.add_audit(
                 task.subject_key, task.processor, task.action, task.reason, state,
-                vendor_request_id=task.vendor_request_id, task_id=task_id, detail=error,
+                vendor_request_id=task.vendor_request_id, task_id=task_id,
+                detail=_short(detail) if detail is not None else error,
             )  # fmt: skip
             return True
 
-    def retry_later(self, task_id: int, next_attempt_at: datetime, error: str) -> bool:
+    def retry_later(
+        self, task_id: int, next_attempt_at: datetime, error: str, *, refund_attempt: bool = False
+    ) -> bool:
         """Put a claimed task back to pending until ``next_attempt_at``.
+
+        Args:
+            task_id: the task.
+            next_attempt_at: when it is due again.
+            error: short text without personal data, for ``last_error``.
+            refund_attempt: the try did not count (a vendor's daily quota was
+                spent): give back the attempt the claim took.
 
         Returns:
             False if the task was already final.
@@ -143,10 +156,12 @@ class TasksMixin(AuditMixin):
         Raises:
             LedgerError: SQLite failed.
         """
+        refund = 1 if refund_attempt else 0
         cursor = self._run(
             "UPDATE tasks SET state = 'pending', next_attempt_at = ?, last_error = ?,"
-            " updated_at = ? WHERE id = ? AND state IN ('pending', 'in_flight')",
-            (_to_text(next_attempt_at), _short(error), self._now(), task_id),
+            " attempts = MAX(attempts - ?, 0), updated_at = ?"
+            " WHERE id = ? AND state IN ('pending', 'in_flight')",
+            (_to_text(next_attempt_at), _short(error), refund, self._now(), task_id),
         )
         return cursor.rowcount == 1
 

@@ -308,6 +308,7 @@ def test_a_spent_quota_waits_for_its_reset_and_never_fails_the_task(
         # The reset the vendor named, not the policy's (capped) backoff.
         assert task.next_attempt_at == clock.now + timedelta(seconds=reset_seconds)
         assert task.last_error == "quota_wait:quota_exhausted"
+        assert task.attempts == 0  # a spent quota is no failed try: a later 503 has its budget
         clock.now = task.next_attempt_at
 
     assert ledger.open_alerts() == [] and ledger.audit_events() == []
@@ -329,3 +330,4 @@ def test_a_receipt_that_is_not_a_request_id_is_kept_as_the_audit_detail(
     assert event.detail == receipt
     task = ledger.task(task_id)
     assert task is not None and task.payload is None  # the client id is scrubbed
+    assert task.last_error is None  # a receipt is not an error
