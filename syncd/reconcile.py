@@ -175,11 +175,6 @@ class Governance:
         return "+".join(states), self.tier or "-"
 
 
-def tier_of(client: ClientRecord) -> str:
-    """The governance tier of one record."""
-    return tier_of_state(client.state)
-
-
 def govern(records: Iterable[ClientRecord]) -> Governance:
     """Decide who speaks for one address, from every Phorest record holding it.
 
@@ -201,10 +196,11 @@ def govern(records: Iterable[ClientRecord]) -> Governance:
     if not newest:
         return Governance()
     ordered = sorted(newest.values(), key=_name_source_order)
-    tier = min((tier_of(c) for c in ordered), key=_TIER_RANK.__getitem__)
-    live = tuple(c for c in ordered if tier_of(c) != TIER_DEAD)
-    dead = tuple(c for c in ordered if tier_of(c) == TIER_DEAD)
-    governing = tuple(c for c in ordered if tier_of(c) == tier)
+    tiers = [tier_of_state(c.state) for c in ordered]
+    tier = min(tiers, key=_TIER_RANK.__getitem__)
+    live = tuple(c for c, t in zip(ordered, tiers) if t != TIER_DEAD)
+    dead = tuple(c for c, t in zip(ordered, tiers) if t == TIER_DEAD)
+    governing = tuple(c for c, t in zip(ordered, tiers) if t == tier)
     return Governance(governing, live, dead if live else (), tier)
 
 
