@@ -150,6 +150,46 @@ class PhorestConnector:
             if record.email and record.email.strip().casefold() == wanted
         ]
 
+    def find_by_phone(self, phone: str, spellings: Sequence[str] = ()) -> list[ClientRecord]:
+        """Clients whose mobile is ``phone`` (E.164), via the ``phone`` filter.
+
+        Phorest compares the stored mobile as written, so the filter is asked
+        once per spelling (the E.164 form first, then ``spellings``, e.g. the
+        national form). An answer is kept only if its mobile ends in the same
+        nine digits (Phorest ignores a filter it does not know, so rows are
+        never trusted blindly); the caller compares the normalised numbers
+        exactly. Each client appears once.
+
+        Args:
+            phone: the number in E.164.
+            spellings: other ways the number may be stored.
+
+        Raises:
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        found: dict[str, ClientRecord] = {}
+        for spelling in dict.fromkeys((phone, *spellings)):
+            for rows, _page in self._pages({"phone": spelling}):
+                for record in map(_record, rows):
+                    if record.mobile and _same_number(record.mobile, phone):
+                        found.setdefault(record.client_id, record)
+        return list(found.values())
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        """One client by id (archived, deleted and merged ones included), or None if unknown.
+
+        Raises:
+            RetriableError: Phorest could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        try:
+            return _record(self._client(client_id))
+        except PermanentError as error:
+            if error.title == "not_found":
+                return None
+            raise
+
     def changes(self, cursor: str | None) -> Changes:
         """Clients updated since ``cursor`` minus an overlap; None or "" scans everything.
 
@@ -475,6 +515,17 @@ def _refusal(action: Action) -> str | None:
     if not action.client_id:
         return "missing_client_id"
     return None
+
+
+def _same_number(stored: str, phone: str) -> bool:
+    """Whether a stored mobile is the E.164 ``phone``: the same trailing nine digits.
+
+    Enough to tell numbers apart within one business whatever the spelling
+    (``07700 900123``, ``+44 7700 900123``, ``447700900123``).
+    """
+    digits = "".join(ch for ch in stored if ch.isdigit())
+    wanted = "".join(ch for ch in phone if ch.isdigit())
+    return len(digits) >= 9 and digits[-9:] == wanted[-9:]
 
 
 def _pooled_session(connections: int) -> requests.Session:

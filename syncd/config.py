@@ -460,6 +460,11 @@ class GoogleAnalyticsSettings(Section):
     max_event_retention: RetentionDuration = Field(
         default="FOURTEEN_MONTHS", description="Longest event-data retention the policy allows."
     )
+    writes_per_minute: float = Field(
+        default=150, ge=1, le=6000,
+        description="Admin API writes (user deletions) per minute; Google allows 180 a minute "
+        "per user, so keep the default below it unless Google raised your quota.",
+    )
     enforce_retention: bool = Field(
         default=False, description="Correct a longer retention setting instead of only reporting it."
     )
@@ -498,6 +503,50 @@ class PolicySettings(Section):
     request_deadline_months: int = Field(
         default=1, ge=1, le=3, description="Statutory deadline for a data-subject request."
     )
+    request_warning_days: int = Field(
+        default=7, ge=1, le=60,
+        description="Alert the manager this many days before a request's deadline.",
+    )
+
+
+# Processors syncd talks to through an API; a manual processor may not take their names.
+API_PROCESSORS = ("phorest", "mailchimp", "google_analytics")
+_PROCESSOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class ManualProcessorSettings(Section):
+    """A processor with no API (e.g. paper forms): every erasure opens a step a person confirms."""
+
+    section: ClassVar[str] = "manual_processors"
+    name: str = Field(
+        description="Short name, used as --processor NAME (lower case, digits, _).",
+        examples=["paper_forms"],
+    )
+    instructions: str = Field(
+        min_length=1, max_length=500,
+        description="What staff must do for an erasure; the client id and request id are added.",
+        examples=["Shred the client's paper consultation forms in the locked cabinet (policy 7.2)"],
+    )
+    confirmers: list[str] = Field(
+        default_factory=list,
+        description="Who may confirm the step (--by NAME); empty: anyone who can run syncd.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _PROCESSOR_NAME.match(value):
+            raise ValueError("must be 1-40 lower-case letters, digits or _, starting with a letter")
+        if value in API_PROCESSORS:
+            raise ValueError(f"{value!r} is a processor syncd reaches through its API")
+        return value
+
+    @field_validator("confirmers")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        if any(not isinstance(name, str) or not name.strip() for name in value):
+            raise ValueError("every confirmer must be a non-empty name")
+        return [name.strip() for name in value]
 
 
 def _check_address(value: str) -> str:
@@ -617,6 +666,20 @@ class Settings(BaseSettings):
     alerts: AlertsSettings | None = None
     daemon: DaemonSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    # [[manual_processors]]: an array of tables, not a section.
+    manual_processors: tuple[ManualProcessorSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_manual_processors(self) -> Settings:
+        names = [p.name for p in self.manual_processors]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"manual processor names must be unique: {', '.join(twice)}")
+        return self
+
+    def manual_processor(self, name: str) -> ManualProcessorSettings | None:
+        """The ``[[manual_processors]]`` entry called ``name``, or None."""
+        return next((p for p in self.manual_processors if p.name == name), None)
 
     @classmethod
     def settings_customise_sources(  # noqa: D102
@@ -627,7 +690,7 @@ class Settings(BaseSettings):
 
     def sections(self) -> Iterator[tuple[str, Section]]:
         """The configured sections, in schema order."""
-        for name in type(self).model_fields:
+        for name in SECTION_MODELS:
             value = getattr(self, name)
             if value is not None:
                 yield name, value
@@ -656,6 +719,7 @@ def _section_model(annotation: Any) -> type[Section]:
 
 SECTION_MODELS: dict[str, type[Section]] = {
     name: _section_model(field.annotation) for name, field in Settings.model_fields.items()
+    if name != "manual_processors"
 }
 
 
@@ -797,6 +861,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
         for key in section.secret_fields():
             values[key] = REDACTED if getattr(section, key) is not None else None
         out[name] = values
+    if settings.manual_processors:
+        out["manual_processors"] = [p.model_dump(mode="json") for p in settings.manual_processors]
     return out
 
 
@@ -841,6 +907,13 @@ def render_example() -> str:
                 note = ""
             out.append(f"# {field.description}{_bounds_note(field)}{note}")
             out.append(f"{toml_key} = {toml_value(value)}")
+    out += ["", f"# {ManualProcessorSettings.__doc__.strip()}",
+            "# One [[manual_processors]] table per such processor; none by default.",
+            "# [[manual_processors]]"]
+    for key, field in ManualProcessorSettings.model_fields.items():
+        value = field.examples[0] if field.is_required() else ["Practice Manager"]
+        out.append(f"# {field.description}")
+        out.append(f"# {key} = {toml_value(value)}")
     return "\n".join(out) + "\n"
 
 

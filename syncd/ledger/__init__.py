@@ -50,6 +50,7 @@ from syncd.ledger._records import (
     COMMAND_KINDS,
     FINAL_TASK_STATES,
     IDENTIFIER_KINDS,
+    MAX_EXTENSION_MONTHS,
     OPEN_TASK_STATES,
     REQUEST_FINAL_STATES,
     REQUEST_KINDS,
@@ -60,6 +61,7 @@ from syncd.ledger._records import (
     InboxEvent,
     ProcessorHealth,
     Request,
+    RequestStep,
     Subject,
     SubjectFacts,
     Task,
@@ -72,10 +74,10 @@ from syncd.ledger._tasks import TasksMixin
 __all__ = [
     "BUSY_TIMEOUT_MS", "CHECKPOINT_BUSY_TIMEOUT_MS", "COMMAND_FINAL_STATES", "COMMAND_KINDS",
     "ERROR_TEXT_LIMIT_CHARS", "FINAL_TASK_STATES", "IDENTIFIER_KINDS", "KEYS_PER_QUERY",
-    "LEDGER_FILE_MODE", "MIGRATIONS", "OPEN_TASK_STATES", "REQUEST_FINAL_STATES",
+    "LEDGER_FILE_MODE", "MAX_EXTENSION_MONTHS", "MIGRATIONS", "OPEN_TASK_STATES", "REQUEST_FINAL_STATES",
     "REQUEST_KINDS", "SCHEMA_VERSION", "TASK_STATES", "WAL_SIZE_LIMIT_BYTES",
     "WAL_SWITCH_RETRY_SECONDS", "Alert", "AuditEvent", "Clock", "Command", "InboxEvent",
-    "Ledger", "ProcessorHealth", "Request", "Subject", "SubjectFacts", "Task",
+    "Ledger", "ProcessorHealth", "Request", "RequestStep", "Subject", "SubjectFacts", "Task",
 ]
 
 

@@ -15,6 +15,9 @@ TASK_STATES = OPEN_TASK_STATES + FINAL_TASK_STATES
 IDENTIFIER_KINDS = ("email", "phone", "client_id")
 REQUEST_KINDS = ("erase", "restrict", "unrestrict", "export")
 REQUEST_FINAL_STATES = ("done", "failed", "cancelled")
+STEP_KINDS = ("task", "manual")
+STEP_STATES = ("waiting", "done", "failed", "cancelled")
+MAX_EXTENSION_MONTHS = 2  # UK GDPR Art. 12(3): "by two further months"
 COMMAND_KINDS = ("resync",)
 COMMAND_FINAL_STATES = ("done", "failed")
 
@@ -44,6 +47,7 @@ class SubjectFacts:
     synced_email_key: str | None = None
     client_seen: str | None = None
     unsubscribed_by_syncd: bool = False
+    analytics_erased_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,19 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A data-subject request (erase, restrict, unrestrict, export)."""
+    """A data-subject request (erase, restrict, unrestrict, export).
+
+    Attributes:
+        subject_key: the person's subject key (their Phorest client-id key, or
+            the email key of a person Phorest does not hold).
+        source: which identifier the request was filed with (``email``,
+            ``phone``, ``client_id``, joined by ``+``), never its value.
+        due_at: the statutory deadline, extensions included.
+        filed_by: who filed it (staff name as given).
+        client_id: the Phorest client id it resolved to, if any.
+        extended_months: months added under UK GDPR Art. 12(3) (0 to 2).
+        extension_reason: why, as the person who extended it wrote it.
+    """
 
     id: int
     kind: str
@@ -80,6 +96,39 @@ class Request:
     state: str
     closed_at: datetime | None
     note: str | None
+    filed_by: str | None = None
+    client_id: str | None = None
+    extended_months: int = 0
+    extension_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStep:
+    """What one processor must do for a request.
+
+    Attributes:
+        kind: ``task`` (a ledger task syncd carries out) or ``manual`` (a
+            person acts and confirms, or syncd verifies it by polling).
+        state: waiting, done, failed or cancelled.
+        task_id: the task, for a ``task`` step.
+        client_id: the Phorest client the step is about (a Forget step's), if any.
+        instructions: what the person must do (client ids only, no personal data).
+        confirmed_by: who confirmed a manual step (``syncd`` when verified by polling).
+        evidence: the vendor's receipt or how the step was verified.
+    """
+
+    id: int
+    request_id: int
+    processor: str
+    kind: str
+    state: str
+    task_id: int | None
+    client_id: str | None
+    instructions: str | None
+    opened_at: datetime
+    closed_at: datetime | None
+    confirmed_by: str | None
+    evidence: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +145,7 @@ class AuditEvent:
     vendor_request_id: str | None
     task_id: int | None
     detail: str | None
+    request_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

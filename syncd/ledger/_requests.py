@@ -1,18 +1,41 @@
-"""Data-subject requests (erase, restrict, unrestrict, export) and their due dates."""
+"""Data-subject requests (erase, restrict, unrestrict, export), their steps and due dates.
+
+A request has one step per processor: a ``task`` step follows a ledger task
+syncd carries out (Mailchimp, GA), a ``manual`` step waits for a person
+(Phorest's Forget, paper forms) and is closed by a confirmation or by syncd
+seeing the result. The request is done when every step is.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
-from syncd.ledger._db import LedgerBase, _columns, _from_row, _to_text
-from syncd.ledger._records import REQUEST_FINAL_STATES, REQUEST_KINDS, Request
+from syncd.ledger._db import LedgerBase, _columns, _from_row, _short, _to_text
+from syncd.ledger._records import (
+    MAX_EXTENSION_MONTHS,
+    REQUEST_FINAL_STATES,
+    REQUEST_KINDS,
+    STEP_KINDS,
+    STEP_STATES,
+    Request,
+    RequestStep,
+)
 
 
 class RequestsMixin(LedgerBase):
-    """Recording, closing and listing requests."""
+    """Recording, stepping, extending, closing and listing requests."""
 
     def add_request(
-        self, kind: str, subject_key: str, source: str, due_at: datetime, note: str | None = None
+        self,
+        kind: str,
+        subject_key: str,
+        source: str,
+        due_at: datetime,
+        note: str | None = None,
+        *,
+        filed_by: str | None = None,
+        client_id: str | None = None,
     ) -> int:
         """Record a data-subject request received now.
 
@@ -26,10 +49,11 @@ class RequestsMixin(LedgerBase):
         if kind not in REQUEST_KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
         cursor = self._run(
-            "INSERT INTO requests (kind, subject_key, source, received_at, due_at, state, note)"
-            " VALUES (?, ?, ?, ?, ?, 'open', ?)",
-            (kind, subject_key, source, self._now(), _to_text(due_at), note),
-        )
+            "INSERT INTO requests (kind, subject_key, source, received_at, due_at, state, note,"
+            " filed_by, client_id) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+            (kind, subject_key, source, self._now(), _to_text(due_at), _short(note),
+             _short(filed_by), client_id),
+        )  # fmt: skip
         return int(cursor.lastrowid or 0)
 
     def close_request(self, request_id: int, state: str, note: str | None = None) -> bool:
@@ -47,7 +71,26 @@ class RequestsMixin(LedgerBase):
         cursor = self._run(
             "UPDATE requests SET state = ?, closed_at = ?, note = COALESCE(?, note)"
             " WHERE id = ? AND state = 'open'",
-            (state, self._now(), note, request_id),
+            (state, self._now(), _short(note), request_id),
+        )
+        return cursor.rowcount == 1
+
+    def extend_request(self, request_id: int, months: int, due_at: datetime, reason: str) -> bool:
+        """Record an extension: ``months`` added in all, the new due date and why.
+
+        Returns:
+            False if the request is not open.
+
+        Raises:
+            ValueError: ``months`` is not between 1 and ``MAX_EXTENSION_MONTHS``.
+            LedgerError: SQLite failed.
+        """
+        if not 1 <= months <= MAX_EXTENSION_MONTHS:
+            raise ValueError(f"an extension is 1 to {MAX_EXTENSION_MONTHS} months in all")
+        cursor = self._run(
+            "UPDATE requests SET extended_months = ?, due_at = ?, extension_reason = ?"
+            " WHERE id = ? AND state = 'open'",
+            (months, _to_text(due_at), _short(reason), request_id),
         )
         return cursor.rowcount == 1
 
@@ -67,3 +110,94 @@ class RequestsMixin(LedgerBase):
         """
         sql = f"SELECT {_columns(Request)} FROM requests WHERE state = 'open' ORDER BY due_at, id"
         return [_from_row(Request, row) for row in self._run(sql)]
+
+    def all_requests(self, limit: int = 1000) -> list[Request]:
+        """The most recent requests in any state, newest first.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = f"SELECT {_columns(Request)} FROM requests ORDER BY id DESC LIMIT ?"
+        return [_from_row(Request, row) for row in self._run(sql, (limit,))]
+
+    # -- steps --------------------------------------------------------------
+
+    def add_step(
+        self,
+        request_id: int,
+        processor: str,
+        kind: str,
+        *,
+        task_id: int | None = None,
+        client_id: str | None = None,
+        instructions: str | None = None,
+    ) -> int:
+        """Open a step of the request on ``processor``.
+
+        Returns:
+            The step's id.
+
+        Raises:
+            ValueError: ``kind`` is not one of ``STEP_KINDS``.
+            LedgerError: SQLite failed.
+        """
+        if kind not in STEP_KINDS:
+            raise ValueError(f"unknown step kind {kind!r}")
+        cursor = self._run(
+            "INSERT INTO request_steps (request_id, processor, kind, state, task_id, client_id,"
+            " instructions, opened_at) VALUES (?, ?, ?, 'waiting', ?, ?, ?, ?)",
+            (request_id, processor, kind, task_id, client_id, _short(instructions), self._now()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def close_step(
+        self,
+        step_id: int,
+        state: str,
+        *,
+        confirmed_by: str | None = None,
+        evidence: str | None = None,
+    ) -> bool:
+        """Close a waiting step (``done``, ``failed`` or ``cancelled``), with its evidence.
+
+        A failed step may close again as done (a person finished the work by hand).
+
+        Returns:
+            False if it was not waiting (or failed, for ``done``).
+
+        Raises:
+            ValueError: ``state`` is not a closing state.
+            LedgerError: SQLite failed.
+        """
+        if state not in STEP_STATES or state == "waiting":
+            raise ValueError(f"{state!r} does not close a step")
+        from_states = "('waiting', 'failed')" if state in ("done", "cancelled") else "('waiting')"
+        cursor = self._run(
+            "UPDATE request_steps SET state = ?, closed_at = ?, confirmed_by = ?, evidence = ?"
+            f" WHERE id = ? AND state IN {from_states}",
+            (state, self._now(), _short(confirmed_by), _short(evidence), step_id),
+        )
+        return cursor.rowcount == 1
+
+    def steps(self, request_id: int) -> list[RequestStep]:
+        """The request's steps, in the order they were opened.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = f"SELECT {_columns(RequestStep)} FROM request_steps WHERE request_id = ? ORDER BY id"
+        return [_from_row(RequestStep, row) for row in self._run(sql, (request_id,))]
+
+    def open_steps(self, kind: str | None = None) -> list[RequestStep]:
+        """Every waiting or failed step of an open request, oldest first.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = (f"SELECT {', '.join('s.' + c for c in _columns(RequestStep).split(', '))}"
+               " FROM request_steps s JOIN requests r ON r.id = s.request_id"
+               " WHERE r.state = 'open' AND s.state IN ('waiting', 'failed')")
+        params: Sequence[str] = ()
+        if kind is not None:
+            sql, params = sql + " AND s.kind = ?", (kind,)
+        return [_from_row(RequestStep, row) for row in self._run(sql + " ORDER BY s.id", params)]

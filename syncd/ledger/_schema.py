@@ -195,8 +195,46 @@ ALTER TABLE subjects ADD COLUMN unsubscribed_by_syncd INTEGER NOT NULL DEFAULT 0
     CHECK (unsubscribed_by_syncd IN (0, 1));
 """
 
+# Data-subject requests made real (R3, R7, R11): who filed a request, its
+# extension (UK GDPR Art. 12(3): at most two further months, with the reason),
+# the Phorest client it resolved to, and one step per processor: a ledger task
+# (Mailchimp, GA; one per address or client id) or a manual step a person
+# confirms (Phorest's Forget, paper forms), each with its evidence. audit.request_id ties evidence to a request;
+# subjects.analytics_erased_at remembers that GA was asked to delete a subject,
+# since GA cannot be read back.
+_V7_REQUEST_STEPS = """
+ALTER TABLE requests ADD COLUMN filed_by TEXT;
+ALTER TABLE requests ADD COLUMN client_id TEXT;
+ALTER TABLE requests ADD COLUMN extended_months INTEGER NOT NULL DEFAULT 0
+    CHECK (extended_months BETWEEN 0 AND 2);
+ALTER TABLE requests ADD COLUMN extension_reason TEXT;
+
+CREATE TABLE request_steps (
+    id           INTEGER PRIMARY KEY,
+    request_id   INTEGER NOT NULL REFERENCES requests (id),
+    processor    TEXT NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('task', 'manual')),
+    state        TEXT NOT NULL DEFAULT 'waiting'
+                 CHECK (state IN ('waiting', 'done', 'failed', 'cancelled')),
+    task_id      INTEGER REFERENCES tasks (id),
+    client_id    TEXT,
+    instructions TEXT,
+    opened_at    TEXT NOT NULL,
+    closed_at    TEXT,
+    confirmed_by TEXT,
+    evidence     TEXT
+);
+CREATE INDEX request_steps_by_state ON request_steps (state, request_id);
+
+ALTER TABLE audit ADD COLUMN request_id INTEGER;
+CREATE INDEX audit_by_request ON audit (request_id, at);
+CREATE INDEX audit_by_task ON audit (task_id);
+
+ALTER TABLE subjects ADD COLUMN analytics_erased_at TEXT;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE,
-    _V6_OWN_UNSUBSCRIBE,
+    _V6_OWN_UNSUBSCRIBE, _V7_REQUEST_STEPS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -37,6 +37,7 @@ class SubjectsMixin(LedgerBase):
         synced_email_key: str | None = _KEEP,
         client_seen: str | None = _KEEP,
         unsubscribed_by_syncd: bool = _KEEP,
+        analytics_erased_at: datetime | None = _KEEP,
     ) -> None:
         """Create the subject or update the columns passed (others keep their value).
 
@@ -48,6 +49,7 @@ class SubjectsMixin(LedgerBase):
             "opted_out_at": opted_out_at, "opted_in_at": opted_in_at,
             "resubscribe_refused": resubscribe_refused, "synced_email_key": synced_email_key,
             "client_seen": client_seen, "unsubscribed_by_syncd": unsubscribed_by_syncd,
+            "analytics_erased_at": analytics_erased_at,
         }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
         for name, value in given.items():
@@ -194,7 +196,10 @@ class SubjectsMixin(LedgerBase):
     # -- suppression --------------------------------------------------------
 
     def suppress(self, identifier_key: str, reason: str, request_id: int | None = None) -> bool:
-        """Put an identifier key on the suppression list (never removed).
+        """Put an identifier key on the suppression list.
+
+        Only :meth:`lift_suppression` removes entries: those of an erasure
+        request cancelled before any processor erased anything.
 
         Returns:
             True if newly suppressed; False if it already was (first reason kept).
@@ -208,6 +213,26 @@ class SubjectsMixin(LedgerBase):
             (identifier_key, reason, request_id, self._now()),
         )
         return cursor.rowcount == 1
+
+    def suppression_size(self) -> int:
+        """How many identifier keys are suppressed.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        return int(self._run("SELECT COUNT(*) FROM suppression").fetchone()[0])
+
+    def lift_suppression(self, request_id: int) -> int:
+        """Remove the suppression entries a request added (it was cancelled unexecuted).
+
+        Returns:
+            How many entries were removed.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run("DELETE FROM suppression WHERE request_id = ?", (request_id,))
+        return cursor.rowcount
 
     def is_suppressed(self, *identifier_keys: str) -> bool:
         """Whether any of these identifier keys is suppressed.

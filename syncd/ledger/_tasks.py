@@ -58,6 +58,22 @@ class TasksMixin(AuditMixin):
             )  # fmt: skip
             return int(cursor.lastrowid or 0)
 
+    def attach_task(self, task_id: int, request_id: int) -> bool:
+        """Make an open task that serves no request yet serve ``request_id`` (evidence).
+
+        Returns:
+            False when the task already serves a request or is final.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        cursor = self._run(
+            "UPDATE tasks SET request_id = ? WHERE id = ? AND request_id IS NULL"
+            " AND state IN ('pending', 'in_flight')",
+            (request_id, task_id),
+        )
+        return cursor.rowcount == 1
+
     def claim(self, task_id: int, expected_state: str = "pending") -> bool:
         """Mark a task in flight if it is still in ``expected_state`` (compare-and-set).
 
@@ -135,6 +151,7 @@ class TasksMixin(AuditMixin):
                 task.subject_key, task.processor, task.action, task.reason, state,
                 vendor_request_id=task.vendor_request_id, task_id=task_id,
                 detail=_short(detail) if detail is not None else error,
+                request_id=task.request_id,
             )  # fmt: skip
             return True
 
@@ -213,6 +230,15 @@ class TasksMixin(AuditMixin):
             LedgerError: SQLite failed.
         """
         return self._row(Task, "tasks", "id", task_id)
+
+    def tasks_for_request(self, request_id: int) -> list[Task]:
+        """Every task serving a request, oldest first.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = f"SELECT {_columns(Task)} FROM tasks WHERE request_id = ? ORDER BY id"
+        return [_from_row(Task, row) for row in self._run(sql, (request_id,))]
 
     def oldest_pending_task_at(self) -> datetime | None:
         """When the oldest pending task was created, or None when none is pending.
