@@ -68,8 +68,9 @@ IDENTIFIER_FIELDS = {"user_id": "userId", "client_id": "clientId", "email": "use
 GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 RETENTION_DURATIONS = frozenset({"TWO_MONTHS", "FOURTEEN_MONTHS", "TWENTY_SIX_MONTHS",
                                  "THIRTY_EIGHT_MONTHS", "FIFTY_MONTHS"})  # fmt: skip
-# Admin API writes: 180 a minute per user (GA-Q). Stay under it, so that a day's
-# 500 deletions never trip the per-minute limit: one write every 0.4 s.
+# Admin API writes: 180 a minute per user (GA-Q). The default ([google_analytics]
+# writes_per_minute) stays under it, so a day's 500 deletions never trip the
+# per-minute limit: one write every 0.4 s.
 WRITES_PER_MINUTE = 150
 # 25 deletions at that pace take about 10 s: progress stays fine and a stopping
 # daemon (which stops between applies) exits promptly.
@@ -162,6 +163,7 @@ class GoogleAnalyticsConnector:
         self._session.hooks["response"].append(self._observe)
         self._root = settings.admin_base_url.rstrip("/")
         self._field = IDENTIFIER_FIELDS[settings.identity]
+        self.identity = settings.identity  # how GA knows a person (user_id, client_id, email)
         self._next_write_at: float | None = None
         self._quota_resets_at: datetime | None = None
 
@@ -326,12 +328,12 @@ class GoogleAnalyticsConnector:
         return left
 
     def _pace(self) -> None:
-        """Space writes ``60 / WRITES_PER_MINUTE`` seconds apart."""
+        """Space writes ``60 / writes_per_minute`` seconds apart."""
         now = self._clock()
         if self._next_write_at is not None and now < self._next_write_at:
             self._sleep(self._next_write_at - now)
             now = self._next_write_at
-        self._next_write_at = now + 60.0 / WRITES_PER_MINUTE
+        self._next_write_at = now + 60.0 / self._settings.writes_per_minute
 
     def _observe(self, response: requests.Response, *_: Any, **__: Any) -> requests.Response:
         report_call(self.name, str(response.status_code))

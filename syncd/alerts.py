@@ -14,12 +14,19 @@ Problems live in the ledger's ``alerts`` table, one open alert per
   - ``credentials:<name>``: at once when the processor refused syncd's
     credentials; resolved when they next work.
   - ``request_due:<id>``: an open data-subject request due within
-    :data:`REQUEST_WARNING_DAYS` days (kind ``request_due``) or past its due
+    ``[policy] request_warning_days`` (kind ``request_due``) or past its due
     date (kind ``request_overdue``; the near-deadline alert is replaced, with
     no "resolved" notice, since nothing cleared); resolved once the request is
     closed.
+  - ``manual_step:<request id>:<step id>``: a step of a request waits for a
+    person (Phorest's Forget, a manual processor), with what to do; resolved
+    when the step closes.
+  - ``quota_deadline:<request id>``: a GA deletion of an open request waits
+    for a quota day within a day of (or past) the request's deadline.
 
   Processors that are no longer configured have their alerts resolved.
+  The engine raises ``suppressed_consent:<client id>`` itself: Phorest shows a
+  person who asked to be erased with consent again.
 
 :func:`dispatch` then tells the manager, by email and, when configured, a JSON
 webhook. The policy is "one message per problem, throttled, never a flood":
@@ -79,6 +86,9 @@ PROCESSOR_DOWN = "processor_down"
 CREDENTIALS = "credentials"
 REQUEST_DUE = "request_due"
 REQUEST_OVERDUE = "request_overdue"
+MANUAL_STEP = "manual_step"
+QUOTA_DEADLINE = "quota_deadline"
+SUPPRESSED_CONSENT = "suppressed_consent"  # raised by the engine (syncd.engine)
 
 REQUEST_LABELS = {"erase": "Erasure", "restrict": "Restriction",
                   "unrestrict": "Lift-restriction", "export": "Export"}  # fmt: skip
@@ -91,6 +101,13 @@ HINTS = {
     REQUEST_DUE: "Finish the request before its deadline; it may need a manual step.",
     REQUEST_OVERDUE: "The statutory deadline has passed: finish the request now and record why"
     " it was late.",
+    MANUAL_STEP: "Do what the message says; syncd closes a Phorest step itself once Phorest"
+    " shows the client forgotten. `syncd request show ID` lists every step.",
+    QUOTA_DEADLINE: "Google Analytics accepts 500 deletions a day per property; syncd sends the"
+    " rest on the next quota day. Extend the request (`syncd request extend`) or delete the"
+    " user by hand in GA's User Explorer, then confirm the step.",
+    SUPPRESSED_CONSENT: "The person asked to be erased. Check with them before anything else;"
+    " syncd keeps them off every processor meanwhile.",
     "needs_person": "A manual step is waiting for you; `syncd status` lists it.",
     "retries_exhausted": "syncd gave up on some changes after many tries; fix the cause, then"
     " run `syncd resync`.",
@@ -162,7 +179,9 @@ def check_conditions(ledger: Ledger, settings: Settings, *, now: datetime) -> No
         open_by_key = {alert.problem_key: alert for alert in ledger.open_alerts()}
         for name, health in ledger.processor_health().items():
             _check_processor(ledger, health, name in configured, down_after, now)
-        _check_requests(ledger, open_by_key, now)
+        _check_requests(ledger, open_by_key, now, settings.policy.request_warning_days)
+        _check_steps(ledger, open_by_key)
+        _check_quota_deadlines(ledger, open_by_key, now)
 
 
 def _check_processor(ledger: Ledger, health: ProcessorHealth, configured: bool,
@@ -184,9 +203,10 @@ def _check_processor(ledger: Ledger, health: ProcessorHealth, configured: bool,
                f"{_display(name)} unreachable for {minutes} min, since {_when(since)}")
 
 
-def _check_requests(ledger: Ledger, open_by_key: dict[str, Alert], now: datetime) -> None:
+def _check_requests(ledger: Ledger, open_by_key: dict[str, Alert], now: datetime,
+                    warning_days: int = REQUEST_WARNING_DAYS) -> None:  # fmt: skip
     open_requests = {request.id: request for request in ledger.open_requests()}
-    horizon = now + timedelta(days=REQUEST_WARNING_DAYS)
+    horizon = now + timedelta(days=warning_days)
     for request in open_requests.values():
         if request.due_at > horizon:
             continue
@@ -203,6 +223,47 @@ def _check_requests(ledger: Ledger, open_by_key: dict[str, Alert], now: datetime
         prefix, _, request_id = key.partition(":")
         still_open = request_id.isdigit() and int(request_id) in open_requests
         if prefix == REQUEST_DUE and not still_open:
+            _resolve(ledger, key)
+
+
+def _check_steps(ledger: Ledger, open_by_key: dict[str, Alert]) -> None:
+    """One alert per manual step waiting for a person; resolved when the step closes."""
+    waiting = {}
+    for step in ledger.open_steps(kind="manual"):
+        if step.state != "waiting":
+            continue
+        key = f"{MANUAL_STEP}:{step.request_id}:{step.id}"
+        waiting[key] = step
+        if step.processor == "phorest":
+            summary = (f"Request #{step.request_id}: {step.instructions}; syncd closes this "
+                       "step itself once Phorest shows the client forgotten")
+        else:
+            summary = (f"Request #{step.request_id}: {step.processor}: {step.instructions}; "
+                       f"then run: syncd request confirm {step.request_id} "
+                       f"--processor {step.processor}")
+        _raise(ledger, key, MANUAL_STEP, summary)
+    for key in open_by_key:
+        if key.startswith(f"{MANUAL_STEP}:") and key not in waiting:
+            _resolve(ledger, key)
+
+
+def _check_quota_deadlines(ledger: Ledger, open_by_key: dict[str, Alert], now: datetime) -> None:
+    """An open request whose GA deletion waits for a quota day past (or on) its deadline."""
+    threatened = set()
+    for request in ledger.open_requests():
+        late = [task for task in ledger.tasks_for_request(request.id)
+                if task.state == "pending" and (task.last_error or "").startswith("quota_wait")
+                and task.next_attempt_at >= request.due_at - timedelta(days=1)]
+        if not late:
+            continue
+        key = f"{QUOTA_DEADLINE}:{request.id}"
+        threatened.add(key)
+        _raise(ledger, key, QUOTA_DEADLINE,
+               f"Request #{request.id}: {len(late)} Google Analytics deletion(s) wait for the "
+               f"next quota day ({_when(min(t.next_attempt_at for t in late))}), too close to "
+               f"the deadline ({request.due_at.astimezone(UTC):%Y-%m-%d})")
+    for key in open_by_key:
+        if key.startswith(f"{QUOTA_DEADLINE}:") and key not in threatened:
             _resolve(ledger, key)
 
 

@@ -9,7 +9,10 @@ The loop (``schedule``), on the main thread:
 - every second, or at once when a webhook arrives: process the inbox and run
   the due tasks;
 - every ``[phorest] poll_interval_seconds``: poll both change feeds
-  (:func:`syncd.engine.poll`);
+  (:func:`syncd.engine.poll`), and read the Phorest client of every open
+  "Forget" step of a data-subject request (:func:`syncd.rights.advance`);
+- after the due tasks (every second): close the request steps whose tasks
+  finished and complete the requests whose steps all are;
 - at ``[daemon] nightly_resync_at`` (local time): a full resync;
 - every second: a resync an operator asked for while the daemon runs (a
   command row written by ``syncd resync``), with its progress written back;
@@ -69,7 +72,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, config, engine, health, httpd
+from syncd import alerts, config, engine, health, httpd, rights
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -344,6 +347,15 @@ class Daemon:
             process_inbox(ledger, runtime.connectors["phorest"], runtime.keys, now=now())
             run_due(ledger, runtime.connectors, policy, runtime.keys, now=now(),
                     on_batch=lambda _done: self._safe_point())
+            rights.advance(ledger, now=now())  # task steps close as their tasks finish
+
+        def requests() -> None:
+            # Phorest's Forget cannot be seen in its change feed for sure: read each client.
+            rights.advance(ledger, phorest=runtime.connectors["phorest"], now=now())
+            # Nothing is read from GA in a poll: one cheap check keeps its health true.
+            for name in engine.WRITE_ONLY_PROCESSORS:
+                if name in runtime.connectors:
+                    self._record_check(ledger, name, runtime.connectors[name])
 
         def poll() -> None:
             try:
@@ -356,7 +368,7 @@ class Daemon:
             self._polls.labels("ok").inc()
             ledger.set_cursor(health.LAST_POLL_CURSOR, now().isoformat())
             notify(f"STATUS=running; last poll {now():%H:%M:%S} UTC")
-            self._reached(ledger, runtime.connectors)
+            self._reached(ledger, engine.PROCESSORS)
 
         def resync(processors: list[str] | None = None,
                    progress: engine.Progress | None = None) -> engine.ResyncResult:
@@ -376,7 +388,7 @@ class Daemon:
                 finished = now().isoformat()
                 ledger.set_cursor(health.LAST_RESYNC_CURSOR, finished)
                 ledger.set_cursor(health.LAST_POLL_CURSOR, finished)
-            self._reached(ledger, runtime.connectors)
+            self._reached(ledger, engine.PROCESSORS)
             notify(f"STATUS=running; last resync {now():%H:%M:%S} UTC")
             return result
 
@@ -390,7 +402,7 @@ class Daemon:
                          reminders=report.reminders, recoveries=report.recoveries)
 
         jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands,
-                "alerts": check_alerts}
+                "alerts": check_alerts, "requests": requests}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
@@ -398,6 +410,7 @@ class Daemon:
         runtime.scheduler.every(settings.daemon.alert_check_seconds).seconds.do(
             self._jobs["alerts"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
+        runtime.scheduler.every(interval).seconds.do(self._jobs["requests"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
 
     def _guarded(self, ledger: Ledger, job: _Job) -> Callable[[], None]:
@@ -486,12 +499,15 @@ class Daemon:
     def _probe(self, ledger: Ledger, runtime: _Runtime) -> None:
         """After a failed poll: find out which processor is unreachable, and record it."""
         for name, connector in runtime.connectors.items():
-            result = connector.check()
-            if result.ok:
-                ledger.record_contact(name, ok=True)
-            else:
-                ledger.record_contact(name, ok=False, error=result.detail,
-                                      credentials_ok=False if result.credentials_refused else None)
+            self._record_check(ledger, name, connector)
+
+    def _record_check(self, ledger: Ledger, name: str, connector: Any) -> None:
+        result = connector.check()
+        if result.ok:
+            ledger.record_contact(name, ok=True)
+        else:
+            ledger.record_contact(name, ok=False, error=result.detail,
+                                  credentials_ok=False if result.credentials_refused else None)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -567,7 +583,7 @@ class _LedgerCollector(Collector):
             for name, state in body["processors"].items():
                 up.add_metric([name], 1.0 if state["state"] == "ok" else 0.0)
             queued = 0
-            for processor in engine.PROCESSORS:
+            for processor in (*engine.PROCESSORS, *engine.WRITE_ONLY_PROCESSORS):
                 for state, count in ledger.count_tasks_by_state(processor).items():
                     tasks.add_metric([processor, state], count)
                     if state in ("pending", "in_flight"):

@@ -55,6 +55,7 @@ from syncd.reconcile import (
     SubjectView,
     govern,
     plan,
+    plan_analytics_erasure,
 )
 from syncd.retry import RetryPolicy
 from syncd.tasks import RunReport, enqueue, run_due
@@ -62,6 +63,11 @@ from syncd.tasks import RunReport, enqueue, run_due
 log = structlog.get_logger(__name__)
 
 PROCESSORS = ("phorest", "mailchimp")
+# Processors syncd writes to but cannot read: used when configured and enabled.
+WRITE_ONLY_PROCESSORS = ("google_analytics",)
+ANALYTICS = "google_analytics"
+# A suppressed person Phorest shows with consent again: one alert per client.
+SUPPRESSED_CONSENT = "suppressed_consent"
 PROGRESS_EVERY_RECORDS = 200
 PHOREST_CURSOR = "phorest.clients"
 MAILCHIMP_CURSOR = "mailchimp.members"
@@ -78,9 +84,10 @@ CountKey = tuple[str, str, str, str]  # processor, action kind, rule, why
 
 
 def configured(settings: Any) -> dict[str, Any]:
-    """The engine's processors (:data:`PROCESSORS`) the configuration has and enables."""
+    """The engine's processors (:data:`PROCESSORS` and :data:`WRITE_ONLY_PROCESSORS`)
+    the configuration has and enables."""
     return {name: section for name, section in settings.sections()
-            if name in PROCESSORS and section.is_active()}  # fmt: skip
+            if name in (*PROCESSORS, *WRITE_ONLY_PROCESSORS) and section.is_active()}  # fmt: skip
 
 
 def subject_keys(settings: Any) -> SubjectKeys:
@@ -95,8 +102,11 @@ def subject_keys(settings: Any) -> SubjectKeys:
     return SubjectKeys(secret.get_secret_value().encode(), settings.identity.default_phone_region)
 
 
-def build(settings: Any, *, needed_by: str) -> tuple[dict[str, ReadableConnector], SubjectKeys]:
+def build(settings: Any, *, needed_by: str) -> tuple[dict[str, Any], SubjectKeys]:
     """The connectors and subject keys a resync or a poll needs, from a configuration.
+
+    Phorest and Mailchimp are required (read with :class:`ReadableConnector`);
+    Google Analytics joins when its section is configured and enabled.
 
     Args:
         settings: the loaded configuration.
@@ -510,12 +520,14 @@ def _reconcile(
     The index is emptied once the plan is queued: the records it held are not
     needed while the tasks run, and at 100,000 people they are most of the memory.
     """
-    wanted = set(processors) if processors is not None else set(PROCESSORS)
+    wanted = set(processors) if processors is not None else set(connectors)
     stats = dict(index.stats)
     subjects = _views(index.addresses, index.dead_by_key, ledger, keys)
     planned: list[Planned] = []
     for subject in subjects:
         planned.extend(p for p in plan(subject.view) if p.processor in wanted)
+    if ANALYTICS in connectors and ANALYTICS in wanted:
+        planned.extend(_analytics_erasures(ledger, keys, index, connectors[ANALYTICS]))
     progress("planned", len(planned), len(planned))
 
     counts = Counter((p.processor, p.action.kind, p.rule, p.why) for p in planned)
@@ -536,9 +548,10 @@ def _reconcile(
 
     _store_facts(ledger, subjects)
     task_ids = enqueue(ledger, planned)
+    _alert_suppressed_consent(ledger, subjects)
     del subjects
     index.release()
-    runners = {name: connectors[name] for name in PROCESSORS if name in wanted}
+    runners = {name: connector for name, connector in connectors.items() if name in wanted}
     progress("applied", 0, len(planned))
     report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
                      on_batch=lambda done: progress("applied", done, len(planned)))
@@ -548,6 +561,106 @@ def _reconcile(
           unfinished=unfinished)
     return ResyncResult(dict(counts), rows, report, report.failed, False, **stats, **extra,
                         unfinished=unfinished)
+
+
+def plan_addresses(
+    ledger: Ledger,
+    connectors: Mapping[str, Any],
+    keys: SubjectKeys,
+    emails: Iterable[str],
+) -> Callable[[], list[tuple[Planned, int]]]:
+    """Read both sides of some addresses now; return how to plan and queue what they need.
+
+    For a data-subject request: the reads (every Phorest client at each address,
+    the Mailchimp member there, and a member left at a previous address) happen
+    here, outside any transaction; the returned function plans from the ledger
+    as it stands when called, so the caller writes the request's suppression or
+    restriction first and calls it in the same transaction. Nothing is run.
+
+    Args:
+        ledger: the ledger (facts, and the tasks queued).
+        connectors: ``"phorest"`` and ``"mailchimp"`` (as for :func:`poll`).
+        keys: turns identifiers into subject keys.
+        emails: the addresses (unusable ones are skipped).
+
+    Returns:
+        A function that plans, stores the facts learned and queues the tasks,
+        returning each planned Mailchimp or Phorest action with its task id.
+
+    Raises:
+        ConnectorError: a lookup could not be read.
+    """
+    index = _Index(keys)
+    wanted = {email: _Change() for address in emails if (email := _normalised(address))}
+    if wanted:
+        _look_up(index, ledger, keys, connectors, wanted, ())
+
+    def queue() -> list[tuple[Planned, int]]:
+        with ledger.transaction():
+            subjects = _views(index.addresses, index.dead_by_key, ledger, keys)
+            planned = [p for s in subjects for p in plan(s.view) if p.processor in PROCESSORS]
+            _store_facts(ledger, subjects)
+            return list(zip(planned, enqueue(ledger, planned)))
+
+    return queue
+
+
+def _analytics_erasures(
+    ledger: Ledger, keys: SubjectKeys, index: _Index, analytics: Any
+) -> list[Planned]:
+    """One GA deletion per client Phorest shows deleted, forgotten or merged away (R5).
+
+    GA cannot be read, so the ledger remembers each subject GA was asked to
+    delete (``analytics_erased_at``) and each is asked once. With ``identity =
+    "email"`` a client whose address a live client still uses is left alone
+    (the deletion would reach that client's data), and a forgotten client no
+    longer shows the address GA knows them by.
+    """
+    identity = getattr(analytics, "identity", "user_id")
+    dead = list(index.dead_by_key.items())
+    facts = ledger.subject_facts([subject_key for subject_key, _ in dead])
+    live_addresses = {email for email, slot in index.addresses.items()
+                      if any(c.state not in ERASED_CLIENT_STATES for c in slot.clients.values())}
+    planned: list[Planned] = []
+    for subject_key, client in dead:
+        stored = facts.get(subject_key)
+        email = _normalised(client.email) if client.email else None
+        shared = email is not None and email in live_addresses
+        item = plan_analytics_erasure(
+            subject_key, client, identity=identity,
+            erased_before=stored is not None and stored.analytics_erased_at is not None,
+            email=email, shared=shared,
+        )  # fmt: skip
+        if item is not None:
+            planned.append(item)
+    return planned
+
+
+def _alert_suppressed_consent(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
+    """Tell the manager once when Phorest shows an erased person with consent again (R3).
+
+    syncd keeps such a person off every processor; only a person can tell
+    whether it is a new sign-up to honour with a fresh record or a mistake.
+    A client whose own erasure request is still open is not news: Phorest
+    keeps the record, consent included, until staff press Forget.
+    """
+    pending = {request.subject_key for request in ledger.open_requests()
+               if request.kind == "erase"}  # fmt: skip
+    for subject in subjects:
+        view = subject.view
+        if not view.facts.suppressed:
+            continue
+        for record in subject.records:
+            client = next((c for c in subject.governance.live
+                           if c.client_id == record.client_id), None)  # fmt: skip
+            if client is None or not client.email_consent or record.subject_key in pending:
+                continue
+            ledger.raise_alert(
+                f"{SUPPRESSED_CONSENT}:{client.client_id}", SUPPRESSED_CONSENT,
+                f"Phorest client {client.client_id} matches a person who asked to be erased "
+                "and shows email-marketing consent again; syncd keeps them off every processor "
+                "until a person decides what the client wants",
+            )
 
 
 def _member_kept(subject: _Subject) -> bool:
@@ -655,9 +768,15 @@ def _views(
     record_keys = {c.client_id: keys.client_id(c.client_id)
                    for _, _, g, _, _ in governed for c in g.others}  # fmt: skip
     stored_by_key = ledger.subject_facts([*subject_keys, *record_keys.values()])
+    # A primary client's mobile counts too: an erased person back under a new address.
+    # (Parsing every number costs time: only when anyone is suppressed at all.)
+    anyone = ledger.suppression_size() > 0
+    phone_keys = [_phone_key(keys, c.mobile if c and anyone else None)
+                  for _, _, _, c, _ in governed]  # fmt: skip
     suppressed = ledger.suppressed_among(
         [ek for _, ek, _, _, _ in governed] + [sk for sk, (_, _, _, c, _) in
                                                 zip(subject_keys, governed) if c]
+        + [pk for pk in phone_keys if pk]
     )
     linked = ledger.subjects_for([ek for _, ek, g, _, _ in governed if g.live])
     moved = _moved_members(governed, subject_keys, stored_by_key)
@@ -696,7 +815,8 @@ def _views(
             if opted_out_at is None or member.last_changed > opted_out_at:
                 opted_out_at = member.last_changed
         facts = LedgerFacts(
-            suppressed=email_key in suppressed or (client is not None and subject_key in suppressed),
+            suppressed=email_key in suppressed or phone_keys[index] in suppressed
+            or (client is not None and subject_key in suppressed),
             restricted=any(f.restricted for f in facts_here),
             opted_out_at=opted_out_at,
             opted_in_at=opted_in_at,
@@ -839,6 +959,16 @@ def _email_key(keys: SubjectKeys, address: str | None) -> str | None:
     """The keyed hash of an address, or None when it is not a usable one."""
     email = _normalised(address) if address else None
     return keys.email(email) if email else None
+
+
+def _phone_key(keys: SubjectKeys, mobile: str | None) -> str | None:
+    """The keyed hash of a stored mobile, or None when there is none or it is not a number."""
+    if not mobile:
+        return None
+    try:
+        return keys.phone(mobile)
+    except IdentifierError:
+        return None
 
 
 def _seen(client: ClientRecord) -> str:

@@ -72,7 +72,7 @@ from typing import Final, Literal
 
 from connectors.base import Action, ActionKind, ClientRecord, MemberRecord
 
-Processor = Literal["mailchimp", "phorest"]
+Processor = Literal["mailchimp", "phorest", "google_analytics"]
 Rule = Literal["R1", "R2", "R3", "R5", "R6"]
 
 # Phorest states after which the person must vanish from every processor (R5).
@@ -416,6 +416,43 @@ def plan_all(views: Iterable[SubjectView]) -> Iterator[Planned]:
     """
     for view in views:
         yield from plan(view)
+
+
+def plan_analytics_erasure(
+    subject_key: str,
+    client: ClientRecord,
+    *,
+    identity: str,
+    erased_before: bool,
+    email: str | None,
+    shared: bool,
+) -> Planned | None:
+    """Whether GA must be asked to delete a client Phorest shows as dead (R5, GA side).
+
+    GA cannot be read back, so each dead client is asked for once
+    (``erased_before`` says it was). GA knows a person by the Phorest client id
+    (``identity`` ``user_id`` or ``client_id``) or by their address
+    (``email``): then a forgotten client, whose address Phorest blanked, cannot
+    be named, and an address a live client still uses (``shared``) is left
+    alone, since deleting it would delete that client's data too.
+
+    Args:
+        subject_key: the client's subject key.
+        client: the record (any state; only dead ones are planned).
+        identity: ``[google_analytics] identity``.
+        erased_before: GA was already asked to delete this subject.
+        email: the client's normalised address, if Phorest still shows one.
+        shared: a live Phorest client uses the same address.
+
+    Returns:
+        The ``erase`` for GA, or None.
+    """
+    if client.state not in ERASED_CLIENT_STATES or erased_before:
+        return None
+    if identity == "email" and (email is None or shared):
+        return None
+    action = Action("erase", subject_key, email=email, client_id=client.client_id)
+    return Planned("google_analytics", action, "R5", f"client_{client.state}")
 
 
 def _erasure_reason(view: SubjectView) -> str | None:

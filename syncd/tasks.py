@@ -224,7 +224,7 @@ def _record(
     if outcome.status == "done":
         # A receipt that is not a request id (GA's deletionRequestTime) is the audit detail.
         ledger.finish(task.id, "done", vendor_request_id=rid, detail=outcome.evidence)
-        _learn(ledger, processor, task)
+        _learn(ledger, processor, task, now)
         return None
     if outcome.status == "needs_person":
         ledger.finish(task.id, "needs_person", error=reason, vendor_request_id=rid)
@@ -254,8 +254,11 @@ def _record(
     return f"task_failed:{processor}:{reason}", "task_failed", f"failed ({reason})"
 
 
-def _learn(ledger: Ledger, processor: str, task: Task) -> None:
-    """Record what a done Mailchimp task makes true, with its outcome (one transaction).
+def _learn(ledger: Ledger, processor: str, task: Task, now: datetime) -> None:
+    """Record what a done task makes true, with its outcome (one transaction).
+
+    GA cannot be read back: a done ``erase`` there is remembered
+    (``analytics_erased_at``) so that the subject is not submitted again.
 
     An ``unsubscribe`` leaves the member ``unsubscribed`` by syncd's own hand:
     that status (and its ``last_changed``) must never read as a new opt-out by
@@ -264,6 +267,8 @@ def _learn(ledger: Ledger, processor: str, task: Task) -> None:
     ``subscribe`` ends it. Written with the task's outcome, so a crash cannot
     leave the member unsubscribed without the mark.
     """
+    if processor == "google_analytics" and task.action == "erase":
+        ledger.upsert_subject(task.subject_key, analytics_erased_at=now)
     if processor != "mailchimp":
         return
     if task.action == "unsubscribe":

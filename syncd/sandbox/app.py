@@ -164,6 +164,8 @@ class Sandbox:
                 "property_id": c.ga_property_id,
                 "credentials_file": secret("google_analytics_credentials", json.dumps(info)),
                 "admin_base_url": self.base_url,
+                # The emulator has no per-minute limit: no need to pace like Google.
+                "writes_per_minute": 6000,
             },
             "daemon": {"listen": daemon_listen},
         }

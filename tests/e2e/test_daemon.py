@@ -123,7 +123,7 @@ def test_the_daemon_reports_ready_propagates_both_ways_and_stops_cleanly(
     sandbox = running.sandbox
     status, body = running.get("/healthz")
     health = json.loads(body)
-    assert health["status"] == "ok" and set(health["processors"]) == {"phorest", "mailchimp"}
+    assert health["status"] == "ok" and set(health["processors"]) == {"phorest", "mailchimp", "google_analytics"}
 
     # The first poll was a full resync: the seeded drift is gone.
     status, metrics = running.get("/metrics")
@@ -337,7 +337,7 @@ def test_status_says_healthy_degraded_and_down_with_matching_exit_codes(
     assert healthy.returncode == 0, report["reasons"]
     assert report["verdict"] == "healthy" and report["daemon"]["running"] is True
     assert {name: p["state"] for name, p in report["processors"].items()} == {
-        "phorest": "ok", "mailchimp": "ok"}
+        "phorest": "ok", "mailchimp": "ok", "google_analytics": "ok"}
     assert report["processors"]["mailchimp"]["credentials_ok"] is True
     assert report["last_poll"] and report["last_resync"] and report["tasks"]["done"] > 0
     table = _syncd(running, "status")

@@ -49,7 +49,7 @@ def daemon(settings: config.Settings, ledger: Ledger) -> Iterator[None]:
 
 
 def _all_up(ledger: Ledger) -> None:
-    for name in ("phorest", "mailchimp"):
+    for name in ("phorest", "mailchimp", "google_analytics"):
         ledger.record_contact(name, ok=True)
 
 
@@ -77,7 +77,7 @@ def test_a_running_daemon_with_every_processor_reached_is_healthy(
     assert (report.verdict, report.exit_code, report.reasons) == ("healthy", 0, [])
     assert report.daemon["pid"] == lock_holder(settings.ledger.path) > 0
     assert {n: p["state"] for n, p in report.processors.items()} == {
-        "phorest": "ok", "mailchimp": "ok"}
+        "phorest": "ok", "mailchimp": "ok", "google_analytics": "ok"}
 
 
 @pytest.mark.usefixtures("daemon")
@@ -93,6 +93,7 @@ def test_a_silent_loop_is_down(settings: config.Settings, ledger: Ledger) -> Non
 def test_problems_degrade_and_are_listed(settings: config.Settings, ledger: Ledger,
                                          clock: FakeClock) -> None:
     ledger.record_contact("phorest", ok=True)
+    ledger.record_contact("google_analytics", ok=True)
     ledger.record_contact("mailchimp", ok=False, error=f"401 refused for {SECRET_ADDRESS}",
                           credentials_ok=False)
     overdue = ledger.add_request("erase", "subject-1", "cli", NOW - timedelta(days=1))
