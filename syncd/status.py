@@ -65,6 +65,7 @@ class Report:
     tasks: dict[str, int] = field(default_factory=dict)
     oldest_failing_task: dict[str, Any] | None = None
     manual_steps: list[dict[str, Any]] = field(default_factory=list)
+    request_steps: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     commands: list[dict[str, Any]] = field(default_factory=list)
@@ -109,7 +110,10 @@ def gather(settings: Settings, *, now: datetime | None = None) -> Report:
             tasks=ledger.count_tasks_by_state(),
             oldest_failing_task=_task(ledger.oldest_failing_task()),
             manual_steps=[_task(t) for t in ledger.tasks_in_state("needs_person", LISTED)],
-            requests=[_request(r, now) for r in ledger.open_requests()],
+            request_steps=[_step(s) for s in ledger.open_steps()
+                           if s.kind == "manual" or s.state == "failed"],
+            requests=[_request(r, now, settings.policy.request_warning_days)
+                      for r in ledger.open_requests()],
             alerts=[{"problem": a.problem_key, "summary": a.summary,
                      "since": iso_seconds(a.created_at), "notified": a.notify_count}
                     for a in ledger.open_alerts()],
@@ -183,8 +187,11 @@ def render(report: Report) -> None:
     _listing(console, "Manual steps waiting", report.manual_steps,
              ("id", "processor", "action", "reason", "created_at", "last_error"),
              report.tasks.get("needs_person", 0))
+    _listing(console, "Request steps waiting for a person", report.request_steps,
+             ("request", "processor", "state", "client_id", "what"), len(report.request_steps))
     _listing(console, "Open requests", report.requests,
-             ("id", "kind", "received_at", "due_at", "overdue"), len(report.requests))
+             ("id", "kind", "client_id", "received_at", "due_at", "overdue"),
+             len(report.requests))
     _listing(console, "Open alerts", report.alerts, ("problem", "summary", "since", "notified"),
              len(report.alerts))
     _listing(console, "Resyncs asked of the daemon", report.commands,
@@ -219,11 +226,19 @@ def _task(task: Task | None) -> dict[str, Any] | None:
             "last_error": redact_text(task.last_error) if task.last_error else None}
 
 
-def _request(request: Any, now: datetime) -> dict[str, Any]:
-    return {"id": request.id, "kind": request.kind,
+def _request(request: Any, now: datetime, warning_days: int = REQUEST_DUE_SOON_DAYS
+             ) -> dict[str, Any]:  # fmt: skip
+    return {"id": request.id, "kind": request.kind, "client_id": request.client_id,
             "received_at": iso_seconds(request.received_at),
             "due_at": iso_seconds(request.due_at), "overdue": request.due_at < now,
-            "due_soon": request.due_at < now + timedelta(days=REQUEST_DUE_SOON_DAYS)}
+            "due_soon": request.due_at < now + timedelta(days=warning_days)}
+
+
+def _step(step: Any) -> dict[str, Any]:
+    """A request step waiting for a person, or one syncd could not finish."""
+    return {"request": step.request_id, "processor": step.processor, "state": step.state,
+            "client_id": step.client_id,
+            "what": step.instructions if step.state == "waiting" else step.evidence}
 
 
 def _command(command: Any) -> dict[str, Any]:
