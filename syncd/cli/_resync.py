@@ -26,8 +26,9 @@ def add_parsers(commands: Commands, common: argparse.ArgumentParser) -> None:
     )
     resync.add_argument("--dry-run", action="store_true",
                         help="print what would be done, change nothing")
-    resync.add_argument("--processor", choices=["mailchimp", "phorest"], default=None,
-                        help="only apply actions on this processor")
+    resync.add_argument("--processor", choices=["mailchimp", "phorest", "google_analytics"],
+                        default=None, help="only apply actions on this processor "
+                        "(google_analytics: only when configured)")
     resync.add_argument("--json", action="store_true", help="print JSON instead of a table")
     resync.set_defaults(handler=cmd_resync)
 
@@ -43,6 +44,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
     settings = load_settings(args, interactive=True)
     built, keys = engine.build(settings, needed_by="resync")
+    if args.processor and args.processor not in built:
+        raise SyncdError(f"--processor {args.processor}: not configured (or enabled = false)")
     processors = [args.processor] if args.processor else None
     # One writer: a real run holds the lock (and takes over what a killed holder left
     # in flight); while the daemon holds it, the daemon does it.
