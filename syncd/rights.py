@@ -306,8 +306,12 @@ def _erasure_steps(
             opened += 1
         if not deletions:
             step = ledger.add_step(request_id, ANALYTICS, "task")
-            ledger.close_step(step, "failed", evidence="nothing names the person in GA "
-                              f"(identity {analytics.identity}); confirm once checked by hand")
+            if person.clients:  # identity email, and every address is shared with a client
+                ledger.close_step(step, "failed", evidence="no address of the person's own to "
+                                  "name them in GA; delete by hand, then confirm")
+            else:  # GA knows people by Phorest client id, and this person has none
+                ledger.close_step(step, "done", evidence="not a Phorest client: GA holds "
+                                  f"nothing under {analytics.identity} for the person")
             opened += 1
     for client in person.clients:
         step = ledger.add_step(request_id, PHOREST, "manual", client_id=client.client_id,
