@@ -669,13 +669,18 @@ class Settings(BaseSettings):
     # [[manual_processors]]: an array of tables, not a section.
     manual_processors: tuple[ManualProcessorSettings, ...] = ()
 
-    @model_validator(mode="after")
-    def _unique_manual_processors(self) -> Settings:
-        names = [p.name for p in self.manual_processors]
+    # A field validator, not a model one: it runs even when another section has
+    # errors (a model validator is skipped then), and names its key path.
+    @field_validator("manual_processors")
+    @classmethod
+    def _unique_manual_processors(
+        cls, value: tuple[ManualProcessorSettings, ...]
+    ) -> tuple[ManualProcessorSettings, ...]:
+        names = [p.name for p in value]
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"manual processor names must be unique: {', '.join(twice)}")
-        return self
+        return value
 
     def manual_processor(self, name: str) -> ManualProcessorSettings | None:
         """The ``[[manual_processors]]`` entry called ``name``, or None."""

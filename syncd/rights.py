@@ -524,7 +524,10 @@ def cancel(ledger: Ledger, request_id: int, reason: str) -> Request:
             if task.state == "pending":
                 cancelled += ledger.finish(task.id, "cancelled", error="request_cancelled")
         steps = ledger.steps(request_id)
-        erased = any(s.state == "done" and s.task_id is not None for s in steps) or any(
+        # A done manual step is an erasure too: Phorest's Forget, or a manual processor's
+        # (paper forms shredded) that a person confirmed or syncd verified.
+        erased = any(s.state == "done" and (s.task_id is not None or s.kind == "manual")
+                     for s in steps) or any(
             t.state in ("done", "in_flight") for t in ledger.tasks_for_request(request_id))
         for step in steps:
             if step.state in ("waiting", "failed"):

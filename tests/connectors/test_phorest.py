@@ -1302,3 +1302,77 @@ def test_an_apply_is_sized_to_last_about_five_seconds_at_the_rate_limit(
 ) -> None:
     connector = PhorestConnector(make_settings(max_requests_per_second=rate))
     assert connector.apply_batch_size == size
+
+
+# -- client() and find_by_phone() -----------------------------------------------------
+
+
+def test_client_reads_one_client_by_id(wire: responses.RequestsMock, fake_time: FakeTime) -> None:
+    wire.get(CLIENT_URL, json=client_json(deleted=True))
+
+    found = make_connector(fake_time).client(CLIENT_ID)
+
+    assert found is not None and (found.client_id, found.state) == (CLIENT_ID, "deleted")
+    assert [call.request.method for call in wire.calls] == ["GET"]
+
+
+def test_client_answers_none_for_an_id_phorest_does_not_know(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.get(CLIENT_URL, status=404, json={"errorCode": "NOT_FOUND"})
+
+    assert make_connector(fake_time).client(CLIENT_ID) is None
+    assert len(wire.calls) == 1  # a 404 is an answer, not retried
+
+
+def test_client_still_raises_when_phorest_refuses_the_credentials(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.get(CLIENT_URL, status=401)
+    with pytest.raises(PermanentError):
+        make_connector(fake_time).client(CLIENT_ID)
+
+
+def test_find_by_phone_asks_each_spelling_once_and_keeps_each_client_once(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    e164, spellings = "+447700900123", ["447700900123", "07700 900123", "+447700900123"]
+    answers = {
+        "+447700900123": [client_json("c1", mobile="+447700900123")],
+        "447700900123": [client_json("c2", mobile="447700900123")],
+        # Phorest ignored the filter here: every client, most with other numbers.
+        "07700 900123": [client_json("c3", mobile="07700 900123"),
+                         client_json("c1", mobile="+447700900123"),
+                         client_json("c4", mobile="07700 900999"),
+                         client_json("c5", mobile=None),
+                         client_json("c6", mobile="900123")],
+    }  # fmt: skip
+    for spelling, rows in answers.items():
+        wire.get(CLIENTS_URL, json=envelope(rows), match=[page_query(0, phone=spelling)])
+
+    found = make_connector(fake_time).find_by_phone(e164, spellings)
+
+    assert [record.client_id for record in found] == ["c1", "c2", "c3"]
+    asked = [call.request.params["phone"] for call in wire.calls]
+    assert asked == ["+447700900123", "447700900123", "07700 900123"]  # E.164 first, no repeat
+
+
+def test_find_by_phone_keeps_a_number_ending_in_the_same_nine_digits_for_the_caller_to_judge(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    # The connector compares the last nine digits; rights.resolve compares numbers exactly.
+    wire.get(CLIENTS_URL, json=envelope([client_json("c-us", mobile="+1 770 090 0123")]))
+    found = make_connector(fake_time).find_by_phone("+447700900123")
+    assert [record.client_id for record in found] == ["c-us"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "same"),
+    [("07700 900123", True), ("+44 (0)7700 900-123", True), ("447700900123", True),
+     ("07700 900124", False), ("900123", False), ("", False)],
+    ids=["national", "punctuated", "bare-international", "other-number", "too-short", "empty"],
+)
+def test_same_number_compares_the_last_nine_digits(stored: str, same: bool) -> None:
+    from connectors.phorest import _same_number
+
+    assert _same_number(stored, "+447700900123") is same

@@ -571,3 +571,114 @@ def test_no_personal_data_reaches_mail_webhook_or_logs(
     assert not [value for value in NEVER_SHOWN if value.lower() in shown.lower()]
     assert any(e["event"] == "alert_delivery_failed" for e in events)
     assert not [value for value in NEVER_LOGGED if value.lower() in repr(events).lower()]
+
+
+# -- data-subject request steps ---------------------------------------------------
+
+
+def summaries(ledger: Ledger) -> dict[str, str]:
+    return {alert.problem_key: alert.summary for alert in ledger.open_alerts()}
+
+
+def test_each_waiting_manual_step_is_an_alert_resolved_when_the_step_closes(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    settings = settings_with(None)
+    request_id = ledger.add_request("erase", SUBJECT_KEY, "email", START + timedelta(days=30))
+    forget = ledger.add_step(request_id, "phorest", "manual", client_id="c1",
+                             instructions="In Phorest, open client c1 and use Client actions › Forget")
+    paper = ledger.add_step(request_id, "paper_forms", "manual", client_id="c1",
+                            instructions="Shred the forms (client id c1, request #1)")
+    ledger.add_step(request_id, "mailchimp", "task")  # syncd's own work: no alert
+    failed_manual = ledger.add_step(request_id, "salon_software", "manual")
+    ledger.close_step(failed_manual, "failed")
+
+    check_conditions(ledger, settings, now=clock.now)
+
+    assert summaries(ledger) == {
+        f"manual_step:{request_id}:{forget}": (
+            f"Request #{request_id}: In Phorest, open client c1 and use Client actions › Forget; "
+            "syncd closes this step itself once Phorest shows the client forgotten"),
+        f"manual_step:{request_id}:{paper}": (
+            f"Request #{request_id}: paper_forms: Shred the forms (client id c1, request #1); "
+            f"then run: syncd request confirm {request_id} --processor paper_forms"),
+    }
+    assert {a.kind for a in ledger.open_alerts()} == {"manual_step"}
+
+    ledger.close_step(paper, "done", confirmed_by="Ann")
+    check_conditions(ledger, settings, now=clock.advance(minutes=1))
+    assert open_keys(ledger) == {f"manual_step:{request_id}:{forget}": "manual_step"}
+
+    ledger.close_request(request_id, "cancelled")  # its waiting step no longer waits for anyone
+    check_conditions(ledger, settings, now=clock.advance(minutes=1))
+    assert open_keys(ledger) == {}
+
+
+def _waiting_analytics_task(ledger: Ledger, request_id: int, next_attempt_at: datetime,
+                            error: str) -> int:  # fmt: skip
+    task_id = ledger.add_task(SUBJECT_KEY, "google_analytics", "erase", "R3:erasure_request",
+                              request_id=request_id)  # fmt: skip
+    ledger.claim(task_id)
+    ledger.retry_later(task_id, next_attempt_at, error, refund_attempt=True)
+    return task_id
+
+
+@pytest.mark.parametrize(
+    ("before_due", "error", "raised"),
+    [(timedelta(hours=12), "quota_wait:quota_exceeded", True),
+     (timedelta(days=1), "quota_wait:quota_exceeded", True),
+     (-timedelta(days=2), "quota_wait:quota_exceeded", True),
+     (timedelta(days=1, seconds=1), "quota_wait:quota_exceeded", False),
+     (timedelta(hours=12), "retriable:http_503", False)],
+    ids=["half-a-day-before", "a-day-before", "past-the-deadline", "in-time", "not-a-quota-wait"],
+)
+def test_a_ga_deletion_waiting_for_quota_near_the_deadline_is_an_alert(
+    ledger: Ledger, clock: FakeClock, before_due: timedelta, error: str, raised: bool
+) -> None:
+    due = START + timedelta(days=30)
+    request_id = ledger.add_request("erase", SUBJECT_KEY, "email", due)
+    _waiting_analytics_task(ledger, request_id, due - before_due, error)
+
+    check_conditions(ledger, settings_with(None), now=clock.now)
+
+    expected = {f"quota_deadline:{request_id}": "quota_deadline"} if raised else {}
+    assert open_keys(ledger) == expected
+    if raised:
+        summary = summaries(ledger)[f"quota_deadline:{request_id}"]
+        assert summary.startswith(f"Request #{request_id}: 1 Google Analytics deletion(s) wait")
+        assert "(2026-12-24)" in summary and SUBJECT_KEY not in summary
+
+
+def test_a_quota_deadline_alert_is_resolved_once_the_deletion_is_done(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    due = START + timedelta(days=30)
+    request_id = ledger.add_request("erase", SUBJECT_KEY, "email", due)
+    ledger.add_request("erase", "someone-else", "email", due)  # no GA deletion: no alert
+    closed = ledger.add_request("erase", "closed", "email", due)
+    task_id = _waiting_analytics_task(ledger, request_id, due, "quota_wait:quota_exceeded")
+    _waiting_analytics_task(ledger, closed, due, "quota_wait:quota_exceeded")
+    ledger.close_request(closed, "cancelled")
+    check_conditions(ledger, settings_with(None), now=clock.now)
+    assert open_keys(ledger) == {f"quota_deadline:{request_id}": "quota_deadline"}
+
+    ledger.claim(task_id)
+    ledger.finish(task_id, "done", detail="deletionRequestTime=2026-12-24T00:00:00Z")
+    check_conditions(ledger, settings_with(None), now=clock.advance(hours=1))
+
+    assert open_keys(ledger) == {}
+
+
+@pytest.mark.parametrize(("warning_days", "raised"), [(None, False), (14, True), (13, False)],
+                         ids=["default-7", "14", "13"])  # fmt: skip
+def test_request_warning_days_sets_how_early_a_deadline_is_announced(
+    ledger: Ledger, clock: FakeClock, warning_days: int | None, raised: bool
+) -> None:
+    policy = {} if warning_days is None else {"request_warning_days": warning_days}
+    settings = settings_with(None, policy=policy)
+    request_id = ledger.add_request("erase", SUBJECT_KEY, "email",
+                                    START + timedelta(days=13, hours=12))  # fmt: skip
+
+    check_conditions(ledger, settings, now=clock.now)
+
+    assert open_keys(ledger) == ({f"request_due:{request_id}": "request_due"} if raised else {})

@@ -404,3 +404,214 @@ def test_validate_rejects_an_unknown_environment_section(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert result.stderr.startswith("environment SYNCD_NOSECTION__X: unknown section")
+
+
+# -- data-subject requests: bad input is one line and writes nothing --------------------------
+
+HMAC_FOR_TESTS = "cli-test-hmac-key-0123456789abcdef"
+
+
+def _outcome(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``syncd ARGV``, whether argparse or a handler ended it."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _dump(path: Path) -> list[str]:
+    """Every row of the ledger, as SQL: equal dumps mean nothing was written."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def seeded_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The example config on a ledger holding one erasure (#1), already extended by two months."""
+    from datetime import UTC, datetime
+
+    from syncd.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite3"
+    monkeypatch.setenv("SYNCD_LEDGER__PATH", str(path))
+    monkeypatch.setenv("SYNCD_IDENTITY__HMAC_KEY", HMAC_FOR_TESTS)
+    due = datetime(2026, 12, 24, tzinfo=UTC)
+    with Ledger.open(path) as ledger:
+        request_id = ledger.add_request("erase", "subject-key", "email", due, filed_by="Ann",
+                                        client_id="c1")  # fmt: skip
+        ledger.add_step(request_id, "phorest", "manual", client_id="c1",
+                        instructions="In Phorest, open client c1 and use Client actions › Forget")
+        ledger.add_step(request_id, "mailchimp", "task")
+        ledger.extend_request(request_id, 2, datetime(2027, 2, 24, tzinfo=UTC), "complex")
+        ledger.add_audit("subject-key", None, "request_erase", "R3:request", "filed",
+                         request_id=request_id)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["request", "show", "99"], 1, "syncd: no request #99 (see syncd requests --all)"),
+        (["request", "extend", "99", "--months", "1", "--reason", "complex"], 1,
+         "syncd: no request #99 (see syncd requests --all)"),
+        (["request", "confirm", "99", "--processor", "phorest", "--by", "Ann"], 1,
+         "syncd: no request #99 (see syncd requests --all)"),
+        (["request", "cancel", "99", "--reason", "duplicate"], 1,
+         "syncd: no request #99 (see syncd requests --all)"),
+        (["request", "show", "one"], 2, "syncd request show: error: argument ID: not a request "
+         "id: 'one' (see syncd request show --help)"),
+        (["request", "cancel", "0", "--reason", "x"], 2, "not a request id: '0'"),
+        (["request", "extend", "1", "--months", "1", "--reason", "more"], 1,
+         "syncd: a request can be extended by at most 2 months in all (UK GDPR Art. 12(3)); "
+         "request #1 already has 2"),
+        (["request", "extend", "1", "--months", "3", "--reason", "more"], 2,
+         "argument --months: invalid choice: 3"),
+        (["request", "extend", "1", "--months", "1", "--reason", "  "], 1,
+         "syncd: --reason must say why the request needs more time"),
+        (["request", "confirm", "1", "--processor", "sms_provider", "--by", "Ann"], 1,
+         "syncd: request #1 has no 'sms_provider' step (its processors: mailchimp, phorest)"),
+        (["request", "confirm", "1", "--processor", "mailchimp", "--by", "Ann"], 1,
+         "syncd: syncd carries out the mailchimp step of request #1 itself"),
+        (["audit", "--email", "not-an-email"], 1, "syncd: --email: not a valid email"),
+        (["audit", "--phone", "12"], 1, "syncd: --phone: not a valid phone"),
+        (["audit", "--since", "garbage"], 2,
+         "argument --since: must be a date (YYYY-MM-DD) or an ISO 8601 time"),
+        (["audit", "--since", "2026-13-01"], 2, "argument --since: must be a date"),
+        (["audit", "--limit", "0"], 2, "argument --limit: must be a whole number >= 1"),
+        (["audit", "--request", "99"], 1, "syncd: no request #99 (see syncd requests --all)"),
+        (["request", "erase"], 1, "syncd: give --email, --phone or --client-id"),
+        (["request", "restrict", "--note", "asked by phone"], 1,
+         "syncd: give --email, --phone or --client-id"),
+    ],
+    ids=["show-unknown", "extend-unknown", "confirm-unknown", "cancel-unknown", "id-not-a-number",
+         "id-zero", "extend-past-two-months", "extend-three-months", "extend-no-reason",
+         "confirm-missing-processor", "confirm-task-step", "audit-bad-email", "audit-bad-phone",
+         "audit-since-garbage", "audit-since-bad-date", "audit-limit-zero", "audit-unknown-request",
+         "erase-no-identifier", "restrict-no-identifier"],
+)
+def test_bad_request_input_is_one_line_a_nonzero_exit_and_no_write(
+    seeded_ledger: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int,
+    message: str,
+) -> None:  # fmt: skip
+    before = _dump(seeded_ledger)
+
+    exit_code, out, err = _outcome(["--config", str(EXAMPLE), *argv], capsys)
+
+    assert exit_code == code
+    assert err.count("\n") == 1 and message in err, err
+    assert out == ""
+    assert _dump(seeded_ledger) == before
+
+
+@pytest.mark.parametrize("argv", [["request", "show", "1"], ["requests"], ["audit"],
+                                  ["request", "cancel", "1", "--reason", "x"]],
+                         ids=["show", "requests", "audit", "cancel"])  # fmt: skip
+def test_reading_or_changing_requests_without_a_ledger_creates_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:  # fmt: skip
+    path = tmp_path / "ledger.sqlite3"
+    monkeypatch.setenv("SYNCD_LEDGER__PATH", str(path))
+
+    code, out, err = _outcome(["--config", str(EXAMPLE), *argv], capsys)
+
+    assert (code, out) == (1, "")
+    assert err == f"syncd: no ledger at {path}: no request has been filed here yet\n"
+    assert not path.exists()
+
+
+# -- data-subject requests end to end against the sandbox: shapes, and no personal data ------
+
+
+def _a_person(sandbox: Any) -> dict[str, Any]:
+    """A live, consenting client with an address and a mobile of their own, and a member."""
+    clients = sandbox.phorest.snapshot_clients()
+    addresses = [c.get("email") for c in clients]
+    mobiles = [c.get("mobile") for c in clients]
+    return next(
+        c for c in clients
+        if c.get("email") and c.get("mobile") and c.get("emailMarketingConsent")
+        and not c.get("archived") and not c.get("deleted") and not c.get("mergedToClientId")
+        and addresses.count(c["email"]) == 1 and mobiles.count(c["mobile"]) == 1
+        and (sandbox.mailchimp.member(c["email"]) or {}).get("status") == "subscribed"
+    )  # fmt: skip
+
+
+REQUEST_KEYS = {"id", "kind", "state", "client_id", "source", "received_at", "due_at", "days_left",
+                "closed_at", "filed_by", "note", "extended_months", "extension_reason",
+                "processors", "steps"}  # fmt: skip
+STEP_KEYS = {"processor", "kind", "state", "client_id", "task_id", "instructions", "evidence",
+             "confirmed_by", "opened_at", "closed_at"}  # fmt: skip
+AUDIT_KEYS = {"at", "processor", "action", "reason", "outcome", "vendor_request_id", "detail",
+              "request_id", "task_id"}  # fmt: skip
+
+
+def test_requests_and_audit_show_ids_and_evidence_and_never_an_address_or_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from syncd.identity import normalise_phone
+    from syncd.sandbox.app import Sandbox
+
+    with Sandbox(clients=40, seed=5, smtp_port=None) as sandbox:
+        config_path = sandbox.write_config(tmp_path / "syncd.toml")
+        base = ["--config", str(config_path)]
+        erased = _a_person(sandbox)
+        restricted = next(c for c in sandbox.phorest.snapshot_clients()
+                          if c.get("mobile") and c["clientId"] != erased["clientId"]
+                          and not c.get("deleted") and not c.get("mergedToClientId")
+                          and [o.get("mobile") for o in sandbox.phorest.snapshot_clients()]
+                          .count(c["mobile"]) == 1)  # fmt: skip
+        personal = {erased["email"], erased["mobile"], normalise_phone(erased["mobile"], "GB"),
+                    restricted["mobile"], normalise_phone(restricted["mobile"], "GB"),
+                    erased["firstName"], erased["lastName"]}  # fmt: skip
+        if restricted.get("email"):
+            personal.add(restricted["email"])
+        personal = {p for p in personal if p and len(p) >= 4}
+        printed: list[str] = []
+
+        def run_ok(*argv: str) -> str:
+            code, out, err = _outcome([*base, *argv], capsys)
+            assert code == 0, err
+            printed.extend((out, err))
+            return out
+
+        filed = json.loads(run_ok("request", "erase", "--email", erased["email"].upper(),
+                                  "--by", "Ann Manager", "--json"))  # fmt: skip
+        run_ok("request", "restrict", "--phone", restricted["mobile"], "--by", "Ann Manager")
+        run_ok("request", "confirm", str(filed["id"]), "--processor", "phorest", "--by", "Ann")
+        listed = json.loads(run_ok("requests", "--all", "--json"))
+        shown = json.loads(run_ok("request", "show", str(filed["id"]), "--json"))
+        trail = json.loads(run_ok("audit", "--json"))
+        by_email = json.loads(run_ok("audit", "--email", erased["email"], "--json"))
+        by_phone = json.loads(run_ok("audit", "--phone", erased["mobile"], "--json"))
+        by_request = json.loads(run_ok("audit", "--request", str(filed["id"]), "--json"))
+        for text_view in (["requests"], ["requests", "--all"], ["request", "show", "1"],
+                          ["request", "show", "2"], ["audit"], ["audit", "--since", "2000-01-01"]):
+            run_ok(*text_view)
+        ledger_bytes = b"".join(p.read_bytes() for p in tmp_path.glob("syncd.toml.d/ledger*"))
+
+    assert (filed["kind"], filed["client_id"], filed["source"], filed["filed_by"]) == (
+        "erase", erased["clientId"], "email", "Ann Manager")
+    assert set(filed) == REQUEST_KEYS and all(set(s) == STEP_KEYS for s in filed["steps"])
+    # Mailchimp and GA were carried out at once; Phorest's Forget waited for a person.
+    assert filed["processors"] == {"mailchimp": "done", "google_analytics": "done",
+                                   "phorest": "waiting"}  # fmt: skip
+    assert shown["state"] == "done" and set(shown) == REQUEST_KEYS | {"audit"}
+    assert [r["kind"] for r in listed] == ["restrict", "erase"]  # newest first
+    assert all(set(r) == REQUEST_KEYS | {"deadline"} for r in listed)
+    assert all(set(e) == AUDIT_KEYS for e in trail + by_email + by_phone + by_request)
+    assert {e["request_id"] for e in by_request} == {filed["id"]}
+    assert {"filed", "done"} <= {e["outcome"] for e in by_email}
+    assert by_email and by_phone == by_email  # both identifiers lead to the same trail
+    assert any(e["processor"] == "google_analytics" and "deletionRequestTime" in (e["detail"] or "")
+               for e in by_request)  # fmt: skip
+    everything = "\n".join(printed).lower()
+    assert not [value for value in personal if value.lower() in everything]
+    assert ledger_bytes and not [value for value in personal if value.encode() in ledger_bytes]

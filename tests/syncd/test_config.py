@@ -591,3 +591,106 @@ def test_the_example_shows_a_path_for_every_secret_file_key() -> None:
     for section, model in config.SECTION_MODELS.items():
         for key in model.secret_fields():
             assert f'# {key}_file = "/etc/syncd/{section}_{key}"\n' in text
+
+
+# -- [[manual_processors]] ---------------------------------------------------------------
+
+
+def manual(name: str, instructions: str = "Shred the paper forms", *extra: str) -> str:
+    return ("\n[[manual_processors]]\n"
+            f"name = {json.dumps(name)}\ninstructions = {json.dumps(instructions)}\n"
+            + "".join(f"{line}\n" for line in extra))  # fmt: skip
+
+
+def test_manual_processors_load_in_order_with_their_confirmers(tmp_path: Path) -> None:
+    text = MINIMAL + manual("paper_forms", "Shred the forms", 'confirmers = [" Ann Manager "]') \
+        + manual("card_index2")
+    settings = config.load(write(tmp_path, text))
+    assert [p.name for p in settings.manual_processors] == ["paper_forms", "card_index2"]
+    paper = settings.manual_processor("paper_forms")
+    assert paper is not None and paper.confirmers == ["Ann Manager"]
+    assert paper.instructions == "Shred the forms"
+    assert settings.manual_processor("card_index2").confirmers == []  # type: ignore[union-attr]
+    assert settings.manual_processor("mailchimp") is None
+    assert config.load(write(tmp_path, MINIMAL, "none.toml")).manual_processors == ()
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [(manual("Paper Forms"), ["manual_processors.0.name: must be 1-40 lower-case"]),
+     (manual("2forms"), ["manual_processors.0.name: must be 1-40 lower-case"]),
+     (manual("x" * 41), ["manual_processors.0.name: must be 1-40 lower-case"]),
+     (manual("google_analytics"),
+      ["manual_processors.0.name: 'google_analytics' is a processor syncd reaches through its API"]),
+     (manual("paper") + manual("cards") + manual("paper"),
+      ["manual_processors: manual processor names must be unique: paper"]),
+     (manual("paper", ""), ["manual_processors.0.instructions: String should have at least 1"]),
+     (manual("paper", "x" * 501), ["manual_processors.0.instructions: String should have at most"]),
+     (manual("paper", "Shred", 'confirmers = ["Ann", " "]'),
+      ["manual_processors.0.confirmers: every confirmer must be a non-empty name"]),
+     (manual("paper", "Shred", 'confirmers = "Ann"'),
+      ["manual_processors.0.confirmers: Input should be a valid list"]),
+     (manual("paper", "Shred", "colour = 'red'"), ["manual_processors.0.colour: unknown key"]),
+     ("\n[[manual_processors]]\nname = 'paper'\n",
+      ["manual_processors.0.instructions: required key is missing"])],
+    ids=["capitals", "digit-first", "too-long", "api-name", "duplicate", "empty-instructions",
+         "long-instructions", "blank-confirmer", "confirmers-not-a-list", "unknown-key",
+         "no-instructions"],
+)
+def test_each_manual_processor_mistake_is_one_line_naming_the_entry(
+    tmp_path: Path, entries: str, expected: list[str]
+) -> None:
+    path = write(tmp_path, MINIMAL + entries)
+    lines = errors_of(path)
+    assert len(lines) == len(expected), lines
+    for line, fragment in zip(lines, expected):
+        assert line.startswith(f"{path}: {fragment}"), line
+
+
+def test_manual_processor_mistakes_are_reported_with_every_other_error(tmp_path: Path) -> None:
+    text = (MINIMAL + "[policy]\nrequest_warning_days = 0\n" + manual("paper") + manual("paper")
+            + manual("Cards", "", "confirmers = ['']"))  # fmt: skip
+    lines = errors_of(write(tmp_path, text))
+    assert [re.search(r": ([a-z_.0-9]+): ", line).group(1) for line in lines] == [  # type: ignore[union-attr]
+        "policy.request_warning_days",
+        "manual_processors.2.name",
+        "manual_processors.2.instructions",
+        "manual_processors.2.confirmers",
+    ]
+
+
+def test_duplicate_manual_processor_names_are_reported_with_other_sections_errors(
+    tmp_path: Path,
+) -> None:
+    text = MINIMAL + "[policy]\nrequest_warning_days = 0\n" + manual("paper") + manual("paper")
+    lines = errors_of(write(tmp_path, text))
+    assert [re.search(r": ([a-z_.0-9]+): ", line).group(1) for line in lines] == [  # type: ignore[union-attr]
+        "policy.request_warning_days", "manual_processors"]
+
+
+def test_the_example_documents_manual_processors_commented_out(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    assert "# [[manual_processors]]" in text
+    assert "manual_processors" not in tomllib.loads(text)  # none configured by default
+    # Uncommented, the documented entry is a valid one.
+    block = text[text.index("# [[manual_processors]]"):]
+    entry = "\n".join(line.removeprefix("# ") for line in block.splitlines()
+                      if line.startswith("# [[") or re.match(r"^# \w+ = ", line))  # fmt: skip
+    settings = config.load(write(tmp_path, MINIMAL + "\n" + entry + "\n"))
+    assert [p.name for p in settings.manual_processors] == ["paper_forms"]
+    assert settings.manual_processors[0].confirmers == ["Practice Manager"]
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("request_warning_days", 0, "policy.request_warning_days"),
+    ("request_warning_days", 61, "policy.request_warning_days"),
+])  # fmt: skip
+def test_request_warning_days_is_bounded(
+    tmp_path: Path, key: str, value: int, fragment: str
+) -> None:
+    (line,) = errors_of(write(tmp_path, MINIMAL + f"[policy]\n{key} = {value}\n"))
+    assert f": {fragment}: " in line and f"(got {value})" in line
+
+
+def test_request_warning_days_defaults_to_a_week(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL)).policy.request_warning_days == 7

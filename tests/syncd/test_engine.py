@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -360,3 +362,93 @@ def test_a_mark_of_syncds_own_unsubscribe_never_hides_the_persons_later_opt_out(
 
     for client in (first, second):
         assert phorest.client(client["clientId"])["emailMarketingConsent"] is False
+
+
+# -- Google Analytics (R5), suppression by phone, erased people back with consent ------
+
+
+def _dead(world: World) -> list[ClientRecord]:
+    return [c for c in _clients(world) if c.state in ERASED_CLIENT_STATES]
+
+
+def test_each_dead_client_gets_exactly_one_ga_deletion_across_resyncs(world: World) -> None:
+    google = world.sandbox.google
+    world.live["google_analytics"] = connectors.load("google_analytics")(
+        world.settings.google_analytics, retry=RetryPolicy(attempts=2), sleep=lambda _: None)
+    dead = _dead(world)
+    assert dead  # the seeded world has deleted, merged and forgotten clients
+
+    first = world.resync()
+    world.clock.advance(hours=1)
+    second = world.resync()
+
+    assert first.failed == 0 and second.failed == 0
+    assert sum(n for (p, *_), n in first.counts.items() if p == "google_analytics") == len(dead)
+    assert not [key for key in second.counts if key[0] == "google_analytics"]
+    assert len(google.deletions()) == len(dead)
+    assert all(google.was_deleted(c.client_id, identifier_type="userId") for c in dead)
+    facts = world.ledger.subject_facts([world.keys.client_id(c.client_id) for c in dead])
+    assert all(f.analytics_erased_at is not None for f in facts.values()) and len(facts) == len(dead)
+
+    # One more client deleted in Phorest: one more deletion, that one only.
+    goes = next(c for c in _clients(world) if c.state == "active")
+    world.sandbox.phorest.delete(goes.client_id)
+    third = world.resync()
+    assert third.counts.get(("google_analytics", "erase", "R5", "client_deleted")) == 1
+    assert len(google.deletions()) == len(dead) + 1
+    assert google.was_deleted(goes.client_id, identifier_type="userId")
+
+
+def test_a_suppressed_phone_keeps_an_erased_person_off_mailchimp_under_a_new_address(
+    world: World,
+) -> None:
+    world.resync()
+    mobile = "07700 900777"
+    world.ledger.suppress(world.keys.phone(mobile), "erasure")
+    back = world.sandbox.phorest.add_client(
+        firstName="Rita", lastName="Back", email="rita.new.address@example.net", mobile=mobile,
+        emailMarketingConsent=True)
+    control = world.sandbox.phorest.add_client(
+        firstName="Una", lastName="Other", email="una.other@example.net", mobile="07700 900778",
+        emailMarketingConsent=True)
+
+    result = world.resync()
+
+    assert result.failed == 0
+    assert world.sandbox.mailchimp.member("rita.new.address@example.net") is None
+    subscribed = world.sandbox.mailchimp.member("una.other@example.net")
+    assert subscribed is not None and subscribed["status"] == "subscribed"  # the control was
+    assert back["clientId"] not in [row.client_id for row in result.rows]
+
+
+def test_an_erased_person_back_with_consent_is_one_alert_but_not_while_their_request_is_open(
+    world: World,
+) -> None:
+    client = world.sandbox.phorest.add_client(
+        firstName="Rita", lastName="Back", email="rita.back@example.net",
+        emailMarketingConsent=True)
+    subject_key = world.keys.client_id(client["clientId"])
+    request_id = world.ledger.add_request("erase", subject_key, "email",
+                                          world.clock.now + timedelta(days=30))
+    world.ledger.suppress(world.keys.email("rita.back@example.net"), "erasure", request_id)
+    problem = f"suppressed_consent:{client['clientId']}"
+
+    world.resync()  # staff have not pressed Forget yet: Phorest still shows the consent
+    assert problem not in {a.problem_key for a in world.ledger.open_alerts()}
+
+    world.ledger.close_request(request_id, "done")
+    world.resync()
+    world.clock.advance(hours=1)
+    world.resync()
+
+    alerts = [a for a in world.ledger.open_alerts() if a.problem_key == problem]
+    assert [(a.kind, a.notify_count) for a in alerts] == [("suppressed_consent", 0)]
+    conn = sqlite3.connect(world.settings.ledger.path)
+    try:  # raised once: one row ever, not one resolved and raised again per resync
+        rows = conn.execute("SELECT COUNT(*) FROM alerts WHERE problem_key = ?",
+                            (problem,)).fetchone()  # fmt: skip
+    finally:
+        conn.close()
+    assert rows == (1,)
+    assert "rita" not in alerts[0].summary.lower()
+    assert world.sandbox.mailchimp.member("rita.back@example.net") is None

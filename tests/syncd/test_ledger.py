@@ -724,3 +724,237 @@ def test_status_task_summaries(ledger: Ledger, clock: FakeClock) -> None:
     assert ok not in [t.id for t in ledger.tasks_in_state("needs_person")]
     with pytest.raises(ValueError, match="unknown task state"):
         ledger.tasks_in_state("lost")
+
+
+# -- v7: request steps, extensions, audit by request -----------------------------
+
+
+def test_the_current_schema_has_the_v7_request_steps() -> None:
+    # The migration tests above run from every version up to SCHEMA_VERSION: v7 among them.
+    assert SCHEMA_VERSION >= 7
+    assert "request_steps" in ledger_module.MIGRATIONS[6]
+
+
+@pytest.mark.parametrize("start", range(1, 7))
+def test_a_request_from_before_v7_takes_steps_extensions_and_audit_by_request(
+    path: Path, monkeypatch: pytest.MonkeyPatch, start: int
+) -> None:
+    full = ledger_module.MIGRATIONS
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", full[:start])
+    Ledger.open(path).close()
+    # Rows as an older syncd wrote them: only the columns every version has.
+    at = "2026-11-24T19:40:05.123456Z"
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            request_id = conn.execute(
+                "INSERT INTO requests (kind, subject_key, source, received_at, due_at)"
+                " VALUES ('erase', 's1', 'email', ?, ?)", (at, at)).lastrowid
+            task_id = conn.execute(
+                "INSERT INTO tasks (subject_key, processor, action, reason, next_attempt_at,"
+                " created_at, updated_at, request_id) VALUES ('s1', 'mailchimp', 'erase', 'R3',"
+                " ?, ?, ?, ?)", (at, at, at, request_id)).lastrowid
+            conn.execute("INSERT INTO audit (at, subject_key, action, outcome)"
+                         " VALUES (?, 's1', 'request_erase', 'filed')", (at,))
+            conn.execute("INSERT INTO subjects (subject_key, created_at, updated_at)"
+                         " VALUES ('s1', ?, ?)", (at, at))
+    finally:
+        conn.close()
+    assert request_id is not None and task_id is not None
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", full)
+
+    with Ledger.open(path) as new:
+        request = new.request(request_id)
+        assert request is not None
+        assert (request.filed_by, request.client_id, request.extended_months,
+                request.extension_reason) == (None, None, 0, None)  # fmt: skip
+        [old_event] = new.find_audit()
+        assert old_event.request_id is None
+        facts = new.subject_facts(["s1"])["s1"]
+        assert facts.analytics_erased_at is None
+        step = new.add_step(request_id, "mailchimp", "task", task_id=task_id)
+        assert [s.id for s in new.open_steps()] == [step]
+        assert new.extend_request(request_id, 2, START + timedelta(days=90), "complex") is True
+        new.finish(task_id, "done", vendor_request_id="r-1")
+        assert [e.task_id for e in new.find_audit(request_id=request_id)] == [task_id]
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_steps_open_close_with_evidence_and_a_failed_step_may_still_be_done(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    request_id = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    task_id = ledger.add_task("s1", "mailchimp", "erase", "R3", request_id=request_id)
+    task_step = ledger.add_step(request_id, "mailchimp", "task", task_id=task_id, client_id="c1")
+    manual = ledger.add_step(request_id, "phorest", "manual", client_id="c1",
+                             instructions="Forget client c1")  # fmt: skip
+    clock.advance(minutes=5)
+
+    assert ledger.close_step(task_step, "failed", evidence="task failed: 400") is True
+    assert ledger.close_step(task_step, "failed") is False  # failing twice is not a change
+    assert ledger.close_step(task_step, "done", confirmed_by="Ann", evidence="by hand") is True
+    assert ledger.close_step(task_step, "done") is False
+    assert ledger.close_step(task_step, "cancelled") is False
+    assert ledger.close_step(manual, "cancelled", evidence="request cancelled") is True
+
+    first, second = ledger.steps(request_id)
+    assert (first.id, first.processor, first.kind, first.state, first.task_id, first.client_id) == (
+        task_step, "mailchimp", "task", "done", task_id, "c1")
+    assert (first.confirmed_by, first.evidence, first.opened_at, first.closed_at) == (
+        "Ann", "by hand", START, clock.now)
+    assert (second.state, second.instructions, second.evidence) == (
+        "cancelled", "Forget client c1", "request cancelled")
+    with pytest.raises(ValueError, match="does not close a step"):
+        ledger.close_step(manual, "waiting")
+    with pytest.raises(ValueError, match="unknown step kind"):
+        ledger.add_step(request_id, "phorest", "robot")
+    with pytest.raises(LedgerError, match="FOREIGN KEY"):
+        ledger.add_step(999, "phorest", "manual")
+
+
+def test_open_steps_are_the_waiting_and_failed_steps_of_open_requests(ledger: Ledger) -> None:
+    request_id = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    closed_request = ledger.add_request("erase", "s2", "email", START + timedelta(days=30))
+    waiting = ledger.add_step(request_id, "mailchimp", "task")
+    failed = ledger.add_step(request_id, "google_analytics", "task")
+    done = ledger.add_step(request_id, "paper_forms", "manual")
+    manual = ledger.add_step(request_id, "phorest", "manual")
+    ledger.add_step(closed_request, "phorest", "manual")
+    ledger.close_step(failed, "failed")
+    ledger.close_step(done, "done")
+    ledger.close_request(closed_request, "cancelled")
+
+    assert [s.id for s in ledger.open_steps()] == [waiting, failed, manual]
+    assert [s.id for s in ledger.open_steps(kind="manual")] == [manual]
+    assert [s.id for s in ledger.open_steps(kind="task")] == [waiting, failed]
+
+
+def test_an_extension_is_one_or_two_months_in_all_and_the_file_enforces_it(
+    path: Path, ledger: Ledger
+) -> None:
+    request_id = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    for months in (0, 3):
+        with pytest.raises(ValueError, match="1 to 2 months"):
+            ledger.extend_request(request_id, months, START + timedelta(days=60), "why")
+    assert ledger.extend_request(request_id, 2, START + timedelta(days=90), "complex") is True
+    request = ledger.request(request_id)
+    assert request is not None
+    assert (request.extended_months, request.due_at, request.extension_reason) == (
+        2, START + timedelta(days=90), "complex")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw(path, f"UPDATE requests SET extended_months = 3 WHERE id = {request_id}")
+    ledger.close_request(request_id, "done")
+    assert ledger.extend_request(request_id, 1, START, "late") is False
+
+
+def test_all_requests_lists_every_state_newest_first(ledger: Ledger) -> None:
+    first = ledger.add_request("erase", "s1", "email", START, filed_by="Ann", client_id="c1")
+    second = ledger.add_request("restrict", "s2", "phone", START)
+    ledger.close_request(first, "done")
+    assert [r.id for r in ledger.all_requests()] == [second, first]
+    assert [r.id for r in ledger.all_requests(limit=1)] == [second]
+    stored_first = ledger.request(first)
+    assert stored_first is not None
+    assert (stored_first.filed_by, stored_first.client_id) == ("Ann", "c1")
+
+
+@pytest.fixture
+def audit_trail(ledger: Ledger, clock: FakeClock) -> dict[str, int]:
+    """Five entries a minute apart: two requests, three subjects, one task."""
+    request_a = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    request_b = ledger.add_request("erase", "s2", "email", START + timedelta(days=30))
+    ids = {"request_a": request_a, "request_b": request_b}
+    ids["e1"] = ledger.add_audit("s1", None, "request_erase", "R3", "filed", request_id=request_a)
+    clock.advance(minutes=1)
+    ids["e2"] = ledger.add_audit("s2", None, "request_erase", "R3", "filed", request_id=request_b)
+    clock.advance(minutes=1)
+    task_id = ledger.add_task("s1", "mailchimp", "erase", "R3", request_id=request_a)
+    ledger.finish(task_id, "done", vendor_request_id="mc-1", detail="receipt")
+    ids["e3"] = ledger.task_evidence(task_id).id  # type: ignore[union-attr]
+    ids["task"] = task_id
+    clock.advance(minutes=1)
+    ids["e4"] = ledger.add_audit("s3", "mailchimp", "unsubscribe", "R1", "done")
+    clock.advance(minutes=1)
+    ids["e5"] = ledger.add_audit("s1", "phorest", "forget_client", "R3", "done",
+                                 request_id=request_a)  # fmt: skip
+    return ids
+
+
+def test_find_audit_filters_by_subjects_request_and_time_oldest_first(
+    ledger: Ledger, audit_trail: dict[str, int]
+) -> None:
+    ids = audit_trail
+
+    def found(**filters: object) -> list[int]:
+        return [e.id for e in ledger.find_audit(**filters)]  # type: ignore[arg-type]
+
+    assert found() == [ids[f"e{n}"] for n in range(1, 6)]
+    assert found(subject_keys=["s1"]) == [ids["e1"], ids["e3"], ids["e5"]]
+    assert found(subject_keys=["s2", "s3", "s2"]) == [ids["e2"], ids["e4"]]
+    assert found(subject_keys=[]) == []
+    assert found(subject_keys=["nobody"]) == []
+    assert found(request_id=ids["request_a"]) == [ids["e1"], ids["e3"], ids["e5"]]
+    assert found(since=START + timedelta(minutes=2)) == [ids["e3"], ids["e4"], ids["e5"]]
+    assert found(subject_keys=["s1"], request_id=ids["request_a"],
+                 since=START + timedelta(minutes=1)) == [ids["e3"], ids["e5"]]  # fmt: skip
+    assert found(limit=2) == [ids["e1"], ids["e2"]]
+    assert found(limit=2, newest_first=True) == [ids["e5"], ids["e4"]]
+    assert [e.id for e in ledger.audit_events("s1", limit=2)] == [ids["e5"], ids["e3"]]
+
+
+def test_a_finished_tasks_evidence_carries_its_request_and_the_latest_entry_wins(
+    ledger: Ledger, audit_trail: dict[str, int]
+) -> None:
+    evidence = ledger.task_evidence(audit_trail["task"])
+    assert evidence is not None
+    assert (evidence.request_id, evidence.vendor_request_id, evidence.detail, evidence.outcome) == (
+        audit_trail["request_a"], "mc-1", "receipt", "done")
+    later = ledger.add_audit("s1", "mailchimp", "erase", "R3", "verified",
+                             task_id=audit_trail["task"])  # fmt: skip
+    latest = ledger.task_evidence(audit_trail["task"])
+    assert latest is not None and latest.id == later
+    assert ledger.task_evidence(999) is None
+
+
+def test_attach_task_only_gives_an_open_unattached_task_a_request(ledger: Ledger) -> None:
+    request_id = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    other = ledger.add_request("erase", "s2", "email", START + timedelta(days=30))
+    pending = ledger.add_task("s1", "mailchimp", "erase", "R5")
+    in_flight = ledger.add_task("s1", "google_analytics", "erase", "R5")
+    ledger.claim(in_flight)
+    attached = ledger.add_task("s1", "phorest", "withdraw_consent", "R2", request_id=other)
+    final = ledger.add_task("s1", "mailchimp", "unsubscribe", "R1")
+    ledger.finish(final, "done")
+
+    assert ledger.attach_task(pending, request_id) is True
+    assert ledger.attach_task(in_flight, request_id) is True
+    assert ledger.attach_task(attached, request_id) is False
+    assert ledger.attach_task(final, request_id) is False
+    assert ledger.attach_task(999, request_id) is False
+
+    assert [t.id for t in ledger.tasks_for_request(request_id)] == [pending, in_flight]
+    assert [t.id for t in ledger.tasks_for_request(other)] == [attached]
+
+
+def test_lift_suppression_removes_only_the_requests_own_entries(ledger: Ledger) -> None:
+    mine = ledger.add_request("erase", "s1", "email", START + timedelta(days=30))
+    theirs = ledger.add_request("erase", "s2", "email", START + timedelta(days=30))
+    for key in ("k-email", "k-phone", "k-client"):
+        ledger.suppress(key, "erasure", mine)
+    ledger.suppress("k-other", "erasure", theirs)
+    ledger.suppress("k-forgotten", "forgotten")
+    assert ledger.suppression_size() == 5
+
+    assert ledger.lift_suppression(mine) == 3
+
+    assert ledger.suppression_size() == 2
+    assert not ledger.is_suppressed("k-email", "k-phone", "k-client")
+    assert ledger.is_suppressed("k-other") and ledger.is_suppressed("k-forgotten")
+    assert ledger.lift_suppression(mine) == 0
+
+
+def test_analytics_erased_at_is_remembered_per_subject(ledger: Ledger) -> None:
+    ledger.upsert_subject("s1", analytics_erased_at=START)
+    ledger.upsert_subject("s1", consent=False)  # other columns leave it alone
+    facts = ledger.subject_facts(["s1", "s2"])
+    assert list(facts) == ["s1"] and facts["s1"].analytics_erased_at == START

@@ -19,6 +19,7 @@ from syncd.reconcile import (
     govern,
     plan,
     plan_all,
+    plan_analytics_erasure,
 )
 
 KEY = "a" * 64
@@ -344,6 +345,50 @@ def test_a_member_at_a_foreign_address_is_refused_without_naming_it() -> None:
 def test_plan_all_streams_every_subject_in_turn() -> None:
     subjects = [view(None, member()), view(client(), None), view(client(), member())]
     assert [p.action.kind for p in plan_all(iter(subjects))] == ["unsubscribe", "subscribe"]
+
+
+# --- Google Analytics: one deletion per dead client (R5) --------------------------------
+
+GA_ERASE = ("google_analytics", "erase", "R5")
+
+ANALYTICS_CASES = [
+    pytest.param(client(), "user_id", False, EMAIL, False, None, id="an active client is kept"),
+    pytest.param(client(state="archived"), "user_id", False, EMAIL, False, None,
+                 id="an archived client is kept"),
+    pytest.param(client(state="deleted"), "user_id", False, EMAIL, False,
+                 (*GA_ERASE, "client_deleted"), id="a deleted client is erased by user id"),
+    pytest.param(client(state="merged", merged_into="c9"), "client_id", False, EMAIL, False,
+                 (*GA_ERASE, "client_merged"), id="a merged-away client is erased by client id"),
+    pytest.param(client(state="forgotten", email=None), "user_id", False, None, False,
+                 (*GA_ERASE, "client_forgotten"),
+                 id="a forgotten client without an address is still erased by user id"),
+    pytest.param(client(state="deleted"), "user_id", True, EMAIL, False, None,
+                 id="a client GA was asked to delete before is not asked again"),
+    pytest.param(client(state="deleted"), "user_id", False, EMAIL, True,
+                 (*GA_ERASE, "client_deleted"),
+                 id="by user id a shared address does not matter"),
+    pytest.param(client(state="deleted"), "email", False, EMAIL, False,
+                 (*GA_ERASE, "client_deleted"), id="by email a dead client's own address is erased"),
+    pytest.param(client(state="forgotten", email=None), "email", False, None, False, None,
+                 id="by email a forgotten client cannot be named"),
+    pytest.param(client(state="deleted"), "email", False, EMAIL, True, None,
+                 id="by email an address a live client uses is kept"),
+    pytest.param(client(state="deleted"), "email", True, EMAIL, False, None,
+                 id="by email an address erased before is not asked again"),
+]
+
+
+@pytest.mark.parametrize(("record", "identity", "erased_before", "email", "shared", "expected"),
+                         ANALYTICS_CASES)  # fmt: skip
+def test_plan_analytics_erasure(
+    record: ClientRecord, identity: str, erased_before: bool, email: str | None, shared: bool,
+    expected: tuple[str, str, str, str] | None,
+) -> None:
+    planned = plan_analytics_erasure(KEY, record, identity=identity, erased_before=erased_before,
+                                     email=email, shared=shared)  # fmt: skip
+    assert (None if planned is None else summary([planned])[0]) == expected
+    if planned is not None:
+        assert planned.action == Action("erase", KEY, email=email, client_id="c1")
 
 
 # --- a model of both systems -------------------------------------------------------
