@@ -300,7 +300,7 @@ def _erasure_steps(
         ids = enqueue(ledger, [Planned(ANALYTICS, action, "R3", "erasure_request")
                                for action in deletions], request_id=request_id)  # fmt: skip
         for action, task_id in zip(deletions, ids):
-            ledger.attach_task(task_id, request_id)
+            ledger.attach_task(task_id, request_id)  # a task queued earlier (R5) serves it too
             ledger.add_step(request_id, ANALYTICS, "task", task_id=task_id,
                             client_id=action.client_id)
             opened += 1
@@ -485,8 +485,10 @@ def extend(
     reason = " ".join(reason.split())
     if not reason:
         raise RequestError("--reason must say why the request needs more time")
+    if months < 1:
+        raise RequestError(f"--months must be 1 or {MAX_EXTENSION_MONTHS}")
     total = request.extended_months + months
-    if months < 1 or total > MAX_EXTENSION_MONTHS:
+    if total > MAX_EXTENSION_MONTHS:
         raise RequestError(
             f"a request can be extended by at most {MAX_EXTENSION_MONTHS} months in all "
             f"(UK GDPR Art. 12(3)); request #{request_id} already has "
