@@ -620,7 +620,7 @@ def test_a_request_can_be_extended_twice_by_a_month_and_then_no_more(
 
 @pytest.mark.parametrize(("months", "reason", "message"), [
     (3, "complex", "at most 2 months in all"),
-    (0, "complex", "at most 2 months in all"),
+    (0, "complex", "--months must be 1 or 2"),
     (1, "   ", "--reason must say why"),
 ], ids=["three-months", "zero-months", "no-reason"])  # fmt: skip
 def test_an_extension_out_of_bounds_or_without_a_reason_changes_nothing(
