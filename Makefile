@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The newcomer's first command: the sandbox and the daemon as real processes, three
-# scenes (webhook opt-out, Phorest opt-out, resync), the audit trail; under 30 s.
+# The newcomer's first command: the sandbox and the daemon as real processes, four
+# scenes (webhook opt-out, Phorest opt-out, resync, erasure request), the audit trail;
+# about 30 s.
 demo: $(STAMP)
 	$(BIN)/python -m syncd.sandbox.demo $(DEMO_ARGS)
 

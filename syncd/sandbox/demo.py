@@ -1,4 +1,4 @@
-"""``make demo``: syncd end to end against the sandbox, in well under half a minute.
+"""``make demo``: syncd end to end against the sandbox, in about half a minute.
 
 A newcomer's first command. In a temporary directory (removed at the end) it
 starts two real processes, exactly as an operator would:
@@ -8,9 +8,10 @@ starts two real processes, exactly as an operator would:
 - ``syncd run`` on that config, and waits for ``/healthz`` to answer 200 (its
   first poll is a full resync that repairs the seeded drift).
 
-Then it plays three short scenes through the sandbox's control API, the way
-real people change the world, and shows after each what Phorest and Mailchimp
-hold for the person concerned, read through the vendors' own HTTP APIs:
+Then it plays four short scenes through the sandbox's control API and syncd's
+own commands, the way real people change the world, and shows after each what
+Phorest and Mailchimp hold for the person concerned, read through the vendors'
+own HTTP APIs:
 
 1. a client clicks "unsubscribe" in a Mailchimp email: the audience webhook
    reaches the daemon, which switches the client's Phorest marketing consent off;
@@ -19,13 +20,21 @@ hold for the person concerned, read through the vendors' own HTTP APIs:
 3. someone adds a phone number to a subscriber in Mailchimp, bypassing syncd.
    The poll does not re-read a subscription syncd itself set up, so this drift
    waits for a full comparison: ``syncd resync``, run while the daemon runs,
-   clears the field (Mailchimp receives name and email only, rule R1).
+   clears the field (Mailchimp receives name and email only, rule R1);
+4. a client asks to be erased: ``syncd request erase --email …``, filed while
+   the daemon runs, which deletes the Mailchimp member permanently and has GA
+   delete the person's data (the sandbox logs the deletion); the request then
+   waits on Phorest's "Client actions › Forget", which has no API. Staff press
+   Forget in the sandbox, the daemon sees the client forgotten and completes
+   the request, and a later ``syncd resync`` does not add the person back (the
+   address is suppressed; Mailchimp would refuse it anyway).
 
 Last, the audit trail the ledger kept for those people, then the daemon is
 stopped with SIGTERM (it must exit 0) and the sandbox with it.
 
 People are shown by Phorest client id and Mailchimp subscriber-hash prefix
-only: no email, name or phone is ever printed, even synthetic ones. Any
+only (an address on a command line shows as ``<email>``, as syncd's logs mask
+it): no email, name or phone is ever printed, even synthetic ones. Any
 failure prints one line and exits 1 with everything stopped; Ctrl-C stops
 everything too (exit 130).
 """
@@ -53,8 +62,9 @@ import requests
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
-from syncd import config, engine
+from syncd import config, engine, rights
 from syncd.ledger import Ledger
 from syncd.log import redact_text
 from syncd.web import WEBHOOK_PREFIX
@@ -69,6 +79,8 @@ PHOREST_PAGE_SIZE = 200
 NAME_FIELDS = ("FNAME", "LNAME")
 # A made-up number in the UK drama range (07700 900xxx): never a real person's.
 DRIFT_PHONE = "07700 900555"
+# Who files the erasure request in scene 4 (a staff name, not the person's).
+ERASURE_FILED_BY = "reception"
 # Environment the demo's own syncd processes must not inherit from the caller.
 INHERITED_PREFIXES = ("SYNCD_",)
 INHERITED_NAMES = ("CREDENTIALS_DIRECTORY",)
@@ -113,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m syncd.sandbox.demo",
-        description="Run syncd against the sandbox: a webhook opt-out, a Phorest opt-out and "
-        "a resync, with what each system holds and the audit trail.",
+        description="Run syncd against the sandbox: a webhook opt-out, a Phorest opt-out, "
+        "a resync and an erasure request, with what each system holds and the audit trail.",
     )
     parser.add_argument("--clients", type=_count, default=DEFAULT_CLIENTS, metavar="N",
                         help=f"synthetic clients to seed (default: {DEFAULT_CLIENTS})")
@@ -127,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 def _count(text: str) -> int:
     value = int(text)
     if value < 20:
-        raise argparse.ArgumentTypeError("must be at least 20 (the demo needs three people)")
+        raise argparse.ArgumentTypeError("must be at least 20 (the demo needs four people)")
     return value
 
 
@@ -178,7 +190,7 @@ class Holding:
 
 
 class Demo:
-    """The processes, the vendors' APIs and the three scenes.
+    """The processes, the vendors' APIs and the four scenes.
 
     Args:
         tmp: the temporary directory (config, secrets, ledger, logs).
@@ -198,7 +210,7 @@ class Demo:
         self.started = time.monotonic()
 
     def run(self) -> None:
-        """Start, play the three scenes, show the audit trail, stop.
+        """Start, play the four scenes, show the audit trail, stop.
 
         Raises:
             DemoError: a process or an outcome did not come as expected.
@@ -214,16 +226,17 @@ class Demo:
             sandbox = self._start_sandbox(env)
             daemon = self._start_daemon(env)
             self._register_webhook()
-            first, second, third = self._choose_people()
+            first, second, third, fourth = self._choose_people()
             self._scene_webhook(first)
             self._scene_phorest_opt_out(second)
             self._scene_resync(third, env)
-            self._show_audit([first, second, third])
+            self._scene_erasure(fourth, env)
+            self._show_audit([first, second, third, fourth])
         self._stop(daemon, sandbox)
         self.console.print(
             f"\n[bold green]Done[/] in {time.monotonic() - self.started:.1f} s: syncd stopped "
             "cleanly (exit 0), the sandbox stopped, the temporary directory is removed.\n"
-            "Erasure requests and retention purges arrive in a later version of syncd.")
+            "Retention purges arrive in a later version of syncd.")
 
     # -- starting ------------------------------------------------------------------------
 
@@ -274,8 +287,8 @@ class Demo:
                   url=f"{self._daemon_url}{WEBHOOK_PREFIX}{secret}")
         self.console.print(f"  Mailchimp audience webhook -> {self._daemon_url}{WEBHOOK_PREFIX}***")
 
-    def _choose_people(self) -> tuple[Person, Person, Person]:
-        """Three live clients with marketing consent, alone at their address, subscribed."""
+    def _choose_people(self) -> tuple[Person, Person, Person, Person]:
+        """Four live clients with marketing consent, alone at their address, subscribed."""
         rows = list(self._phorest_clients())
         holders: dict[str, int] = {}
         for row in rows:
@@ -287,12 +300,12 @@ class Demo:
             if (not email or holders[email.lower()] > 1 or not row.get("emailMarketingConsent")
                     or row.get("archived") or row.get("deleted") or row.get("mergedToClientId")):
                 continue
-            person = Person("ABC"[len(people)], row["clientId"], email)
+            person = Person("ABCD"[len(people)], row["clientId"], email)
             holding = self._holding(person)
             if holding.member_status == "subscribed" and not holding.extra_fields:
                 people.append(person)
-                if len(people) == 3:
-                    return people[0], people[1], people[2]
+                if len(people) == 4:
+                    return people[0], people[1], people[2], people[3]
         raise DemoError(f"found only {len(people)} consenting subscribed client(s) among "
                         f"{len(rows)}; run with more --clients")
 
@@ -339,23 +352,82 @@ class Demo:
             raise DemoError("the poll cleared the field: this scene no longer shows a resync")
         self._show(person, before, "still there after the daemon's next poll", after=drifted)
 
-        command = [*_syncd(), "--config", str(self.config_path), "resync"]
-        self.console.print(f"[dim]$ syncd --config {self.config_path} resync[/]")
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env,
-                                  timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired as error:
-            raise DemoError(f"`syncd resync` did not finish within {self.timeout:g} s") from error
-        if done.returncode != 0:
-            raise DemoError(f"`syncd resync` exited {done.returncode}: "
-                            f"{_last_line(done.stderr or done.stdout)}")
-        # stderr says how the run went (e.g. handed to the running daemon); syncd redacts it.
-        said = "\n".join(line for line in done.stderr.splitlines() if line.strip())
-        self.console.print(Panel("\n".join(part for part in (said, done.stdout.rstrip()) if part)
-                                 or "(no output)", title="syncd resync", expand=False))
+        done = self._syncd_command(["resync"], env)
+        self._panel("syncd resync", done)
         self._wait(lambda: not self._holding(person).extra_fields,
                    "the phone number to be cleared from Mailchimp")
         self._show(person, drifted, "resync fixed it: the extra merge field is cleared")
+
+    def _scene_erasure(self, person: Person, env: dict[str, str]) -> None:
+        poll = self.settings.phorest.poll_interval_seconds
+        self._scene(4, "A client asks to be erased", person,
+                    "Staff file the request with `syncd request erase` while the daemon runs "
+                    "(R3). The daemon deletes the Mailchimp member permanently and has GA delete "
+                    "the client's data; Phorest's 'Client actions › Forget' has no API, so that "
+                    "step waits for staff, and the daemon closes it itself once Phorest shows "
+                    f"the client forgotten (it looks every {poll} s here).")
+        before = self._holding(person)
+        started = time.monotonic()
+        filed = self._syncd_command(
+            ["request", "erase", "--email", person.email, "--by", ERASURE_FILED_BY], env,
+            shown=f"request erase --email <email> --by {ERASURE_FILED_BY}")
+        found = re.search(r"^request #(\d+) filed", filed.stdout, re.M)
+        if not found:
+            raise DemoError("`syncd request erase` did not say which request it filed")
+        request_id = int(found.group(1))
+        self._panel("syncd request erase", filed, keep=r"request #|syncd run is running")
+
+        self._wait(lambda: all(self._request_steps(request_id).get(name) == "done"
+                               for name in (rights.MAILCHIMP, rights.ANALYTICS)),
+                   f"the Mailchimp and GA steps of request #{request_id}")
+        waiting = self._holding(person)
+        if not waiting.member_status.startswith("absent"):
+            raise DemoError(f"request #{request_id}: the Mailchimp member is still "
+                            f"{waiting.member_status}")
+        deletion = self._ga_deletion(person)
+        if deletion is None:
+            raise DemoError(f"request #{request_id}: the GA emulator logged no deletion for "
+                            f"client {person.client_id}")
+        state, processors = self._request_state(request_id)
+        if state != "open" or processors.get(rights.PHOREST) != "waiting":
+            raise DemoError(f"request #{request_id} is {state} with Phorest "
+                            f"{processors.get(rights.PHOREST, 'absent')}, not open and waiting "
+                            "on the Forget step")
+        self._show(person, before, "Mailchimp member deleted permanently "
+                   f"{time.monotonic() - started:.1f} s after the command was run (the daemon's "
+                   "work loop)", after=waiting)
+        self.console.print(f"[green]OK[/] GA (the emulator's log): submitUserDeletion of "
+                           f"{deletion['identifier_type']} = Phorest client {person.client_id}, "
+                           f"deletionRequestTime {deletion['deletion_request_time']}")
+        self.console.print(f"[green]OK[/] request #{request_id} is open: "
+                           f"{_states(processors)}; it waits on the Phorest Forget step")
+        self._panel(f"syncd request show {request_id}",
+                    self._syncd_command(["request", "show", str(request_id)], env))
+
+        self.console.print(f"Staff open Phorest client {person.client_id} and press "
+                           f"{rights.PHOREST_FORGET} (sandbox action phorest-forget).")
+        self._act("phorest-forget", client_id=person.client_id)
+        took = self._wait(lambda: self._request_state(request_id)[0] == "done",
+                          f"request #{request_id} to complete")
+        forgotten = self._holding(person)
+        self._show(person, waiting, f"request #{request_id} done {took:.1f} s after Forget: the "
+                   "daemon read the client, saw it forgotten and closed the last step",
+                   after=forgotten)
+
+        done = self._syncd_command(["resync"], env)
+        self._panel("syncd resync", done, keep=r"Nothing to do|\d+ action\(s\) planned")
+        after = self._holding(person)
+        if not after.member_status.startswith("absent"):
+            raise DemoError(f"the resync re-added the erased person to Mailchimp "
+                            f"({after.member_status})")
+        written = self._mailchimp_writes_since_request(person, request_id)
+        if written:
+            raise DemoError(f"the resync wrote to Mailchimp for the erased person: "
+                            f"{', '.join(written)}")
+        self._show(person, forgotten, "the resync did not re-add the person: syncd wrote "
+                   "nothing to Mailchimp for them. Their identifiers stay suppressed should the "
+                   "address turn up again, and Mailchimp refuses a permanently deleted address "
+                   "anyway", after=after)
 
     def _show_audit(self, people: Sequence[Person]) -> None:
         keys = engine.subject_keys(self.settings)
@@ -400,6 +472,50 @@ class Demo:
             member["status"] if member else f"absent ({status})",
             tuple(sorted(k for k, v in merges.items() if k not in NAME_FIELDS and v)),
         )
+
+    def _request_state(self, request_id: int) -> tuple[str, dict[str, str]]:
+        """A request's state and each processor's, read from the ledger.
+
+        Raises:
+            DemoError: the request is unknown, or one of its steps failed.
+        """
+        with Ledger.open(self.settings.ledger.path) as ledger:
+            request = ledger.request(request_id)
+            steps = ledger.steps(request_id)
+        if request is None:
+            raise DemoError(f"the ledger holds no request #{request_id}")
+        processors = rights.processor_states(steps)
+        failed = sorted(name for name, state in processors.items() if state == "failed")
+        if failed or request.state not in ("open", "done"):
+            raise DemoError(f"request #{request_id} is {request.state}; failed steps: "
+                            f"{', '.join(failed) or 'none'} (see syncd request show "
+                            f"{request_id})")
+        return request.state, processors
+
+    def _request_steps(self, request_id: int) -> dict[str, str]:
+        return self._request_state(request_id)[1]
+
+    def _mailchimp_writes_since_request(self, person: Person, request_id: int) -> list[str]:
+        """Mailchimp actions the ledger recorded for ``person`` after the request closed."""
+        keys = engine.subject_keys(self.settings)
+        with Ledger.open(self.settings.ledger.path) as ledger:
+            events = ledger.audit_events(keys.client_id(person.client_id))
+        closed = max((e.id for e in events if e.request_id == request_id
+                      and e.action == "request_erase" and e.outcome == "done"), default=None)
+        if closed is None:
+            raise DemoError(f"the ledger has no completion entry for request #{request_id}")
+        return sorted({e.action for e in events
+                       if e.id > closed and e.processor == rights.MAILCHIMP})
+
+    def _ga_deletion(self, person: Person) -> dict[str, Any] | None:
+        """The GA emulator's record of a deletion naming ``person``'s client id, if any.
+
+        The emulator keeps only a SHA-256 of the identifier, so this hashes the client id.
+        """
+        state = self._json("GET", f"{self.sandbox_url}/_sandbox/state", "sandbox state")
+        digest = hashlib.sha256(person.client_id.encode()).hexdigest()
+        return next((record for record in state["google"]["deletions"]
+                     if record["identifier_sha256"] == digest), None)
 
     def _phorest_clients(self) -> Iterator[dict[str, Any]]:
         phorest = self.settings.phorest
@@ -466,6 +582,44 @@ class Demo:
         except requests.RequestException:
             return False  # not listening yet
         return response.status_code == 200
+
+    def _syncd_command(self, arguments: Sequence[str], env: dict[str, str], *,
+                       shown: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``syncd --config … ARGUMENTS`` to its end, as an operator would.
+
+        Args:
+            arguments: the command and its options.
+            env: the environment (rich tables are laid out to fit the demo's panels).
+            shown: the arguments as printed, when they hold personal data.
+
+        Raises:
+            DemoError: it did not finish in time or did not exit 0.
+        """
+        name = "syncd " + " ".join(a for a in arguments[:2] if not a.startswith("-"))
+        self.console.print(f"[dim]$ syncd --config {self.config_path} "
+                           f"{shown or ' '.join(arguments)}[/]")
+        command = [*_syncd(), "--config", str(self.config_path), *arguments]
+        env = {**env, "COLUMNS": str(max(self.console.width - 4, 40))}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env,
+                                  timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as error:
+            raise DemoError(f"`{name}` did not finish within {self.timeout:g} s") from error
+        if done.returncode != 0:
+            raise DemoError(f"`{name}` exited {done.returncode}: "
+                            f"{_last_line(done.stderr or done.stdout)}")
+        return done
+
+    def _panel(self, title: str, done: subprocess.CompletedProcess[str], *,
+               keep: str | None = None) -> None:
+        """A command's output in a box; with ``keep``, only the output lines matching it."""
+        # stderr says how the run went (e.g. handed to the running daemon); syncd redacts it.
+        said = "\n".join(line for line in done.stderr.splitlines() if line.strip())
+        out = done.stdout.rstrip()
+        if keep is not None:
+            out = "\n".join(line for line in out.splitlines() if re.match(keep, line))
+        text = "\n".join(part for part in (said, out) if part) or "(no output)"
+        self.console.print(Panel(Text(text), title=title, expand=False))
 
     # -- waiting and telling -------------------------------------------------------------
 
@@ -583,6 +737,10 @@ def _last_line(text: str) -> str:
     """The last line a process wrote, masked like syncd's own logs (for error messages)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return redact_text(lines[-1])[:300] if lines else "(no output)"
+
+
+def _states(processors: dict[str, str]) -> str:
+    return ", ".join(f"{name} {state}" for name, state in processors.items())
 
 
 def _flag(value: bool | None) -> str:

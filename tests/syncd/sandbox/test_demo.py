@@ -1,8 +1,9 @@
-"""``make demo`` end to end: three scenes, the audit trail, exit 0, and no personal data shown."""
+"""``make demo`` end to end: four scenes, the audit trail, exit 0, and no personal data shown."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,11 +55,26 @@ def test_make_demo_plays_every_scene_shows_the_audit_trail_and_no_personal_data(
         "unsubscribed in Mailchimp",  # 2. the poll reached Mailchimp
         "1 action(s) planned; outcomes: mailchimp: 1 done; 0 failed",  # 3. the resync
         "resync fixed it",
+        # 4. the erasure: Mailchimp and GA done, the request waits on Forget, then completes
+        "filed: erase client",
+        "Mailchimp member deleted permanently",
+        "submitUserDeletion of userId",
+        "mailchimp done, google_analytics done, phorest waiting; it waits on the Phorest Forget",
+        "Nothing to do: Mailchimp and Phorest agree.",  # the later resync plans nothing
+        "the resync did not re-add the person",
         "Audit trail in the ledger",
         "syncd stopped cleanly (exit 0)",
     ):
         assert outcome in output, f"missing {outcome!r}:\n{output}"
-    for row in ("webhook_unsubscribe", "withdraw_consent", "R1:extra_merge_fields"):
+    # 4. the request completed once staff pressed Forget, and the member stayed absent after
+    # the later resync (the last table of the scene, whose rows are before and after it).
+    assert re.search(r"request #\d+ done [\d.]+ s after Forget", output), output
+    scene = output.split("4. A client asks to be erased", 1)[-1]
+    table = scene.split("the resync did not re-add the person", 1)[0].rsplit("Person D:", 1)[-1]
+    rows = [line for line in table.splitlines() if line.startswith(("│ before", "│ after"))]
+    assert len(rows) == 2 and all("absent (404)" in row for row in rows), table
+    for row in ("webhook_unsubscribe", "withdraw_consent", "R1:extra_merge_fields",
+                "request_erase", "R3:erasure_request", "forget_client"):
         assert row in output, f"the audit table lacks {row!r}:\n{output}"
     assert "Traceback" not in output
     assert "@" not in output, "an email address was printed"
