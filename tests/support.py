@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import select
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -229,3 +238,169 @@ def wired_sandbox(sandbox: Any, tmp_path: Any,
         sandbox.mailchimp.add_webhook(f"{base}{WEBHOOK_PREFIX}{secret}", validate=True)
         with Ledger.open(ledger_path) as ledger:
             yield Wired(ledger, ledger_path, live, keys)
+
+
+# --- the real daemon and CLI as subprocesses against a sandbox --------------------------
+
+SYNCD = Path(sys.executable).with_name("syncd")
+CLI_TIMEOUT_SECONDS = 120
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(done: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``done`` until it is true; fail after ``seconds`` (a hang guard, not a speed check)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def syncd_cli(config_path: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """``syncd --config PATH ARGS…`` as a subprocess, without the caller's SYNCD_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    env.update(extra_env)
+    return subprocess.run([str(SYNCD), "--config", str(config_path), *args],
+                          capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_SECONDS,
+                          check=False)  # fmt: skip
+
+
+@dataclass
+class Running:
+    """A ``syncd run`` subprocess and the sandbox it works against.
+
+    The sd_notify socket is read all the time on a thread: the kernel queues only a few
+    datagrams (``net.unix.max_dgram_qlen``, 10 by default), and a daemon that lives
+    through more polls than that would block on its next ``STATUS=`` line.
+    """
+
+    sandbox: Any
+    config_path: Path
+    process: subprocess.Popen[str]
+    port: int
+    notify: socket.socket
+    log_path: Path
+    _received: list[str] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._drain, name="sd-notify-reader", daemon=True).start()
+
+    def _drain(self) -> None:
+        while self.notify.fileno() != -1:
+            try:
+                ready, _, _ = select.select([self.notify], [], [], 0.1)
+                if ready:
+                    message = self.notify.recv(4096).decode()
+                    with self._lock:
+                        self._received.append(message)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except (OSError, ValueError):  # closed under us: the daemon's world is gone
+                return
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def notifications(self) -> list[str]:
+        """The sd_notify messages received since the last call, oldest first."""
+        with self._lock:
+            found, self._received[:] = list(self._received), []
+        return found
+
+    def hook(self) -> str:
+        """The daemon's Mailchimp webhook URL (secret path included)."""
+        from syncd import config
+        from syncd.web import WEBHOOK_PREFIX
+
+        secret = config.load(self.config_path).mailchimp.webhook_secret  # type: ignore[union-attr]
+        assert secret is not None
+        return f"http://127.0.0.1:{self.port}{WEBHOOK_PREFIX}{secret.get_secret_value()}"
+
+
+# Alerts are checked every second, and a processor counts as down after 3 s.
+ALERT_ENV = {"SYNCD_DAEMON__ALERT_CHECK_SECONDS": "1",
+             "SYNCD_ALERTS__PROCESSOR_DOWN_MINUTES": "0.05"}
+
+
+def start_daemon(config_path: Path, port: int, notify_path: Path, log_path: Path,
+                 **extra_env: str) -> subprocess.Popen[str]:
+    """Start ``syncd run`` (logging to ``log_path``, telling systemd on ``notify_path``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path),
+               **ALERT_ENV, **extra_env)
+    return subprocess.Popen(
+        [str(SYNCD), "--config", str(config_path), "--log-level", "info", "run"],
+        stdout=log_path.open("a"), stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+
+
+@contextmanager
+def started_daemon(tmp_path: Path, *, clients: int, seed: int,
+                   healthy_within_seconds: float = 30, extra_toml: str = "",
+                   until_healthy: bool = True) -> Iterator[Running]:
+    """``syncd run`` against a fresh sandbox, once it said READY=1 and /healthz is 200.
+
+    ``extra_toml`` is appended to the written configuration (e.g. ``[[manual_processors]]``).
+    With ``until_healthy=False`` it is enough that the first full resync finished:
+    /healthz also waits for GA's first check, a poll interval after the start.
+    """
+    from syncd.health import LAST_RESYNC_CURSOR
+    from syncd.sandbox.app import Sandbox
+
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    with Sandbox(clients=clients, seed=seed, smtp_port=0) as sandbox:
+        config_path = sandbox.write_config(tmp_path / "syncd.toml")
+        if extra_toml:
+            with config_path.open("a") as fh:
+                fh.write("\n" + extra_toml)
+        port, log_path = free_port(), tmp_path / "daemon.log"
+        process = start_daemon(config_path, port, notify_path, log_path)
+        run = Running(sandbox, config_path, process, port, notify, log_path)
+        try:
+            seen: list[str] = []
+            wait_for(lambda: seen.extend(run.notifications()) or any("READY=1" in m for m in seen),
+                     30, "READY=1")
+            # Ready comes before the first poll (a full resync); healthy once both were reached.
+            if until_healthy:
+                wait_for(lambda: run.get("/healthz")[0] == 200, healthy_within_seconds,
+                         "/healthz to turn 200")
+            else:
+                wait_for(lambda: _cursor(config_path, LAST_RESYNC_CURSOR) is not None,
+                         healthy_within_seconds, "the first full resync")
+            yield run
+        finally:
+            # A test may have restarted the daemon: stop the one running now, too.
+            for started in {id(p): p for p in (process, run.process)}.values():
+                if started.poll() is None:
+                    started.kill()
+                    started.wait()
+            notify.close()
+
+
+def _cursor(config_path: Path, name: str) -> str | None:
+    """A ledger cursor, read without creating or migrating anything (None if not there yet)."""
+    import sqlite3
+    from contextlib import closing
+
+    from syncd import config
+
+    path = config.load(config_path).ledger.path
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            row = db.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
+    except sqlite3.OperationalError:  # no file, or no table yet
+        return None
+    return None if row is None else str(row[0])

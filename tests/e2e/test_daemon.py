@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,92 +17,12 @@ from syncd import config
 from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
 from syncd.web import WEBHOOK_PREFIX
-from tests.support import seeded_values
+from tests.support import SYNCD, Running, seeded_values, started_daemon
+from tests.support import free_port as _free_port
+from tests.support import start_daemon as _start
+from tests.support import wait_for as _wait
 
-SYNCD = Path(sys.executable).with_name("syncd")
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait(done: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds  # a hang guard, not a speed check
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-@dataclass
-class Running:
-    sandbox: Sandbox
-    config_path: Path
-    process: subprocess.Popen[str]
-    port: int
-    notify: socket.socket
-    log_path: Path
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    def notifications(self) -> list[str]:
-        found = []
-        while True:
-            try:
-                found.append(self.notify.recv(4096).decode())
-            except BlockingIOError:
-                return found
-
-
-# Alerts are checked every second, and a processor counts as down after 3 s.
-ALERT_ENV = {"SYNCD_DAEMON__ALERT_CHECK_SECONDS": "1",
-             "SYNCD_ALERTS__PROCESSOR_DOWN_MINUTES": "0.05"}
-
-
-def _start(config_path: Path, port: int, notify_path: Path, log_path: Path,
-           **extra_env: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path),
-               **ALERT_ENV, **extra_env)
-    return subprocess.Popen(
-        [str(SYNCD), "--config", str(config_path), "--log-level", "info", "run"],
-        stdout=log_path.open("a"), stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-
-
-@contextmanager
-def started_daemon(tmp_path: Path, *, clients: int, seed: int,
-                   healthy_within_seconds: float = 30) -> Iterator[Running]:
-    """``syncd run`` against a fresh sandbox, once it said READY=1 and /healthz is 200."""
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.setblocking(False)
-    with Sandbox(clients=clients, seed=seed, smtp_port=0) as sandbox:
-        config_path = sandbox.write_config(tmp_path / "syncd.toml")
-        port, log_path = _free_port(), tmp_path / "daemon.log"
-        process = _start(config_path, port, notify_path, log_path)
-        run = Running(sandbox, config_path, process, port, notify, log_path)
-        try:
-            seen: list[str] = []
-            _wait(lambda: seen.extend(run.notifications()) or any("READY=1" in m for m in seen),
-                  30, "READY=1")
-            # Ready comes before the first poll (a full resync); healthy once both were reached.
-            _wait(lambda: run.get("/healthz")[0] == 200, healthy_within_seconds,
-                  "/healthz to turn 200")
-            yield run
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            notify.close()
 
 
 @pytest.fixture
