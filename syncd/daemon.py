@@ -142,8 +142,12 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(address)
-            sock.sendall(message.encode())
+            # Never block the loop on a reader that stopped reading: drop the message.
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
         return True
+    except BlockingIOError:
+        log.debug("sd_notify_dropped", reason="the socket's queue is full")
+        return False
     except OSError as error:
         log.warning("sd_notify_failed", error=type(error).__name__)
         return False

@@ -436,7 +436,8 @@ def _needs_look(
             continue
         if stored is not None:
             if (member.status == "subscribed" and stored.consent
-                    and stored.synced_email_key == email_key):
+                    and stored.synced_email_key == email_key
+                    and not stored.resubscribe_refused):  # else: the person signed up again
                 continue
         wanted.setdefault(email, _Change()).member = member
     return wanted, blank

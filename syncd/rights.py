@@ -263,14 +263,20 @@ def file(
         steps = 0
         for item, task_id in planned:
             ledger.attach_task(task_id, request_id)
+            if kind == "unrestrict":
+                # Lifting the flag is the request; what the person's consent then asks
+                # for is ordinary sync work (a refused re-subscribe is R2's, see plan()).
+                continue
             ledger.add_step(request_id, item.processor, "task", task_id=task_id,
                             client_id=item.action.client_id)
             steps += 1
         if kind == "erase":
             steps += _erasure_steps(ledger, settings, keys, person, request_id, planned, analytics)
         if not steps:
+            done = ("restriction lifted; consent decides from now on" if kind == "unrestrict"
+                    else "nothing to change anywhere")
             ledger.add_audit(person.subject_key, None, f"request_{kind}", f"{RULES[kind]}:request",
-                             "done", request_id=request_id, detail="nothing to change anywhere")
+                             "done", request_id=request_id, detail=done)
             ledger.close_request(request_id, "done")
         else:
             _complete(ledger, [request_id], Advanced())

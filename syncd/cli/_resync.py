@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ RESYNC_ROWS_SHOWN = 50
 
 def cmd_resync(args: argparse.Namespace) -> int:
     """``syncd resync``: one full reconciliation (or, with --dry-run, its plan)."""
-    from syncd import engine
+    from syncd import engine, rights
     from syncd.ledger import Ledger
     from syncd.lock import AlreadyRunning, writer_ledger
 
@@ -56,6 +57,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
             with _ResyncProgress(enabled=not args.json and sys.stderr.isatty()) as progress:
                 summary = engine.resync(settings, ledger, built, keys, dry_run=args.dry_run,
                                         progress=progress, processors=processors).as_json()
+            if not args.dry_run:  # a request's task may have run: its step closes with it
+                rights.advance(ledger, now=datetime.now(UTC))
     except AlreadyRunning:
         summary = _resync_in_daemon(settings.ledger.path, args)
     if args.json:

@@ -124,10 +124,18 @@ def test_killed_mid_batch_and_restarted_it_converges(running: Running, tmp_path:
     _wait(lambda: any("READY=1" in m for m in running.notifications()), 30, "READY=1")
     _wait(lambda: all(sandbox.mailchimp.member(c["email"])["status"] == "unsubscribed"
                       for c in targets), 60, "every opt-out to reach Mailchimp after restart")
+    ledger_path = config.load(running.config_path).ledger.path
+
+    def settled() -> bool:  # the released batch and whatever else the kill interrupted
+        with Ledger.open(ledger_path) as ledger:
+            states = ledger.count_tasks_by_state()
+        return states["pending"] == 0 and states["in_flight"] == 0
+
+    _wait(settled, 60, "the released tasks to be carried out")
     restarted.send_signal(signal.SIGTERM)
     assert restarted.wait(timeout=10) == 0
     assert "tasks_released_after_restart" in running.log_path.read_text()
-    with Ledger.open(config.load(running.config_path).ledger.path) as ledger:
+    with Ledger.open(ledger_path) as ledger:
         states = ledger.count_tasks_by_state()
     assert states["in_flight"] == 0 and states["failed"] == 0 and states["pending"] == 0
     assert sandbox.mailchimp.confirmation_emails_sent == 0

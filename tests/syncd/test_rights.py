@@ -415,6 +415,27 @@ def test_a_request_with_nothing_to_do_is_closed_done_at_once(ledger: Ledger) -> 
     ]
 
 
+def test_lifting_a_restriction_is_done_at_once_and_consent_decides_from_then_on(
+    ledger: Ledger,
+) -> None:
+    phorest = FakePhorest(record("c1"))
+    file_request(ledger, phorest, FakeMailchimp(member()), "restrict", email=EMAIL)
+    # syncd's own unsubscribe landed: the member is unsubscribed, by syncd.
+    ledger.upsert_subject(KEYS.client_id("c1"), unsubscribed_by_syncd=True)
+    lifted = file_request(ledger, phorest, FakeMailchimp(member(status="unsubscribed")),
+                          "unrestrict", email=EMAIL)  # fmt: skip
+
+    request = ledger.request(lifted)
+    assert request is not None and request.state == "done" and ledger.steps(lifted) == []
+    subject = ledger.subject(KEYS.client_id("c1"))
+    assert subject is not None and not subject.restricted
+    # The subscribe consent asks for is queued as ordinary work, with the request as evidence.
+    [task] = ledger.tasks_for_request(lifted)
+    assert (task.processor, task.action, task.state) == ("mailchimp", "subscribe", "pending")
+    assert [(e.outcome, e.detail) for e in ledger.find_audit(request_id=lifted)][-1] == (
+        "done", "restriction lifted; consent decides from now on")
+
+
 def test_an_unknown_request_kind_is_refused_before_anything_is_written(ledger: Ledger) -> None:
     person = Person(KEYS.email(EMAIL), "email", emails=(EMAIL,))
     with pytest.raises(RequestError, match="unknown request kind"):
