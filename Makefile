@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resync.py
 	$(BIN)/python benchmarks/propagation.py
 	$(BIN)/python benchmarks/idle.py
+	$(BIN)/python benchmarks/erasure.py
 
 install: $(STAMP)
 

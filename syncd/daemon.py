@@ -354,8 +354,10 @@ class Daemon:
             rights.advance(ledger, now=now())  # task steps close as their tasks finish
 
         def requests() -> None:
-            # Phorest's Forget cannot be seen in its change feed for sure: read each client.
-            rights.advance(ledger, phorest=runtime.connectors["phorest"], now=now())
+            # Phorest's Forget cannot be seen in its change feed for sure: read each client,
+            # beating the watchdog (and heeding SIGTERM) between reads.
+            rights.advance(ledger, phorest=runtime.connectors["phorest"], now=now(),
+                           on_read=self._safe_point)
             # Nothing is read from GA in a poll: one cheap check keeps its health true.
             for name in engine.WRITE_ONLY_PROCESSORS:
                 if name in runtime.connectors:

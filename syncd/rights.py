@@ -363,17 +363,26 @@ class Advanced:
     completed: list[int] = field(default_factory=list)
 
 
-def advance(ledger: Ledger, *, phorest: Any = None, now: datetime) -> Advanced:
+def advance(
+    ledger: Ledger, *, phorest: Any = None, now: datetime,
+    on_read: Callable[[], None] | None = None,
+) -> Advanced:  # fmt: skip
     """Close the steps whose work is over and complete the requests whose steps all are.
 
     Args:
         ledger: the ledger.
         phorest: the Phorest connector, to verify Forget steps (None: not this time).
         now: the current time (unused by the ledger, kept for the log).
+        on_read: called after each Phorest read. One read per open Forget step
+            adds up (a thousand open steps: a minute at Phorest's pace), so the
+            daemon shows its watchdog the job moves, and may stop here: each
+            step closes in its own transaction, and the next call completes
+            what this one verified.
 
     Raises:
         ConnectorError: Phorest could not be read (task steps were still closed).
         LedgerError: SQLite failed.
+        Exception: whatever ``on_read`` raised.
     """
     del now
     progress = Advanced()
@@ -387,6 +396,8 @@ def advance(ledger: Ledger, *, phorest: Any = None, now: datetime) -> Advanced:
                    and s.state == "waiting" and s.client_id]  # fmt: skip
         for step in forgets:
             client = phorest.client(step.client_id)
+            if on_read is not None:
+                on_read()
             state = "gone" if client is None else client.state
             if client is not None and state not in FORGOTTEN_STATES:
                 continue
