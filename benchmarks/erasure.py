@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace, sandbox: Sandbox, tmp: Path) -> dict[str, Any
         request_ids = []
         for n, client in enumerate(targets, 1):
             person = rights.resolve(built["phorest"], keys, email=client["email"])
-            queue = engine.plan_addresses(ledger, built, keys, person.own_emails)
+            queue = engine.plan_addresses(ledger, built, keys, person.own_emails, person.holders)
             request_ids.append(rights.file(ledger, settings, keys, "erase", person, queue,
                                            filed_by="benchmark", now=now(), analytics=ga))
             if n % 200 == 0:

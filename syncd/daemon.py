@@ -86,6 +86,9 @@ from syncd.web import WEBHOOK_PREFIX, mailchimp_webhook_app
 log = structlog.get_logger(__name__)
 
 WORK_EVERY_SECONDS = 1
+# Phorest clients read per run of the requests job to verify Forget steps (2.5 s at the
+# default 20 requests/s); with more steps waiting, each is read every few runs in turn.
+FORGET_CHECKS_PER_RUN = 50
 JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
 HEARTBEAT_EVERY_SECONDS = 10.0  # how often the loop's heartbeat is written for `syncd status`
 COMMAND_PROGRESS_EVERY_SECONDS = 0.5  # how often a followed resync's progress is written
@@ -187,6 +190,7 @@ class Daemon:
         self.http_port: int | None = None
         self.ledger_path: Path | None = None
         self._jobs: dict[str, Callable[[], None]] = {}
+        self._forget_cursor = 0  # the last Forget step verified (see the requests job)
         self._last_beat = time.monotonic()
         self._heartbeat = _Every(HEARTBEAT_EVERY_SECONDS)
         self._ledger: Ledger | None = None  # the main thread's connection, while running
@@ -355,9 +359,13 @@ class Daemon:
 
         def requests() -> None:
             # Phorest's Forget cannot be seen in its change feed for sure: read each client,
-            # beating the watchdog (and heeding SIGTERM) between reads.
-            rights.advance(ledger, phorest=runtime.connectors["phorest"], now=now(),
-                           on_read=self._safe_point)
+            # beating the watchdog (and heeding SIGTERM) between reads, a bounded number
+            # per run in rotation, so a thousand waiting steps never stall the loop.
+            advanced = rights.advance(ledger, phorest=runtime.connectors["phorest"], now=now(),
+                                      on_read=self._safe_point, verify_after=self._forget_cursor,
+                                      verify_limit=FORGET_CHECKS_PER_RUN)
+            # Past the last step, the next run finds none and starts again from the first.
+            self._forget_cursor = advanced.last_verified
             # Nothing is read from GA in a poll: one cheap check keeps its health true.
             for name in engine.WRITE_ONLY_PROCESSORS:
                 if name in runtime.connectors:

@@ -222,6 +222,7 @@ class _Change:
 
     clients: list[ClientRecord] = field(default_factory=list)  # the clients that changed
     member: MemberRecord | None = None
+    all_clients: bool = False  # ``clients`` is every client at the address (already read)
 
 
 @dataclass(slots=True)
@@ -468,7 +469,8 @@ def _look_up(
 
     def read(item: tuple[str, _Change]) -> tuple[list[Any], MemberRecord | None]:
         email, change = item
-        clients = [*change.clients, *phorest.find_by_email(email)]
+        clients = change.clients if change.all_clients else [
+            *change.clients, *phorest.find_by_email(email)]
         member = change.member if change.member is not None else mailchimp.member(email)
         return clients, member
 
@@ -569,6 +571,7 @@ def plan_addresses(
     connectors: Mapping[str, Any],
     keys: SubjectKeys,
     emails: Iterable[str],
+    known: Mapping[str, Iterable[ClientRecord]] | None = None,
 ) -> Callable[[], list[tuple[Planned, int]]]:
     """Read both sides of some addresses now; return how to plan and queue what they need.
 
@@ -583,6 +586,8 @@ def plan_addresses(
         connectors: ``"phorest"`` and ``"mailchimp"`` (as for :func:`poll`).
         keys: turns identifiers into subject keys.
         emails: the addresses (unusable ones are skipped).
+        known: normalised address -> every Phorest client at it, when the caller
+            has just read them (Phorest is not asked again for those).
 
     Returns:
         A function that plans, stores the facts learned and queues the tasks,
@@ -592,7 +597,9 @@ def plan_addresses(
         ConnectorError: a lookup could not be read.
     """
     index = _Index(keys)
-    wanted = {email: _Change() for address in emails if (email := _normalised(address))}
+    held = known or {}
+    wanted = {email: _Change(list(held[email]), all_clients=True) if email in held else _Change()
+              for address in emails if (email := _normalised(address))}
     if wanted:
         _look_up(index, ledger, keys, connectors, wanted, ())
 

@@ -85,6 +85,8 @@ class Person:
         shared_emails: those of ``emails`` another live Phorest client also
             uses: they are not suppressed or erased (the other client's member
             stays), the request notes it.
+        holders: address -> every Phorest client holding it, as read while
+            resolving (so filing need not ask Phorest again).
     """
 
     subject_key: str
@@ -93,6 +95,7 @@ class Person:
     emails: tuple[str, ...] = ()
     phones: tuple[str, ...] = ()
     shared_emails: tuple[str, ...] = ()
+    holders: Mapping[str, tuple[ClientRecord, ...]] = field(default_factory=dict)
 
     @property
     def primary(self) -> ClientRecord | None:
@@ -149,8 +152,10 @@ def resolve(
         if record is None:
             raise RequestError(f"no Phorest client has id {given_id}")
         keep("client_id", [record])
+    by_email: list[ClientRecord] = []
     if given_email is not None:
-        keep("email", phorest.find_by_email(given_email))
+        by_email = phorest.find_by_email(given_email)
+        keep("email", by_email)
     if given_phone is not None:
         spellings = [*_spellings(given_phone), (phone or "").strip()]
         keep("phone", [r for r in phorest.find_by_phone(given_phone, spellings)
@@ -162,7 +167,8 @@ def resolve(
         if given_email is None:
             raise RequestError("no Phorest client has this phone number")
         return Person(keys.email(given_email), source, emails=(given_email,),
-                      phones=(given_phone,) if given_phone else ())
+                      phones=(given_phone,) if given_phone else (),
+                      holders={given_email: tuple(by_email)})
     if chosen not in records:
         survivor = phorest.client(chosen)
         if survivor is not None:
@@ -172,13 +178,15 @@ def resolve(
     emails = _unique([given_email, *(_email_of(r) for r in mine)])
     phones = _unique([given_phone, *(_phone_of(r, keys) for r in mine)])
     shared = []
+    held: dict[str, tuple[ClientRecord, ...]] = {}
     for address in emails:
-        holders = records.values() if address == given_email else phorest.find_by_email(address)
+        holders = by_email if address == given_email else phorest.find_by_email(address)
+        held[address] = tuple(r for r in holders if _email_of(r) == address)
         if any(_root(r) != chosen and r.state not in ERASED_CLIENT_STATES
-               and _email_of(r) == address for r in holders):
+               for r in held[address]):
             shared.append(address)
     return Person(keys.client_id(chosen), source, tuple(mine), tuple(emails), tuple(phones),
-                  tuple(shared))
+                  tuple(shared), held)
 
 
 def _one_person(named: Mapping[str, set[str]]) -> str | None:
@@ -356,28 +364,38 @@ class Advanced:
         closed_steps: steps closed (done or failed).
         verified: Phorest steps closed because Phorest shows the client forgotten.
         completed: requests completed.
+        last_verified: the id of the last Forget step read (0: none), where a
+            rotation resumes (``verify_after``) next time.
     """
 
     closed_steps: int = 0
     verified: int = 0
     completed: list[int] = field(default_factory=list)
+    last_verified: int = 0
 
 
 def advance(
     ledger: Ledger, *, phorest: Any = None, now: datetime,
     on_read: Callable[[], None] | None = None,
+    verify_after: int = 0, verify_limit: int | None = None,
 ) -> Advanced:  # fmt: skip
     """Close the steps whose work is over and complete the requests whose steps all are.
+
+    Cheap without ``phorest`` (the daemon calls it every second): only task
+    steps whose task is final are read. With ``phorest``, each waiting Forget
+    step's client is read (one call each): forgotten, deleted or gone closes it.
 
     Args:
         ledger: the ledger.
         phorest: the Phorest connector, to verify Forget steps (None: not this time).
         now: the current time (unused by the ledger, kept for the log).
-        on_read: called after each Phorest read. One read per open Forget step
-            adds up (a thousand open steps: a minute at Phorest's pace), so the
-            daemon shows its watchdog the job moves, and may stop here: each
-            step closes in its own transaction, and the next call completes
-            what this one verified.
+        on_read: called after each Phorest read. Reads add up (a thousand open
+            steps: a minute at Phorest's pace), so the daemon shows its watchdog
+            the job moves, and may stop here: each step closes in its own
+            transaction, and the next call completes what this one verified.
+        verify_after: verify only Forget steps with a larger id (a rotation:
+            see :attr:`Advanced.last_verified`).
+        verify_limit: verify at most this many Forget steps (None: all).
 
     Raises:
         ConnectorError: Phorest could not be read (task steps were still closed).
@@ -386,15 +404,17 @@ def advance(
     """
     del now
     progress = Advanced()
-    open_steps = ledger.open_steps()
-    for step in open_steps:
-        if step.kind == "task" and step.task_id is not None and step.state == "waiting":
-            progress.closed_steps += _close_task_step(ledger, step)
-    _complete(ledger, [r.id for r in ledger.open_requests()], progress)
+    touched: set[int] = set()
+    for step in ledger.finished_task_steps():
+        progress.closed_steps += _close_task_step(ledger, step)
+        touched.add(step.request_id)
+    _complete(ledger, touched, progress)
     if phorest is not None:
-        forgets = [s for s in open_steps if s.processor == PHOREST and s.kind == "manual"
-                   and s.state == "waiting" and s.client_id]  # fmt: skip
+        forgets = ledger.waiting_manual_steps(PHOREST, after_id=verify_after, limit=verify_limit)
         for step in forgets:
+            progress.last_verified = step.id
+            if not step.client_id:
+                continue
             client = phorest.client(step.client_id)
             if on_read is not None:
                 on_read()

@@ -139,7 +139,7 @@ def cmd_file(args: argparse.Namespace) -> int:
                             client_id=args.client_id)
 
     def file(ledger: Any) -> int:
-        queue = engine.plan_addresses(ledger, built, keys, person.own_emails)
+        queue = engine.plan_addresses(ledger, built, keys, person.own_emails, person.holders)
         return rights.file(ledger, settings, keys, args.kind, person, queue,
                            filed_by=args.by, note=args.note, now=datetime.now(UTC),
                            analytics=built.get(engine.ANALYTICS))  # fmt: skip

@@ -201,3 +201,33 @@ class RequestsMixin(LedgerBase):
         if kind is not None:
             sql, params = sql + " AND s.kind = ?", (kind,)
         return [_from_row(RequestStep, row) for row in self._run(sql + " ORDER BY s.id", params)]
+
+    def finished_task_steps(self) -> list[RequestStep]:
+        """Waiting task steps of open requests whose task reached a final state.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        columns = ", ".join("s." + c for c in _columns(RequestStep).split(", "))
+        sql = (f"SELECT {columns} FROM request_steps s JOIN requests r ON r.id = s.request_id"
+               " JOIN tasks t ON t.id = s.task_id WHERE r.state = 'open'"
+               " AND s.state = 'waiting' AND t.state NOT IN ('pending', 'in_flight')"
+               " ORDER BY s.id")
+        return [_from_row(RequestStep, row) for row in self._run(sql)]
+
+    def waiting_manual_steps(self, processor: str, *, after_id: int = 0,
+                             limit: int | None = None) -> list[RequestStep]:  # fmt: skip
+        """Waiting manual steps of open requests on ``processor``, by id, after ``after_id``.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        columns = ", ".join("s." + c for c in _columns(RequestStep).split(", "))
+        sql = (f"SELECT {columns} FROM request_steps s JOIN requests r ON r.id = s.request_id"
+               " WHERE r.state = 'open' AND s.state = 'waiting' AND s.kind = 'manual'"
+               " AND s.processor = ? AND s.id > ? ORDER BY s.id")
+        params: list[object] = [processor, after_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_from_row(RequestStep, row) for row in self._run(sql, params)]

@@ -72,7 +72,8 @@ def file_erasures(config_path: Path, emails: list[str], *, before_writing: Any =
     built, keys = engine.build(settings, needed_by="the test")
     people = [rights.resolve(built["phorest"], keys, email=email) for email in emails]
     with Ledger.open(settings.ledger.path) as ledger:
-        queues = [engine.plan_addresses(ledger, built, keys, p.own_emails) for p in people]
+        queues = [engine.plan_addresses(ledger, built, keys, p.own_emails, p.holders)
+                  for p in people]
         if before_writing is not None:
             before_writing()
         with ledger.transaction():

@@ -158,7 +158,7 @@ def file_request(
     """Resolve and file a request as ``syncd request`` does."""
     person = rights.resolve(phorest, KEYS, **identifiers)
     queue = engine.plan_addresses(ledger, {"phorest": phorest, "mailchimp": mailchimp}, KEYS,
-                                  person.own_emails)  # fmt: skip
+                                  person.own_emails, person.holders)  # fmt: skip
     return rights.file(ledger, settings or make_settings(PAPER), KEYS, kind, person, queue,
                        filed_by="Ann Manager", now=START, analytics=analytics)  # fmt: skip
 
@@ -519,6 +519,33 @@ def test_the_phorest_step_is_verified_by_reading_the_client(
             ("phorest", "done", f"verified: client {shown} in Phorest")]
     else:
         assert step.confirmed_by is None and audit == []
+
+
+def test_forget_steps_are_verified_a_bounded_number_at_a_time_in_rotation(
+    ledger: Ledger,
+) -> None:
+    people = [record(f"c{n}", email=f"p{n}@example.com", mobile=None) for n in range(5)]
+    phorest = FakePhorest(*people)
+    requests = [file_request(ledger, phorest, FakeMailchimp(), client_id=p.client_id)
+                for p in people]  # fmt: skip
+    for person in people:  # staff pressed Forget for everyone
+        phorest.records[person.client_id] = replace(person, state="forgotten", email=None)
+    reads: list[int] = []
+
+    def verify(after: int) -> rights.Advanced:
+        return rights.advance(ledger, phorest=phorest, now=START, verify_after=after,
+                              verify_limit=2, on_read=lambda: reads.append(1))
+
+    first = verify(0)
+    assert (first.verified, len(reads)) == (2, 2)
+    second = verify(first.last_verified)
+    assert (second.verified, len(reads)) == (2, 4) and second.last_verified > first.last_verified
+    third = verify(second.last_verified)
+    assert third.verified == 1
+    assert verify(third.last_verified).last_verified == 0  # past the end: start over next time
+    assert all(ledger.request(r).state == "open" for r in requests)  # paper forms still wait
+    assert all(s.state == "done" for r in requests for s in ledger.steps(r)
+               if s.processor == "phorest")
 
 
 def test_a_request_completes_once_every_step_is_done(ledger: Ledger) -> None:
