@@ -13,7 +13,8 @@ The loop (``schedule``), on the main thread:
   "Forget" step of a data-subject request (:func:`syncd.rights.advance`);
 - after the due tasks (every second): close the request steps whose tasks
   finished and complete the requests whose steps all are;
-- at ``[daemon] nightly_resync_at`` (local time): a full resync;
+- at ``[daemon] nightly_resync_at`` (local time): a full resync, and a read of
+  GA's data-retention setting against the policy (:mod:`syncd.analytics`, R9);
 - every second: a resync an operator asked for while the daemon runs (a
   command row written by ``syncd resync``), with its progress written back;
 - every ``[daemon] alert_check_seconds``: the alert checks
@@ -72,7 +73,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, config, engine, health, httpd, rights
+from syncd import alerts, analytics, config, engine, health, httpd, rights
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -415,8 +416,14 @@ class Daemon:
                 log.info("alerts_dispatched", sent=report.sent, failed=report.failed,
                          reminders=report.reminders, recoveries=report.recoveries)
 
+        def retention_setting() -> None:
+            if engine.ANALYTICS in runtime.connectors and settings.google_analytics is not None:
+                analytics.check_retention(ledger, runtime.connectors[engine.ANALYTICS],
+                                          settings.google_analytics)
+
         jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands,
-                "alerts": check_alerts, "requests": requests}
+                "alerts": check_alerts, "requests": requests,
+                "retention_setting": retention_setting}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
@@ -426,6 +433,8 @@ class Daemon:
         runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["requests"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
+        runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(
+            self._jobs["retention_setting"])
 
     def _guarded(self, ledger: Ledger, job: _Job) -> Callable[[], None]:
         """``job`` wrapped so a failure is logged, counted, alerted and paused, never raised.

@@ -551,6 +551,7 @@ def _reconcile(
 
     _store_facts(ledger, subjects)
     task_ids = enqueue(ledger, planned)
+    _suppress_dead(ledger, index.dead_by_key)
     _alert_suppressed_consent(ledger, subjects)
     del subjects
     index.release()
@@ -642,6 +643,25 @@ def _analytics_erasures(
         if item is not None:
             planned.append(item)
     return planned
+
+
+def _suppress_dead(ledger: Ledger, dead_by_key: Mapping[str, ClientRecord]) -> None:
+    """Put the client-id key of every client Phorest deleted, forgot or merged away on
+    the suppression list (R5), so that no later change re-adds them anywhere.
+
+    Their erasure downstream is planned like any other (with its evidence);
+    this makes it stick, as an erasure request's suppression does.
+    """
+    keys = list(dead_by_key)
+    if not keys:
+        return
+    already = ledger.suppressed_among(keys)
+    fresh = [key for key in keys if key not in already]
+    with ledger.transaction():
+        for key in fresh:
+            ledger.suppress(key, f"phorest_{dead_by_key[key].state}")
+    if fresh:
+        log.info("dead_clients_suppressed", count=len(fresh))
 
 
 def _alert_suppressed_consent(ledger: Ledger, subjects: Iterable[_Subject]) -> None:

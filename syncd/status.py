@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd import engine
+from syncd.analytics import RETENTION_CURSOR
 from syncd.config import Settings
 from syncd.ledger import Ledger, Task
 from syncd.errors import SyncdError
@@ -71,6 +72,7 @@ class Report:
     commands: list[dict[str, Any]] = field(default_factory=list)
     last_poll: str | None = None
     last_resync: str | None = None
+    ga_event_retention: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -120,6 +122,7 @@ def gather(settings: Settings, *, now: datetime | None = None) -> Report:
             commands=[_command(c) for c in ledger.active_commands()],
             last_poll=ledger.get_cursor(LAST_POLL_CURSOR),
             last_resync=ledger.get_cursor(LAST_RESYNC_CURSOR),
+            ga_event_retention=ledger.get_cursor(RETENTION_CURSOR),
         )  # fmt: skip
     report.verdict, report.reasons = _judge(report, heartbeat, now, window)
     return report
@@ -177,6 +180,9 @@ def render(report: Report) -> None:
         table.add_row(name, p["state"], p["last_ok"] or "never", creds, p["last_error"] or "-",
                       p["last_error_at"] or "-")
     console.print(table)
+    if report.ga_event_retention:
+        console.print(f"GA event-data retention: {report.ga_event_retention} "
+                      "(as read at the last nightly check)")
     queue = ", ".join(f"{n} {state}" for state, n in report.tasks.items() if n) or "none"
     console.print(f"tasks: {queue}")
     failing = report.oldest_failing_task

@@ -313,6 +313,25 @@ def test_a_client_forgotten_in_phorest_is_erased_from_mailchimp_by_poll(world: W
     assert _poll(world).planned == 0
 
 
+def test_every_client_phorest_forgot_deleted_or_merged_away_joins_the_suppression_list(
+    world: World,
+) -> None:
+    dead = _dead(world)
+    assert dead
+    world.resync()
+    keys = [world.keys.client_id(c.client_id) for c in dead]
+    assert world.ledger.suppressed_among(keys) == set(keys)
+    live = [world.keys.client_id(c.client_id) for c in _clients(world) if c.state == "active"]
+    assert world.ledger.suppressed_among(live) == set()
+
+    # Forgotten by staff and found by the next poll: suppressed too, so that nothing re-adds
+    # the person, whatever Phorest later shows.
+    client = _subscribed_client(world)
+    world.sandbox.phorest.forget(client.client_id)
+    _poll(world)
+    assert world.ledger.is_suppressed(world.keys.client_id(client.client_id))
+
+
 def test_a_deleted_record_at_a_shared_address_keeps_the_member_and_says_so_once(
     world: World,
 ) -> None:
