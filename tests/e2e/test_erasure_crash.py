@@ -7,8 +7,9 @@ sandbox's latency fault so that their batch is in flight when the daemon is
 killed. After the restarts every request must complete, with nothing lost and
 no side effect repeated beyond the one batch that was in flight.
 
-The daemon must also not be killed by systemd's watchdog, nor hold up SIGTERM,
-while it reads Phorest for many open Forget steps.
+(That reading Phorest for many Forget steps feeds the watchdog and yields to
+SIGTERM between reads is tested on ``rights.advance`` itself, in
+tests/syncd/test_rights.py: the daemon reads at most 50 a run.)
 """
 
 from __future__ import annotations
@@ -247,39 +248,3 @@ def test_erasures_killed_mid_mailchimp_and_mid_ga_batch_all_complete_and_repeat_
     # Nothing else was deleted again: the dead clients of the first resync stay at one.
     assert {h: n for h, n in after.items() if h not in ids.values()} == before
     assert sandbox.mailchimp.confirmation_emails_sent == 0
-
-
-@pytest.mark.slow  # about 25 s: two daemon starts and ten seconds of slow Phorest reads
-def test_reading_phorest_for_many_forget_steps_feeds_the_watchdog_and_yields_to_sigterm(
-    running: Running, tmp_path: Path
-) -> None:
-    sandbox, faults = running.sandbox, running.sandbox.traffic.faults
-    targets = erasable(sandbox, 20)
-    file_erasures(running.config_path, [c["email"] for c in targets])
-    _wait(lambda: not any(task_states(running, p)[s] for p in ("mailchimp", "google_analytics")
-                          for s in ("pending", "in_flight")), 30, "the erasure tasks to be done")
-    running.process.send_signal(signal.SIGTERM)
-    assert running.process.wait(timeout=10) == 0
-
-    # Under systemd with WatchdogSec: 20 Forget steps to check at 500 ms a Phorest read is
-    # ten seconds of one job, against a watchdog that wants progress every three.
-    faults["phorest"].latency_ms = 500
-    sandbox.traffic.reset_counts()
-    restart(running, tmp_path, WATCHDOG_USEC="3000000")
-    route = ("phorest", "GET", "/third-party-api-server/api/business/{business_id}/client/{client_id}")
-    reads = lambda: sum(n for (*key, _status), n in sandbox.traffic.counts.items()  # noqa: E731
-                        if tuple(key) == route)
-    _wait(lambda: reads() >= 2, 30, "the Forget steps to be checked in Phorest")
-    running.notifications()
-    time.sleep(4)  # longer than the watchdog's timeout, well inside the job
-    assert 2 < reads() < len(targets)
-    assert "watchdog_withheld" not in running.log_path.read_text()
-    assert any("WATCHDOG=1" in m for m in running.notifications())
-
-    stopping = time.monotonic()
-    running.process.send_signal(signal.SIGTERM)
-    assert running.process.wait(timeout=15) == 0
-    assert time.monotonic() - stopping < 3  # at the next read, not after the last
-    assert reads() < len(targets)
-    with ledger_of(running) as ledger:
-        assert len(ledger.open_requests()) == len(targets)  # nothing was closed unverified

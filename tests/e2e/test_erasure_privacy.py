@@ -114,11 +114,13 @@ def test_erasure_and_restriction_leave_no_personal_data_in_the_ledger_wal_log_or
     _wait(lambda: state(restriction) == "done", 30, "the restriction to reach Mailchimp")
     assert sandbox.mailchimp.member(restricted["email"])["status"] == "unsubscribed"
     lifted = filed("unrestrict", "--client-id", restricted["clientId"], "--json")
-    # Mailchimp keeps an unsubscribed member in its compliance state: only the person can
-    # re-subscribe (a signup form), so staff confirm the step once they have asked them.
-    _wait(lambda: step_states(lifted) == ["failed"], 30, "the resubscribe to be refused")
-    cli("request", "confirm", str(lifted), "--processor", "mailchimp", "--by", "Front Desk")
-    assert state(lifted) == "done"
+    # Lifting is done at once; Mailchimp keeps an unsubscribed member in its compliance
+    # state, so the subscribe consent asks for is refused and only the person can
+    # re-subscribe (a signup form): the manager is told (R2).
+    assert state(lifted) == "done" and step_states(lifted) == []
+    with Ledger.open(ledger_path) as ledger:
+        _wait(lambda: [t.state for t in ledger.tasks_for_request(lifted)] == ["needs_person"],
+              30, "the resubscribe to be refused")
 
     sandbox.phorest.forget(by_email["clientId"])
     sandbox.phorest.forget(by_id["clientId"])

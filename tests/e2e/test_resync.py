@@ -116,7 +116,7 @@ def test_resync_reports_an_unusable_configuration_in_one_line(tmp_path: Path) ->
 
 # -- a one-shot resync killed with SIGKILL, then run again ------------------------------
 
-KILL_TRIALS = 10
+KILL_TRIALS = 6  # each kills at another random moment; six cover the stages in CI time
 KILL_TRIAL_CLIENTS = 200  # 10-15 opt-outs to carry: a second or two of Phorest writes
 KILL_TRIAL_LATENCY_MS = 20
 KILL_SEED = 12

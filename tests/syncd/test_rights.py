@@ -548,6 +548,35 @@ def test_forget_steps_are_verified_a_bounded_number_at_a_time_in_rotation(
                if s.processor == "phorest")
 
 
+def test_a_verification_stopped_between_reads_keeps_what_it_verified_and_nothing_else(
+    ledger: Ledger,
+) -> None:
+    """The daemon's watchdog beat and SIGTERM land between Phorest reads (``on_read``)."""
+    people = [record(f"c{n}", email=f"p{n}@example.com", mobile=None) for n in range(3)]
+    phorest = FakePhorest(*people)
+    for person in people:
+        file_request(ledger, phorest, FakeMailchimp(), client_id=person.client_id)
+        phorest.records[person.client_id] = replace(person, state="forgotten", email=None)
+    reads: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def beat() -> None:
+        reads.append(1)
+        if len(reads) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        rights.advance(ledger, phorest=phorest, now=START, on_read=beat)
+    forget = [s for s in ledger.open_steps() if s.processor == "phorest"]
+    done = [s for r in ledger.all_requests() for s in ledger.steps(r.id)
+            if s.processor == "phorest" and s.state == "done"]  # fmt: skip
+    # The first read closed its step; the second was read but stopped before closing.
+    assert (len(reads), len(done), len(forget)) == (2, 1, 2)
+    assert rights.advance(ledger, phorest=phorest, now=START).verified == 2
+
+
 def test_a_request_completes_once_every_step_is_done(ledger: Ledger) -> None:
     phorest = FakePhorest(record("c1"))
     request_id = file_request(ledger, phorest, FakeMailchimp(member()), email=EMAIL,
