@@ -14,7 +14,8 @@ The loop (``schedule``), on the main thread:
 - after the due tasks (every second): close the request steps whose tasks
   finished and complete the requests whose steps all are;
 - at ``[daemon] nightly_resync_at`` (local time): a full resync, and a read of
-  GA's data-retention setting against the policy (:mod:`syncd.analytics`, R9);
+  GA's data-retention setting against the policy (:mod:`syncd.analytics`, R9;
+  also once at start);
 - every second: a resync an operator asked for while the daemon runs (a
   command row written by ``syncd resync``), with its progress written back;
 - every ``[daemon] alert_check_seconds``: the alert checks
@@ -253,6 +254,7 @@ class Daemon:
         log.info("daemon_ready", listen=runtime.settings.daemon.listen, port=self.http_port)
         # Start with a poll, or with a full resync when there is nothing to poll from yet.
         self._jobs["poll" if engine.polled_before(ledger) else "resync"]()
+        self._jobs["retention_setting"]()  # then nightly; status shows it from the start
         while not self._stop.is_set():
             self.beat()
             if self._reload.is_set():
