@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/propagation.py
 	$(BIN)/python benchmarks/idle.py
 	$(BIN)/python benchmarks/erasure.py
+	$(BIN)/python benchmarks/retention.py
 
 install: $(STAMP)
 

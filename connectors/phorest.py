@@ -20,7 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -47,6 +48,15 @@ log = structlog.get_logger(__name__)
 
 CLIENTS_PATH = "/api/business/{business_id}/client"
 CLIENT_PATH = "/api/business/{business_id}/client/{client_id}"
+BRANCHES_PATH = "/api/business/{business_id}/branch"
+APPOINTMENTS_PATH = "/api/business/{business_id}/branch/{branch_id}/appointment"
+# §5: a from_date..to_date range over 31 days is refused (400), pages hold at most 100.
+# Both bounds are inclusive, so a 31-day window ends 30 days after it starts.
+APPOINTMENT_WINDOW_DAYS = 31
+APPOINTMENT_PAGE_SIZE = 100
+BRANCH_PAGE_SIZE = 100
+# activationState values that hold a slot for the client (CANCELED does not).
+BOOKED_STATES = frozenset({"ACTIVE", "RESERVED"})
 # Archived and deleted clients are hidden unless asked for, and R5 needs them.
 LIST_FLAGS: Mapping[str, str] = {"includeArchived": "true", "includeDeleted": "true"}
 # Re-read the last two minutes at every poll: a save committed while we paged
@@ -64,6 +74,42 @@ _TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "sta
 
 PAGE_KEYS = ("number", "totalPages", "totalElements")
 Page = tuple[list[Any], dict[str, int]]  # the rows, and PAGE_KEYS from the envelope's page
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentWindow:
+    """One branch's appointments read for one date window (both dates inclusive).
+
+    Attributes:
+        branch_id: the branch.
+        first / last: the window's ``from_date`` and ``to_date``.
+        pages: list calls it took (one per page of up to 100).
+        rows: appointments Phorest returned.
+    """
+
+    branch_id: str
+    first: date
+    last: date
+    pages: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bookings:
+    """Clients with a booked (not cancelled, not deleted) appointment in a date range.
+
+    Attributes:
+        client_ids: every such client.
+        windows: what was read, per branch and window, in order.
+    """
+
+    client_ids: frozenset[str]
+    windows: tuple[AppointmentWindow, ...]
+
+    @property
+    def calls(self) -> int:
+        """Appointment list calls made (branch listing not included)."""
+        return sum(w.pages for w in self.windows)
 
 
 class PhorestConnector:
@@ -333,35 +379,122 @@ class PhorestConnector:
             raise PermanentError(f"GET {CLIENT_PATH}: not a client object", title="bad_response")
         return client
 
-    def _pages(self, params: Mapping[str, str]) -> Iterator[Page]:
+    def branches(self) -> list[str]:
+        """Every branch id of the business (paged ``GET …/branch``).
+
+        Raises:
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        found: list[str] = []
+        for rows, _page in self._pages({}, path=BRANCHES_PATH, key="branches",
+                                       size=BRANCH_PAGE_SIZE, flags={}):
+            for row in rows:
+                branch_id = row.get("branchId") if isinstance(row, dict) else None
+                if not isinstance(branch_id, str) or not branch_id:
+                    raise PermanentError(f"GET {BRANCHES_PATH}: a branch without branchId",
+                                         title="bad_response")
+                if branch_id not in found:
+                    found.append(branch_id)
+        return found
+
+    def booked_clients(
+        self,
+        first: date,
+        days: int,
+        *,
+        on_window: Callable[[AppointmentWindow], None] | None = None,
+    ) -> Bookings:
+        """Clients with a booked appointment from ``first`` for ``days`` days, at any branch.
+
+        One branch and one window of ``APPOINTMENT_WINDOW_DAYS`` at a time, pages
+        of ``APPOINTMENT_PAGE_SIZE``: the cost is branches x windows x pages,
+        never a call per client. Cancelled and deleted appointments are not
+        asked for, and dropped if Phorest sends them anyway (it ignores a
+        parameter it does not know). ``RESERVED`` counts as booked.
+
+        Args:
+            first: the first day (inclusive), e.g. today.
+            days: how many days from ``first`` (at least 1).
+            on_window: called after each window is read (progress, a stop point).
+
+        Raises:
+            ValueError: ``days`` is below 1.
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        if days < 1:
+            raise ValueError("days must be at least 1")
+        end = first + timedelta(days=days - 1)
+        booked: set[str] = set()
+        windows: list[AppointmentWindow] = []
+        for branch_id in self.branches():
+            for start, stop in appointment_windows(first, end):
+                params = {"from_date": start.isoformat(), "to_date": stop.isoformat(),
+                          "fetch_canceled": "false", "fetch_deleted": "false"}
+                pages = rows_read = 0
+                for rows, _page in self._pages(params, path=APPOINTMENTS_PATH,
+                                               key="appointments", size=APPOINTMENT_PAGE_SIZE,
+                                               flags={}, branch_id=branch_id):
+                    pages += 1
+                    rows_read += len(rows)
+                    booked.update(filter(None, map(_booked_client, rows)))
+                window = AppointmentWindow(branch_id, start, stop, pages, rows_read)
+                windows.append(window)
+                if on_window is not None:
+                    on_window(window)
+        log.info("phorest_bookings_read", branches=len({w.branch_id for w in windows}),
+                 windows=len(windows), calls=sum(w.pages for w in windows), clients=len(booked))
+        return Bookings(frozenset(booked), tuple(windows))
+
+    def _pages(
+        self,
+        params: Mapping[str, str],
+        *,
+        path: str = CLIENTS_PATH,
+        key: str = "clients",
+        size: int | None = None,
+        flags: Mapping[str, str] = LIST_FLAGS,
+        branch_id: str = "",
+    ) -> Iterator[Page]:
         number = 0
         while True:
-            rows, page = self._list({**params, "page": number, "size": self._settings.page_size})
+            query = {**params, "page": number, "size": size or self._settings.page_size}
+            rows, page = self._list(query, path=path, key=key, flags=flags, branch_id=branch_id)
             # A page parameter Phorest did not honour would repeat page 0 forever.
             if page["number"] != number:
-                message = f"GET {CLIENTS_PATH}: asked for page {number}, got {page['number']}"
+                message = f"GET {path}: asked for page {number}, got {page['number']}"
                 raise PermanentError(message, title="bad_response")
-            log.info("phorest_page", path=CLIENTS_PATH, page=number, rows=len(rows))
+            log.info("phorest_page", path=path, page=number, rows=len(rows))
             yield rows, page
             if not rows or number >= page["totalPages"] - 1:
                 return
             number += 1
 
-    def _list(self, params: Mapping[str, Any], *, retried: bool = True) -> Page:
+    def _list(
+        self,
+        params: Mapping[str, Any],
+        *,
+        retried: bool = True,
+        path: str = CLIENTS_PATH,
+        key: str = "clients",
+        flags: Mapping[str, str] = LIST_FLAGS,
+        branch_id: str = "",
+    ) -> Page:
         """One list page; ``_embedded`` may be absent on an empty page.
 
         Raises:
             PermanentError: bad_response, the envelope is not the documented shape.
         """
-        query = {**LIST_FLAGS, **params}
-        body = self._request("GET", CLIENTS_PATH, params=query, retried=retried)
+        query = {**flags, **params}
+        body = self._request("GET", path, params=query, retried=retried, branch_id=branch_id)
         try:
-            page = {key: int(body["page"][key]) for key in PAGE_KEYS}
-            rows = body.get("_embedded", {}).get("clients", [])
+            page = {name: int(body["page"][name]) for name in PAGE_KEYS}
+            rows = body.get("_embedded", {}).get(key, [])
             if not isinstance(rows, list):
                 raise TypeError(type(rows).__name__)
         except (KeyError, TypeError, ValueError, AttributeError):
-            message = f"GET {CLIENTS_PATH}: malformed page envelope"
+            message = f"GET {path}: malformed page envelope"
             raise PermanentError(message, title="bad_response") from None
         return rows, page
 
@@ -374,6 +507,7 @@ class PhorestConnector:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         retried: bool = True,
+        branch_id: str = "",
     ) -> Any:
         """Send one request (with the in-call retries); the decoded JSON of a 2xx.
 
@@ -384,6 +518,7 @@ class PhorestConnector:
         path = template.format(
             business_id=quote(self._settings.business_id, safe=""),
             client_id=quote(client_id, safe=""),
+            branch_id=quote(branch_id, safe=""),
         )
 
         def once() -> Any:
@@ -506,6 +641,30 @@ class RateLimiter:
         if slot > now:
             self._sleep(slot - now)
         return slot
+
+
+def appointment_windows(first: date, last: date) -> list[tuple[date, date]]:
+    """``first``..``last`` (inclusive) cut into windows Phorest accepts, in order.
+
+    Each window spans at most ``APPOINTMENT_WINDOW_DAYS`` days, both ends included.
+    """
+    windows: list[tuple[date, date]] = []
+    start = first
+    while start <= last:
+        stop = min(last, start + timedelta(days=APPOINTMENT_WINDOW_DAYS - 1))
+        windows.append((start, stop))
+        start = stop + timedelta(days=1)
+    return windows
+
+
+def _booked_client(row: Any) -> str | None:
+    """The client an appointment row holds a slot for; None if cancelled, deleted or odd."""
+    if not isinstance(row, dict) or row.get("deleted") is True:
+        return None
+    if row.get("activationState") not in BOOKED_STATES:
+        return None
+    client_id = row.get("clientId")
+    return client_id if isinstance(client_id, str) and client_id else None
 
 
 def _refusal(action: Action) -> str | None:

@@ -26,7 +26,8 @@ Problems live in the ledger's ``alerts`` table, one open alert per
 
   Processors that are no longer configured have their alerts resolved.
   The engine raises ``suppressed_consent:<client id>`` itself: Phorest shows a
-  person who asked to be erased with consent again.
+  person who asked to be erased with consent again; the retention purge raises
+  ``purge_guard:<run id>`` when its guard holds a run back (client counts only).
 
 :func:`dispatch` then tells the manager, by email and, when configured, a JSON
 webhook. The policy is "one message per problem, throttled, never a flood":
@@ -89,6 +90,7 @@ REQUEST_OVERDUE = "request_overdue"
 MANUAL_STEP = "manual_step"
 QUOTA_DEADLINE = "quota_deadline"
 SUPPRESSED_CONSENT = "suppressed_consent"  # raised by the engine (syncd.engine)
+PURGE_GUARD = "purge_guard"  # raised by the retention purge (syncd.retention)
 
 REQUEST_LABELS = {"erase": "Erasure", "restrict": "Restriction",
                   "unrestrict": "Lift-restriction", "export": "Export"}  # fmt: skip
@@ -108,6 +110,9 @@ HINTS = {
     " user by hand in GA's User Explorer, then confirm the step.",
     SUPPRESSED_CONSENT: "The person asked to be erased. Check with them before anything else;"
     " syncd keeps them off every processor meanwhile.",
+    PURGE_GUARD: "An unusually large share of clients looks stale (a wrong lastVisit import?"
+    " a changed setting?). Check the list with `syncd retention --dry-run`; only if it is"
+    " right, confirm with the command in this message.",
     "needs_person": "A manual step is waiting for you; `syncd status` lists it.",
     "retries_exhausted": "syncd gave up on some changes after many tries; fix the cause, then"
     " run `syncd resync`.",

@@ -494,6 +494,11 @@ class PolicySettings(Section):
     retention_months: int = Field(
         default=24, ge=1, le=240, description="Purge clients with no visit for this many months."
     )
+    appointment_lookahead_days: int = Field(
+        default=180, ge=1, le=730,
+        description="A booked appointment within this many days from today keeps a client "
+        "from the retention purge.",
+    )
     purge_guard_percent: float = Field(
         default=5,
         ge=0,

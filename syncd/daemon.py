@@ -16,6 +16,9 @@ The loop (``schedule``), on the main thread:
 - at ``[daemon] nightly_resync_at`` (local time): a full resync, and a read of
   GA's data-retention setting against the policy (:mod:`syncd.analytics`, R9;
   also once at start);
+- at ``[daemon] retention_purge_at`` (local time): the retention purge
+  (:func:`syncd.retention.purge`, its guard included), whose erasure requests
+  the work job then carries out;
 - every second: a resync an operator asked for while the daemon runs (a
   command row written by ``syncd resync``), with its progress written back;
 - every ``[daemon] alert_check_seconds``: the alert checks
@@ -74,7 +77,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, analytics, config, engine, health, httpd, rights
+from syncd import alerts, analytics, config, engine, health, httpd, retention, rights
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -412,6 +415,14 @@ class Daemon:
         def commands() -> None:
             self._run_commands(ledger, resync)
 
+        def purge() -> None:
+            # The same purge as `syncd retention`, guard included; the work job then
+            # carries the requests out like any request's.
+            result = retention.purge(ledger, settings, runtime.connectors, runtime.keys,
+                                     now=now(), progress=self._safe_point)
+            log.info("retention_run", run_id=result.run_id, outcome=result.outcome,
+                     filed=len(result.request_ids))
+
         def check_alerts() -> None:
             report = alerts.run_checks(ledger, settings, now=now())
             if report is not None and (report.sent or report.failed):
@@ -424,7 +435,7 @@ class Daemon:
                                           settings.google_analytics)
 
         jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands,
-                "alerts": check_alerts, "requests": requests,
+                "alerts": check_alerts, "requests": requests, "retention": purge,
                 "retention_setting": retention_setting}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
@@ -437,6 +448,8 @@ class Daemon:
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(
             self._jobs["retention_setting"])
+        runtime.scheduler.every().day.at(settings.daemon.retention_purge_at).do(
+            self._jobs["retention"])
 
     def _guarded(self, ledger: Ledger, job: _Job) -> Callable[[], None]:
         """``job`` wrapped so a failure is logged, counted, alerted and paused, never raised.

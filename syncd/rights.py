@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import calendar
 import getpass
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -187,6 +187,50 @@ def resolve(
             shared.append(address)
     return Person(keys.client_id(chosen), source, tuple(mine), tuple(emails), tuple(phones),
                   tuple(shared), held)
+
+
+def person_of(
+    record: ClientRecord,
+    keys: SubjectKeys,
+    *,
+    source: str,
+    holders: Mapping[str, Sequence[ClientRecord]],
+    merged: Sequence[ClientRecord] = (),
+    leaving: Collection[str] = (),
+) -> Person:
+    """The person one Phorest record stands for, from records already read (no calls).
+
+    What :func:`resolve` finds by asking Phorest, built from a full client scan
+    instead (the retention purge reads every client anyway): the record, the
+    duplicates merged into it, their addresses and numbers, and which
+    addresses another live client shares.
+
+    Args:
+        record: the person's surviving record.
+        keys: the subject keys (and the default phone region).
+        source: what the request is filed from (``retention``).
+        holders: normalised address -> every record of the scan at it
+            (archived, deleted and merged ones included).
+        merged: the records merged into ``record``.
+        leaving: client ids erased in the same run: an address only they share
+            with the person is not kept for them.
+    """
+    mine = [record, *sorted((r for r in merged if r.merged_into == record.client_id),
+                            key=lambda r: r.client_id)]  # fmt: skip
+    emails = _unique([_email_of(r) for r in mine])
+    phones = _unique([_phone_of(r, keys) for r in mine])
+    held = {address: tuple(r for r in holders.get(address, ()) if _email_of(r) == address)
+            for address in emails}  # fmt: skip
+    shared = [address for address in emails
+              if any(_root(r) != record.client_id and r.state not in ERASED_CLIENT_STATES
+                     and _root(r) not in leaving for r in held[address])]  # fmt: skip
+    return Person(keys.client_id(record.client_id), source, tuple(mine), tuple(emails),
+                  tuple(phones), tuple(shared), held)
+
+
+def email_of(record: ClientRecord) -> str | None:
+    """The record's address, normalised, or None (none, or not a usable address)."""
+    return _email_of(record)
 
 
 def _one_person(named: Mapping[str, set[str]]) -> str | None:

@@ -18,6 +18,7 @@ REQUEST_FINAL_STATES = ("done", "failed", "cancelled")
 STEP_KINDS = ("task", "manual")
 STEP_STATES = ("waiting", "done", "failed", "cancelled")
 MAX_EXTENSION_MONTHS = 2  # UK GDPR Art. 12(3): "by two further months"
+RETENTION_RUN_STATES = ("guarded", "confirmed", "superseded", "filed")
 COMMAND_KINDS = ("resync",)
 COMMAND_FINAL_STATES = ("done", "failed")
 
@@ -224,3 +225,27 @@ class InboxEvent:
     dedupe_key: str
     processed_at: datetime | None
     outcome: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRun:
+    """One retention purge that was not a dry run (client counts only).
+
+    Attributes:
+        stale_count: live clients found stale (the requests it would file).
+        live_count: live (active or archived) clients in all.
+        state: ``guarded`` (held back by the purge guard, waiting for a
+            person), ``confirmed`` (a person confirmed it; requests filed),
+            ``superseded`` (a later run replaced it) or ``filed``.
+        filed_count: erasure requests it filed.
+        confirmed_by: who confirmed a guarded run.
+    """
+
+    id: int
+    created_at: datetime
+    stale_count: int
+    live_count: int
+    state: str
+    filed_count: int
+    closed_at: datetime | None
+    confirmed_by: str | None

@@ -233,8 +233,28 @@ CREATE INDEX audit_by_task ON audit (task_id);
 ALTER TABLE subjects ADD COLUMN analytics_erased_at TEXT;
 """
 
+# Retention purges (R4): every run that was not a dry run, with how many live
+# clients it found stale and how many were live in all. A run the purge guard
+# held back stays 'guarded' until a person confirms it (then 'confirmed') or a
+# later run with another count replaces it ('superseded'); 'filed' runs filed
+# their erasure requests. Client counts only, no ids.
+_V8_RETENTION_RUNS = """
+CREATE TABLE retention_runs (
+    id           INTEGER PRIMARY KEY,
+    created_at   TEXT NOT NULL,
+    stale_count  INTEGER NOT NULL CHECK (stale_count >= 0),
+    live_count   INTEGER NOT NULL CHECK (live_count >= 0),
+    state        TEXT NOT NULL
+                 CHECK (state IN ('guarded', 'confirmed', 'superseded', 'filed')),
+    filed_count  INTEGER NOT NULL DEFAULT 0,
+    closed_at    TEXT,
+    confirmed_by TEXT
+);
+CREATE INDEX retention_runs_by_state ON retention_runs (state, id);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE,
-    _V6_OWN_UNSUBSCRIBE, _V7_REQUEST_STEPS,
+    _V6_OWN_UNSUBSCRIBE, _V7_REQUEST_STEPS, _V8_RETENTION_RUNS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

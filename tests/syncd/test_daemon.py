@@ -124,3 +124,27 @@ def test_a_requested_resync_that_raises_any_exception_is_marked_failed_for_the_w
     assert command.error is not None and command.error.startswith("ZeroDivisionError")
     assert PERSONAL_TEXT not in command.error
     assert [a.problem_key for a in ledger.open_alerts()] == ["job_failed:commands"]
+
+
+def test_the_retention_purge_runs_daily_at_its_configured_time_guard_included(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    from datetime import time as clock_time
+
+    with Sandbox(clients=30, seed=3, smtp_port=None) as sandbox:
+        path = sandbox.write_config(tmp_path / "syncd.toml")
+        settings = config.load(path)
+        settings = settings.model_copy(update={
+            "daemon": settings.daemon.model_copy(update={"retention_purge_at": "04:15"}),
+            "policy": settings.policy.model_copy(update={"purge_guard_percent": 0.0})})
+        daemon = Daemon(str(path), settings=settings, install_signals=False)
+        runtime = daemon._build(settings)
+        daemon._schedule(ledger, runtime)
+        daily = [job for job in runtime.scheduler.jobs
+                 if job.unit == "days" and job.at_time == clock_time(4, 15)]
+        assert len(daily) == 1
+        daily[0].job_func()  # what the scheduler runs at 04:15
+    (run,) = [ledger.retention_run(1)]
+    assert run is not None and run.state == "guarded" and run.stale_count > 0
+    assert ledger.all_requests() == []
+    assert [a.kind for a in ledger.open_alerts()] == ["purge_guard"]
