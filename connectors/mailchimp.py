@@ -83,6 +83,10 @@ OPERATIONS_MAX_POLL_SECONDS = 10.0
 MEMBER_FIELDS = ["members.email_address", "members.status", "members.merge_fields",
                  "members.last_changed", "total_items"]  # a list: the SDK comma-joins it (A1.13)
 NAME_FIELDS = frozenset({"FNAME", "LNAME"})
+# What a subject access export (R8) shows of a member: everything about the person.
+EXPORT_FIELDS = ("email_address", "status", "email_type", "merge_fields", "unsubscribe_reason",
+                 "ip_signup", "timestamp_signup", "ip_opt", "timestamp_opt", "last_changed",
+                 "language", "vip", "source", "tags", "member_rating", "location")
 # since_last_changed is strict and whole-second (sandbox assumption 2), and a member saved
 # while we page can carry an older last_changed than one already seen: re-read a margin.
 CHANGES_OVERLAP = timedelta(minutes=2)
@@ -194,9 +198,19 @@ class MailchimpConnector:
             PermanentError: credentials refused, the list does not exist, or an answer that
                 is not a member.
         """
+        raw = self._get_member(email, [f.removeprefix("members.") for f in MEMBER_FIELDS[:-1]])
+        return None if raw is None else _record(raw)
+
+    def _get_member(self, email: str, fields: Sequence[str]) -> dict[str, Any] | None:
+        """``fields`` of the member at ``email`` (one GET by subscriber hash), or None.
+
+        Raises:
+            RetriableError: see :meth:`member`.
+            PermanentError: see :meth:`member`.
+        """
         try:
             raw = self._call(self._lists.get_list_member, self._list_id, _hash(email),
-                             fields=[f.removeprefix("members.") for f in MEMBER_FIELDS[:-1]])
+                             fields=list(fields))
         except ConnectorError as error:
             if error.status != 404:
                 raise
@@ -212,7 +226,25 @@ class MailchimpConnector:
         if not isinstance(raw, dict) or not isinstance(raw.get("email_address"), str):
             raise PermanentError("GET " + MEMBER + ": not a member", title="bad_response",
                                  reached_server=True)
-        return _record(raw)
+        return raw
+
+    def member_fields(self, email: str) -> dict[str, Any] | None:
+        """What the audience holds about the member at ``email``, or None when there is none.
+
+        :data:`EXPORT_FIELDS` of the member as Mailchimp returns them (the
+        address, status, merge fields, sign-up and opt-in times and addresses,
+        ...): for a subject access request (R8). Nothing of it is logged.
+
+        Raises:
+            RetriableError: the member could not be read after the in-call retries, or a 404
+                whose cause (missing member or missing list) could not be told.
+            PermanentError: credentials refused, the list does not exist, or an answer that
+                is not a member.
+        """
+        raw = self._get_member(email, EXPORT_FIELDS)
+        if raw is None:
+            return None
+        return {key: raw[key] for key in EXPORT_FIELDS if key in raw}
 
     def changes(self, cursor: str | None) -> Changes:
         """Members changed since ``cursor`` minus an overlap; None or "" scans everything.

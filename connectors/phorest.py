@@ -69,6 +69,8 @@ MAX_CONCURRENT_WRITES = 8
 APPLY_SECONDS = 5.0  # how long one apply should take at the configured rate limit
 CALLS_PER_WITHDRAWAL = 3  # GET, PUT, GET
 FORGOTTEN_FIRST_NAMES = frozenset({"anonymous", ""})
+# Fields of a client's JSON that describe the record, not the person (left out of exports).
+TECHNICAL_FIELDS = frozenset({"version", "_links"})
 _BODY_READ_ERRORS = requests.exceptions.ChunkedEncodingError
 _TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "stale_version"}
 
@@ -235,6 +237,25 @@ class PhorestConnector:
             if error.title == "not_found":
                 return None
             raise
+
+    def client_fields(self, client_id: str) -> dict[str, Any] | None:
+        """What Phorest holds about one client, field by field, or None if unknown.
+
+        The client's JSON as Phorest returns it, less the fields that are not
+        about the person (:data:`TECHNICAL_FIELDS`): for a subject access
+        request (R8). Nothing of it is logged.
+
+        Raises:
+            RetriableError: Phorest could not be read after the in-call retries.
+            PermanentError: credentials refused, or an answer we cannot trust.
+        """
+        try:
+            raw = self._client(client_id)
+        except PermanentError as error:
+            if error.title == "not_found":
+                return None
+            raise
+        return {key: value for key, value in raw.items() if key not in TECHNICAL_FIELDS}
 
     def changes(self, cursor: str | None) -> Changes:
         """Clients updated since ``cursor`` minus an overlap; None or "" scans everything.

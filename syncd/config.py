@@ -554,6 +554,54 @@ class ManualProcessorSettings(Section):
         return [name.strip() for name in value]
 
 
+class ProcessorRecordSettings(Section):
+    """Where one processor keeps personal data, on what lawful basis and for how long."""
+
+    section: ClassVar[str] = "processors"
+    location: str = Field(
+        min_length=1, max_length=200,
+        description="Where the processor stores the data (provider, region, country).",
+        examples=["AWS Dublin, Ireland (EU)"],
+    )
+    lawful_basis: str = Field(
+        min_length=1, max_length=300,
+        description="The lawful basis for the processing (UK GDPR Art. 6).",
+        examples=["Contract (UK GDPR Art. 6(1)(b)): the client's treatment records"],
+    )
+    retention: str = Field(
+        min_length=1, max_length=300,
+        description="How long the processor keeps the data.",
+        examples=["24 months after the client's last visit"],
+    )
+
+
+# The records of processing behind `syncd request export` (R8; policy 2.3, 5.4, 5.5). A
+# [processors.<name>] table overrides these key by key.
+DEFAULT_PROCESSOR_RECORDS: Mapping[str, Mapping[str, str]] = {
+    "phorest": {
+        "location": "AWS Dublin, Ireland (EU)",
+        "lawful_basis": "Contract (UK GDPR Art. 6(1)(b)): the client record needed to book and "
+                        "provide treatments; the controller's own system",
+        "retention": "Until 24 months after the client's last visit, then erased "
+                     "(policy 5.5, [policy] retention_months)",
+    },
+    "mailchimp": {
+        "location": "USA",
+        "lawful_basis": "Consent (UK GDPR Art. 6(1)(a)): the client's email-marketing opt-in "
+                        "recorded in Phorest (policy 5.4)",
+        "retention": "While the client consents; erased on request or when the Phorest record "
+                     "is purged (policy 5.5)",
+    },
+    "google_analytics": {
+        "location": "USA",
+        "lawful_basis": "Consent (UK GDPR Art. 6(1)(a)): analytics cookies accepted on the "
+                        "website (policy 2.3)",
+        "retention": "14 months of event data (policy 5.5, [google_analytics] "
+                     "max_event_retention); deleted on request",
+    },
+}
+
+
 def _check_address(value: str) -> str:
     try:
         return normalise_email(value)
@@ -673,6 +721,26 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     # [[manual_processors]]: an array of tables, not a section.
     manual_processors: tuple[ManualProcessorSettings, ...] = ()
+    # [processors.<name>]: a table of tables, not a section; every processor has defaults.
+    processors: dict[str, ProcessorRecordSettings] = Field(
+        default_factory=dict, validate_default=True,
+        description="Where each processor keeps personal data, why and for how long.",
+    )
+
+    @field_validator("processors", mode="before")
+    @classmethod
+    def _processor_defaults(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # pydantic says what is wrong with it
+        merged: dict[str, Any] = {name: dict(record)
+                                  for name, record in DEFAULT_PROCESSOR_RECORDS.items()}
+        for name, given in value.items():
+            if not isinstance(name, str) or not _PROCESSOR_NAME.match(name):
+                raise ValueError(f"processor names are 1-40 lower-case letters, digits or _: "
+                                 f"{str(name)[:40]!r}")
+            merged[name] = ({**merged.get(name, {}), **given} if isinstance(given, Mapping)
+                            else given)
+        return merged
 
     # A field validator, not a model one: it runs even when another section has
     # errors (a model validator is skipped then), and names its key path.
@@ -686,6 +754,10 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"manual processor names must be unique: {', '.join(twice)}")
         return value
+
+    def processor_record(self, name: str) -> ProcessorRecordSettings | None:
+        """The ``[processors.<name>]`` record (defaults included), or None."""
+        return self.processors.get(name)
 
     def manual_processor(self, name: str) -> ManualProcessorSettings | None:
         """The ``[[manual_processors]]`` entry called ``name``, or None."""
@@ -729,7 +801,7 @@ def _section_model(annotation: Any) -> type[Section]:
 
 SECTION_MODELS: dict[str, type[Section]] = {
     name: _section_model(field.annotation) for name, field in Settings.model_fields.items()
-    if name != "manual_processors"
+    if name not in ("manual_processors", "processors")
 }
 
 
@@ -805,7 +877,8 @@ def _unknown_environment_sections() -> list[str]:
         if not upper.startswith(ENV_PREFIX) or upper == CONFIG_PATH_ENV:
             continue
         section = upper.removeprefix(ENV_PREFIX).split("__", 1)[0].lower()
-        if section not in SECTION_MODELS:
+        # [processors.<name>] tables: SYNCD_PROCESSORS__<NAME>__<KEY>.
+        if section not in SECTION_MODELS and section != "processors":
             problems.append(
                 f"environment {name}: unknown section {section!r} (sections: "
                 f"{', '.join(SECTION_MODELS)}; keys are set as {ENV_PREFIX}<SECTION>__<KEY>)"
@@ -873,6 +946,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
         out[name] = values
     if settings.manual_processors:
         out["manual_processors"] = [p.model_dump(mode="json") for p in settings.manual_processors]
+    out["processors"] = {name: record.model_dump(mode="json")
+                         for name, record in settings.processors.items()}
     return out
 
 
@@ -917,6 +992,15 @@ def render_example() -> str:
                 note = ""
             out.append(f"# {field.description}{_bounds_note(field)}{note}")
             out.append(f"{toml_key} = {toml_value(value)}")
+    out += ["", f"# {ProcessorRecordSettings.__doc__.strip()}",
+            "# `syncd request export` (R8) lists these with every field a processor holds.",
+            "# One [processors.<name>] table per processor (a manual processor may have one",
+            "# too); a key left out keeps the default shown here."]
+    for name, record in DEFAULT_PROCESSOR_RECORDS.items():
+        out.append(f"[processors.{name}]")
+        for key, field in ProcessorRecordSettings.model_fields.items():
+            out.append(f"# {field.description}")
+            out.append(f"{key} = {toml_value(record[key])}")
     out += ["", f"# {ManualProcessorSettings.__doc__.strip()}",
             "# One [[manual_processors]] table per such processor; none by default.",
             "# [[manual_processors]]"]
@@ -936,14 +1020,30 @@ def _bounds_note(field: Any) -> str:
     return f" Allowed: {low:g} to {high:g}."
 
 
-def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Sections of plain values as TOML; None values become a comment."""
-    out = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
+def render_toml(data: Mapping[str, Any]) -> str:
+    """Sections of plain values as TOML; None values become a comment.
+
+    A section that is a list of tables (``manual_processors``) becomes
+    ``[[section]]`` tables, one whose values are all tables (``processors``)
+    becomes ``[section.name]`` tables.
+    """
+    out: list[str] = []
+
+    def table(header: str, values: Mapping[str, Any]) -> None:
+        out.append(header)
         for key, value in values.items():
             out.append(f"# {key} is not set" if value is None else f"{key} = {toml_value(value)}")
         out.append("")
+
+    for section, values in data.items():
+        if isinstance(values, list | tuple):
+            for entry in values:
+                table(f"[[{section}]]", entry)
+        elif values and all(isinstance(v, Mapping) for v in values.values()):
+            for name, entry in values.items():
+                table(f"[{section}.{name}]", entry)
+        else:
+            table(f"[{section}]", values)
     return "\n".join(out)
 
 

@@ -62,7 +62,7 @@ ANALYTICS = "google_analytics"
 PHOREST_FORGET = "Client actions › Forget"
 # Who confirms a step syncd verified itself by reading Phorest.
 VERIFIED_BY = "syncd (verified in Phorest)"
-RULES = {"erase": "R3", "restrict": "R7", "unrestrict": "R7"}
+RULES = {"erase": "R3", "restrict": "R7", "unrestrict": "R7", "export": "R8"}
 # Closed Phorest states in which the client's personal data is gone.
 FORGOTTEN_STATES = frozenset({"forgotten", "deleted"})
 
@@ -737,6 +737,11 @@ def _unique(values: Iterable[str | None]) -> list[str]:
 
 def _label(kind: str) -> str:
     return {"email": "email", "phone": "phone number", "client_id": "client id"}[kind]
+
+
+def login_name() -> str:
+    """Who runs syncd, for a request's ``filed_by`` when ``--by`` is not given."""
+    return _login()
 
 
 def _login() -> str:

@@ -56,6 +56,27 @@ def add_parsers(commands: Commands, common: argparse.ArgumentParser) -> None:
         filing.add_argument("--json", action="store_true", help="print the request as JSON")
         filing.set_defaults(handler=cmd_file, kind=kind)
 
+    export = actions.add_parser(
+        "export", help="give a person a copy of what each processor holds (R8)",
+        parents=[common],
+        description="Access and portability (R8): write one file listing, per processor, "
+        "each field held about the person, read live (Phorest, Mailchimp; for GA the "
+        "identifier it files them under), with where it is stored, when syncd first sent it "
+        "there, the lawful basis and the retention ([processors.<name>]). The file is created "
+        "with mode 0600 and never overwrites one; it is the only output holding the person's "
+        "data. The export is recorded as a request, closed when the file is written.",
+    )
+    export.add_argument("--email", metavar="EMAIL", help="the person's email address")
+    export.add_argument("--phone", metavar="PHONE", help="the person's mobile number")
+    export.add_argument("--client-id", metavar="ID", help="the person's Phorest client id")
+    export.add_argument("--format", choices=["csv", "json"], default="csv",
+                        help="file format (default: csv)")
+    export.add_argument("--output", metavar="PATH", type=Path,
+                        help="the file to create (default: syncd-export-<request id>.<format> "
+                        "in the current directory); an existing file is refused")
+    export.add_argument("--by", metavar="NAME", help="who files it (default: login name)")
+    export.set_defaults(handler=cmd_export)
+
     show = actions.add_parser("show", help="one request: steps, evidence, deadline",
                               description="Show one request: its state and deadline, each "
                               "processor's steps with their evidence or instructions, and its "
@@ -166,6 +187,32 @@ def cmd_file(args: argparse.Namespace) -> int:
         print("syncd run is running: it carries the request out (see syncd request show "
               f"{request_id})")
     _print_steps(shown["steps"])
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``syncd request export``: resolve, read every processor live, write the file, record it."""
+    from syncd import engine, export, rights
+    from syncd.ledger import Ledger
+
+    if not (args.email or args.phone or args.client_id):
+        raise SyncdError("give --email, --phone or --client-id")
+    if args.output is not None:
+        export.refuse_existing(args.output)
+    settings = load_settings(args, interactive=True)
+    built, keys = engine.build(settings, needed_by="syncd request export")
+    person = rights.resolve(built["phorest"], keys, email=args.email, phone=args.phone,
+                            client_id=args.client_id)
+    with Ledger.open(settings.ledger.path) as ledger:
+        rows = export.gather(ledger, settings, keys, person, built)
+        request_id, path = export.file_export(ledger, settings, person, rows, args.format,
+                                              output=args.output, filed_by=args.by,
+                                              now=datetime.now(UTC))  # fmt: skip
+    processors = sorted({row.processor for row in rows})
+    who = _who({"client_id": person.primary.client_id if person.primary else None})
+    print(f"request #{request_id} done: export of {who} written to {path} ({args.format}, "
+          f"{len(rows)} row(s) from {', '.join(processors)}; mode 0600)")
+    print("It holds the person's data: send it to them securely, then delete it.")
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ import responses
 import connectors
 from connectors import mailchimp
 from connectors.base import Action, MemberRecord
-from connectors.mailchimp import MailchimpConnector
+from connectors.mailchimp import EXPORT_FIELDS, MailchimpConnector
 from syncd.config import MailchimpSettings
 from syncd.errors import ConnectorError, PermanentError, RetriableError
 from syncd.retry import RetryPolicy
@@ -552,6 +552,27 @@ def test_member_reads_one_member_by_its_hash(wire: responses.RequestsMock) -> No
     assert record is not None and (record.email, record.status) == (SEEDED_EMAIL, "unsubscribed")
     assert query(wire.calls[0])["fields"] == [
         "email_address,status,merge_fields,last_changed"]
+
+
+def test_member_fields_asks_for_the_export_fields_and_returns_them_as_mailchimp_holds_them(
+    wire: responses.RequestsMock,
+) -> None:
+    held = member_json(timestamp_signup="2025-05-01T09:00:00+00:00", ip_signup="192.0.2.1",
+                       tags=[{"id": 1, "name": "vip"}])  # fmt: skip
+    wire.add(responses.GET, MEMBER_URL, json={**held, "stats": {"avg_open_rate": 0}})
+
+    fields = make_connector().member_fields(SEEDED_EMAIL)
+
+    assert fields == held  # what Mailchimp answered, less what is not about the person
+    assert query(wire.calls[0])["fields"] == [",".join(EXPORT_FIELDS)]
+
+
+def test_member_fields_is_none_for_an_address_the_audience_does_not_hold(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.GET, MEMBER_URL, **problem(404, "Resource Not Found"))
+    wire.add(responses.GET, LIST_URL, json={"id": LIST_ID})
+    assert make_connector(attempts=1).member_fields(SEEDED_EMAIL) is None
 
 
 @pytest.mark.parametrize(

@@ -1333,6 +1333,32 @@ def test_client_still_raises_when_phorest_refuses_the_credentials(
         make_connector(fake_time).client(CLIENT_ID)
 
 
+def test_client_fields_returns_what_phorest_holds_without_the_record_version_or_logging_it(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.get(CLIENT_URL, json=client_json())
+
+    with structlog.testing.capture_logs() as events:
+        fields = make_connector(fake_time).client_fields(CLIENT_ID)
+
+    expected = client_json()
+    del expected["version"]
+    assert fields == expected
+    assert SEEDED_EMAIL not in repr(events) and SEEDED_LAST_NAME not in repr(events)
+
+
+def test_client_fields_answers_none_for_an_id_phorest_does_not_know_and_raises_on_refusal(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.get(CLIENT_URL, status=404, json={"errorCode": "NOT_FOUND"})
+    wire.get(f"{CLIENTS_URL}/other", status=401)
+    connector = make_connector(fake_time, attempts=1)
+
+    assert connector.client_fields(CLIENT_ID) is None
+    with pytest.raises(PermanentError):
+        connector.client_fields("other")
+
+
 def test_find_by_phone_asks_each_spelling_once_and_keeps_each_client_once(
     wire: responses.RequestsMock, fake_time: FakeTime
 ) -> None:

@@ -378,6 +378,7 @@ def test_validate_rejects_values_that_would_crash_at_run_time(
     tmp_path: Path, section: str, setting: str
 ) -> None:
     data = tomllib.loads(EXAMPLE.read_text())
+    del data["processors"]  # tables of tables, not written below; they have defaults
     key = setting.split(" = ")[0]
     del data[section][key]
     text = "".join(

@@ -694,3 +694,39 @@ def test_request_warning_days_is_bounded(
 
 def test_request_warning_days_defaults_to_a_week(tmp_path: Path) -> None:
     assert config.load(write(tmp_path, MINIMAL)).policy.request_warning_days == 7
+
+
+def test_processor_records_default_per_processor_and_a_table_overrides_key_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = MINIMAL + '[processors.mailchimp]\nlocation = "EU (Frankfurt)"\n'
+    monkeypatch.setenv("SYNCD_PROCESSORS__GOOGLE_ANALYTICS__RETENTION", "2 months")
+    settings = config.load(write(tmp_path, text), require_secrets=False)
+
+    phorest = settings.processor_record("phorest")
+    mailchimp = settings.processor_record("mailchimp")
+    analytics = settings.processor_record("google_analytics")
+    assert phorest is not None and phorest.location == "AWS Dublin, Ireland (EU)"
+    assert mailchimp is not None and mailchimp.location == "EU (Frankfurt)"
+    defaults = config.DEFAULT_PROCESSOR_RECORDS
+    assert mailchimp.lawful_basis == defaults["mailchimp"]["lawful_basis"]  # kept
+    assert analytics is not None
+    assert (analytics.location, analytics.retention) == ("USA", "2 months")
+    assert settings.processor_record("paper_forms") is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('[processors.paper_forms]\nlocation = "the office"\nretention = "a year"\n',
+         "processors.paper_forms.lawful_basis: required key is missing"),
+        ('[processors.Paper]\nlocation = "x"\n', "processors: processor names are"),
+        ('[processors.mailchimp]\nlocation = ""\n', "processors.mailchimp.location: String should"),
+    ],
+    ids=["new-processor-needs-every-key", "bad-name", "empty-location"],
+)
+def test_a_bad_processor_record_is_one_error_with_its_key_path(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    (line,) = errors_of(write(tmp_path, MINIMAL + table), require_secrets=False)
+    assert message in line
