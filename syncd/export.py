@@ -168,7 +168,7 @@ def render(rows: Sequence[Row], fmt: Format, *, request_id: int, now: datetime) 
     writer = csv.writer(text)
     writer.writerow(COLUMNS)
     for row in rows:
-        writer.writerow([_cell(getattr(row, column)) for column in COLUMNS])
+        writer.writerow([_inert(_cell(getattr(row, column))) for column in COLUMNS])
     return text.getvalue().encode()
 
 
@@ -363,6 +363,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, list | tuple | Mapping):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
+
+
+def _inert(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (CWE-1236).
+
+    Text starting with ``=``, ``@``, a tab or a carriage return, or with ``+`` or
+    ``-`` not followed by a digit, gets a leading apostrophe; a phone number such
+    as ``+447700900123`` or a negative number is left as it is.
+    """
+    if not text:
+        return text
+    first, rest = text[0], text[1:2]
+    if first in "=@\t\r" or (first in "+-" and not rest.isdigit()):
+        return "'" + text
+    return text
 
 
 def _iso(moment: datetime) -> str:

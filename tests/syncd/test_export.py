@@ -313,3 +313,18 @@ def test_a_shared_address_member_is_withheld_and_a_missing_member_is_said_so(
     assert code == 0
     mailchimp = by_field(csv_rows(world["dir"] / "syncd-export-2.csv"), "mailchimp")
     assert mailchimp["member"]["value"] == "none held: no member at this address"
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+    ("@SUM(A1)", "'@SUM(A1)"),
+    ("+cmd", "'+cmd"),
+    ("-2+3", "-2+3"),
+    ("+447700900123", "+447700900123"),
+    ("Jo", "Jo"),
+    ("", ""),
+])  # fmt: skip
+def test_csv_cells_never_run_as_spreadsheet_formulas(value: str, shown: str) -> None:
+    from syncd.export import _inert
+
+    assert _inert(value) == shown
