@@ -11,9 +11,9 @@ STAMP := $(VENV)/.installed
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The newcomer's first command: the sandbox and the daemon as real processes, four
-# scenes (webhook opt-out, Phorest opt-out, resync, erasure request), the audit trail;
-# about 30 s.
+# The newcomer's first command: the sandbox and the daemon as real processes, six
+# scenes (webhook opt-out, Phorest opt-out, resync, erasure request, retention purge
+# with its guard, export), the audit trail; about 30 s.
 demo: $(STAMP)
 	$(BIN)/python -m syncd.sandbox.demo $(DEMO_ARGS)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from syncd.sandbox.google import GoogleEmulator
@@ -291,6 +291,14 @@ ACTIONS: dict[str, tuple[str, ActionFn]] = {
     "phorest-visit": (
         "a client visits and pays {client_id, date?}",
         lambda api, a: api.phorest.record_visit(_need(a, "client_id"), _visit_date(api, a)),
+    ),
+    "phorest-book": (
+        "a client books an appointment {client_id, branch_id, date? (default: a week ahead)}",
+        lambda api, a: api.phorest.add_appointment(
+            _need(a, "branch_id"), clientId=_need(a, "client_id"),
+            appointmentDate=a.get("date") or (api.today() + timedelta(days=7)).isoformat(),
+            startTime="10:00:00", state="BOOKED", activationState="ACTIVE",
+        ),
     ),
     "phorest-forget": (
         "staff press Client actions > Forget {client_id}",

@@ -8,7 +8,7 @@ starts two real processes, exactly as an operator would:
 - ``syncd run`` on that config, and waits for ``/healthz`` to answer 200 (its
   first poll is a full resync that repairs the seeded drift).
 
-Then it plays four short scenes through the sandbox's control API and syncd's
+Then it plays six short scenes through the sandbox's control API and syncd's
 own commands, the way real people change the world, and shows after each what
 Phorest and Mailchimp hold for the person concerned, read through the vendors'
 own HTTP APIs:
@@ -27,7 +27,17 @@ own HTTP APIs:
    waits on Phorest's "Client actions › Forget", which has no API. Staff press
    Forget in the sandbox, the daemon sees the client forgotten and completes
    the request, and a later ``syncd resync`` does not add the person back (the
-   address is suppressed; Mailchimp would refuse it anyway).
+   address is suppressed; Mailchimp would refuse it anyway);
+5. the retention purge (R4): a client not seen for ``[policy] retention_months``
+   books an appointment (sandbox action ``phorest-book``); ``syncd retention
+   --dry-run`` lists the stale client ids and last visits with totals, leaving
+   the booked client out; ``syncd retention`` is held back by the purge guard
+   (the sandbox's world is about 12% stale, above ``purge_guard_percent``), the
+   manager confirms with ``--confirm-run ID --count N``, and the daemon deletes
+   every stale client's Mailchimp member while the booked client's stays;
+6. the booked client asks for a copy of their data: ``syncd request export
+   --client-id ID --output …/export.csv``; the demo shows the file's mode
+   (0600) and its rows per processor, never its contents.
 
 Last, the audit trail the ledger kept for those people, then the daemon is
 stopped with SIGTERM (it must exit 0) and the sandbox with it.
@@ -42,17 +52,21 @@ everything too (exit 130).
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -64,7 +78,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from syncd import config, engine, rights
+from syncd import config, engine, retention, rights
 from syncd.ledger import Ledger
 from syncd.log import redact_text
 from syncd.web import WEBHOOK_PREFIX
@@ -81,6 +95,10 @@ NAME_FIELDS = ("FNAME", "LNAME")
 DRIFT_PHONE = "07700 900555"
 # Who files the erasure request in scene 4 (a staff name, not the person's).
 ERASURE_FILED_BY = "reception"
+# Who confirms the retention run the purge guard held back in scene 5.
+PURGE_CONFIRMED_BY = "manager"
+# Stale client ids the retention scene shows from the dry run's list.
+SHOWN_STALE = 3
 # Environment the demo's own syncd processes must not inherit from the caller.
 INHERITED_PREFIXES = ("SYNCD_",)
 INHERITED_NAMES = ("CREDENTIALS_DIRECTORY",)
@@ -126,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m syncd.sandbox.demo",
         description="Run syncd against the sandbox: a webhook opt-out, a Phorest opt-out, "
-        "a resync and an erasure request, with what each system holds and the audit trail.",
+        "a resync, an erasure request, a retention purge and an export, with what each system "
+        "holds and the audit trail.",
     )
     parser.add_argument("--clients", type=_count, default=DEFAULT_CLIENTS, metavar="N",
                         help=f"synthetic clients to seed (default: {DEFAULT_CLIENTS})")
@@ -139,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 def _count(text: str) -> int:
     value = int(text)
     if value < 20:
-        raise argparse.ArgumentTypeError("must be at least 20 (the demo needs four people)")
+        raise argparse.ArgumentTypeError("must be at least 20 (the demo needs six people)")
     return value
 
 
@@ -190,7 +209,7 @@ class Holding:
 
 
 class Demo:
-    """The processes, the vendors' APIs and the four scenes.
+    """The processes, the vendors' APIs and the six scenes.
 
     Args:
         tmp: the temporary directory (config, secrets, ledger, logs).
@@ -210,7 +229,7 @@ class Demo:
         self.started = time.monotonic()
 
     def run(self) -> None:
-        """Start, play the four scenes, show the audit trail, stop.
+        """Start, play the six scenes, show the audit trail, stop.
 
         Raises:
             DemoError: a process or an outcome did not come as expected.
@@ -231,12 +250,13 @@ class Demo:
             self._scene_phorest_opt_out(second)
             self._scene_resync(third, env)
             self._scene_erasure(fourth, env)
-            self._show_audit([first, second, third, fourth])
+            booked = self._scene_retention(env)
+            self._scene_export(booked, env)
+            self._show_audit([first, second, third, fourth, booked])
         self._stop(daemon, sandbox)
         self.console.print(
             f"\n[bold green]Done[/] in {time.monotonic() - self.started:.1f} s: syncd stopped "
-            "cleanly (exit 0), the sandbox stopped, the temporary directory is removed.\n"
-            "Retention purges arrive in a later version of syncd.")
+            "cleanly (exit 0), the sandbox stopped, the temporary directory is removed.")
 
     # -- starting ------------------------------------------------------------------------
 
@@ -429,6 +449,100 @@ class Demo:
                    "address turn up again, and Mailchimp refuses a permanently deleted address "
                    "anyway", after=after)
 
+    def _scene_retention(self, env: dict[str, str]) -> Person:
+        """Scene 5; returns the stale client a booking kept (scene 6's person)."""
+        policy = self.settings.policy
+        cut = retention.cutoff(datetime.now(UTC).date(), policy.retention_months)
+        old = self._old_people(cut)
+        if len(old) < 2:
+            raise DemoError(f"found {len(old)} client(s) not seen since {cut.isoformat()} with a "
+                            "Mailchimp member; run with more --clients")
+        booked, purged = old[0], old[1:]
+        self._scene(5, "The retention purge: clients not seen for "
+                    f"{policy.retention_months} months", booked,
+                    "`syncd retention --dry-run` lists who the purge would erase (R4): no visit "
+                    f"or creation since {cut.isoformat()}, no booking in the next "
+                    f"{policy.appointment_lookahead_days} days. Then `syncd retention`, while the "
+                    "daemon runs, files an erasure request per stale client and the daemon "
+                    "carries them out; a run that would erase more than "
+                    f"{policy.purge_guard_percent:g}% of the clients waits for a person to "
+                    "confirm it. This client has not been seen either, but books an appointment.")
+        before = self._holding(booked)
+        self._act("phorest-book", client_id=booked.client_id, branch_id=self._branch_id())
+        self.console.print(f"Phorest client {booked.client_id} books an appointment for next "
+                           "week (sandbox action phorest-book).")
+
+        dry = self._syncd_command(["retention", "--dry-run"], env)
+        listed = dict(re.findall(r"^(\S+)\t(\S+)$", dry.stdout, re.M))
+        self._panel("syncd retention --dry-run", dry,
+                    keep=r"dry run:|Phorest calls|the purge guard|nothing was changed")
+        examples = "; ".join(f"{client_id} (last visit {visit})"
+                             for client_id, visit in list(listed.items())[:SHOWN_STALE])
+        self.console.print(f"  it listed {len(listed)} client id(s) with last visits, e.g. "
+                           f"{examples}")
+        if booked.client_id in listed:
+            raise DemoError(f"the dry run lists client {booked.client_id}, whose booking should "
+                            "keep them")
+        purged = [person for person in purged if person.client_id in listed]
+        if not purged:
+            raise DemoError("the dry run lists none of the stale clients with a Mailchimp member")
+
+        started = time.monotonic()
+        done = self._syncd_command(["retention"], env, codes=(0, 1))
+        self._panel("syncd retention", done)
+        held = re.search(r"--confirm-run (\d+) --count (\d+)", done.stdout)
+        if done.returncode == 1:
+            if not held:
+                raise DemoError("`syncd retention` exited 1 without naming a run to confirm")
+            self.console.print(f"The manager checks the list and confirms run #{held.group(1)}.")
+            done = self._syncd_command(["retention", "--confirm-run", held.group(1), "--count",
+                                        held.group(2), "--by", PURGE_CONFIRMED_BY], env)
+            self._panel("syncd retention --confirm-run", done)
+        filed = re.search(r"(\d+) erasure request\(s\) filed", done.stdout)
+        if not filed or int(filed.group(1)) != len(listed):
+            raise DemoError(f"`syncd retention` did not file the {len(listed)} request(s) the "
+                            "dry run listed")
+        self._wait(lambda: all(self._member(person)[1] is None for person in purged),
+                   "the stale clients' Mailchimp members to be deleted")
+        took = time.monotonic() - started
+        after = self._holding(booked)
+        if after.member_status.startswith("absent"):
+            raise DemoError(f"the purge deleted the Mailchimp member of client "
+                            f"{booked.client_id}, whose booking should keep them")
+        self.console.print(f"[green]OK[/] {len(purged)} of {len(purged)} stale clients' Mailchimp "
+                           f"members deleted {took:.1f} s after the run (the daemon's work "
+                           "loop); their requests wait on Phorest's Forget, like scene 4's")
+        self._show(person=booked, before=before, outcome="the booked client was left alone: "
+                   "still in Phorest and in Mailchimp", after=after)
+        return booked
+
+    def _scene_export(self, person: Person, env: dict[str, str]) -> None:
+        self._scene(6, "A client asks for a copy of their data", person,
+                    "`syncd request export` reads what every processor holds, live, and writes "
+                    "it to a file only its owner can read (R8). The demo shows the file's mode "
+                    "and rows per processor, never its contents.")
+        path = self.tmp / "export.csv"
+        done = self._syncd_command(["request", "export", "--client-id", person.client_id,
+                                    "--output", str(path), "--by", ERASURE_FILED_BY], env)
+        self._panel("syncd request export", done, keep=r"request #")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode != 0o600:
+            raise DemoError(f"the export file has mode {mode:04o}, not 0600")
+        with path.open(newline="") as file:
+            reader = csv.reader(file)
+            column = next(reader).index("processor")
+            rows = Counter(row[column] for row in reader)
+        table = Table(title=f"{path.name}: rows per processor", title_justify="left")
+        table.add_column("processor")
+        table.add_column("rows", justify="right")
+        for processor, count in sorted(rows.items()):
+            table.add_row(processor, str(count))
+        self.console.print(table)
+        if not rows.get(rights.PHOREST) or not rows.get(rights.MAILCHIMP):
+            raise DemoError("the export holds no Phorest or no Mailchimp row")
+        self.console.print(f"[green]OK[/] export written with mode {mode:04o}: "
+                           f"{sum(rows.values())} row(s) from {len(rows)} processor(s)")
+
     def _show_audit(self, people: Sequence[Person]) -> None:
         keys = engine.subject_keys(self.settings)
         rows = []
@@ -457,6 +571,36 @@ class Demo:
         self.processes.stop(sandbox)
 
     # -- reading the vendors -------------------------------------------------------------
+
+    def _old_people(self, cut: date) -> list[Person]:
+        """Live clients not seen or created since ``cut``, alone at their address, with a member.
+
+        Labelled E, F, ...: E is the one scene 5 books; the rest the purge should erase.
+        """
+        rows = list(self._phorest_clients())
+        holders = Counter(row["email"].lower() for row in rows if row.get("email"))
+        people: list[Person] = []
+        for row in rows:
+            email, visit = row.get("email"), row.get("lastVisit")
+            if (not email or holders[email.lower()] > 1 or row.get("deleted")
+                    or row.get("mergedToClientId") or not row.get("createdAt")
+                    or date.fromisoformat(row["createdAt"][:10]) >= cut
+                    or (visit and date.fromisoformat(visit[:10]) >= cut)):
+                continue
+            person = Person(chr(ord("E") + min(len(people), 21)), row["clientId"], email)
+            if self._member(person)[1] is not None:
+                people.append(person)
+        return people
+
+    def _branch_id(self) -> str:
+        phorest = self.settings.phorest
+        body = self._json("GET", f"{phorest.base_url}/api/business/{phorest.business_id}/branch",
+                          "Phorest GET branches",
+                          auth=(phorest.username, phorest.password.get_secret_value()))
+        branches = (body.get("_embedded") or {}).get("branches") or []
+        if not branches:
+            raise DemoError("Phorest lists no branch")
+        return str(branches[0]["branchId"])
 
     def _holding(self, person: Person) -> Holding:
         """What Phorest and Mailchimp hold for ``person`` now, read through their APIs."""
@@ -584,16 +728,18 @@ class Demo:
         return response.status_code == 200
 
     def _syncd_command(self, arguments: Sequence[str], env: dict[str, str], *,
-                       shown: str | None = None) -> subprocess.CompletedProcess[str]:
+                       shown: str | None = None,
+                       codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
         """Run ``syncd --config … ARGUMENTS`` to its end, as an operator would.
 
         Args:
             arguments: the command and its options.
             env: the environment (rich tables are laid out to fit the demo's panels).
             shown: the arguments as printed, when they hold personal data.
+            codes: the exit codes expected (1 too where a refusal is part of the story).
 
         Raises:
-            DemoError: it did not finish in time or did not exit 0.
+            DemoError: it did not finish in time or exited with another code.
         """
         name = "syncd " + " ".join(a for a in arguments[:2] if not a.startswith("-"))
         self.console.print(f"[dim]$ syncd --config {self.config_path} "
@@ -605,7 +751,7 @@ class Demo:
                                   timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired as error:
             raise DemoError(f"`{name}` did not finish within {self.timeout:g} s") from error
-        if done.returncode != 0:
+        if done.returncode not in codes:
             raise DemoError(f"`{name}` exited {done.returncode}: "
                             f"{_last_line(done.stderr or done.stdout)}")
         return done

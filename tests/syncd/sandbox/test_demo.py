@@ -1,4 +1,4 @@
-"""``make demo`` end to end: four scenes, the audit trail, exit 0, and no personal data shown."""
+"""``make demo`` end to end: six scenes, the audit trail, exit 0, and no personal data shown."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def test_make_demo_plays_every_scene_shows_the_audit_trail_and_no_personal_data(
         "mailchimp done, google_analytics done, phorest waiting; it waits on the Phorest Forget",
         "Nothing to do: Mailchimp and Phorest agree.",  # the later resync plans nothing
         "the resync did not re-add the person",
+        # 5. the retention purge: the dry run, the guard, the confirmed run, the booked client
+        "dry run: ",
+        "kept by a booking",
+        "held back by the purge guard",
+        "(confirmed): ",
+        "stale clients' Mailchimp members deleted",
+        "the booked client was left alone: still in Phorest and in Mailchimp",
+        # 6. the export: mode 0600 and rows per processor, never the contents
+        "export written with mode 0600",
         "Audit trail in the ledger",
         "syncd stopped cleanly (exit 0)",
     ):
@@ -73,8 +82,21 @@ def test_make_demo_plays_every_scene_shows_the_audit_trail_and_no_personal_data(
     table = scene.split("the resync did not re-add the person", 1)[0].rsplit("Person D:", 1)[-1]
     rows = [line for line in table.splitlines() if line.startswith(("│ before", "│ after"))]
     assert len(rows) == 2 and all("absent (404)" in row for row in rows), table
+    # 5. every stale client the dry run listed got a request; the booked one kept its member.
+    listed = re.search(r"dry run: (\d+) of \d+ live clients would be erased", output)
+    assert listed and re.search(rf"\(confirmed\): {listed.group(1)} erasure request\(s\) filed",
+                                output), output
+    scene = output.split("5. The retention purge", 1)[-1].split("6. A client asks", 1)[0]
+    table = scene.rsplit("Person E:", 1)[-1]
+    rows = [line for line in table.splitlines() if line.startswith(("│ before", "│ after"))]
+    assert len(rows) == 2 and not any("absent" in row for row in rows), table
+    # 6. the export counted rows from Phorest and Mailchimp at least.
+    scene = output.split("6. A client asks for a copy of their data", 1)[-1]
+    for processor in ("phorest", "mailchimp"):
+        assert re.search(rf"│ {processor} +│ +[1-9]\d* │", scene), scene
     for row in ("webhook_unsubscribe", "withdraw_consent", "R1:extra_merge_fields",
-                "request_erase", "R3:erasure_request", "forget_client"):
+                "request_erase", "R3:erasure_request", "forget_client", "request_export",
+                "export_read"):
         assert row in output, f"the audit table lacks {row!r}:\n{output}"
     assert "Traceback" not in output
     assert "@" not in output, "an email address was printed"
