@@ -44,6 +44,7 @@ from typing import Any
 
 import connectors
 from syncd.alerts import SMTP_TIMEOUT_SECONDS, smtp_session
+from syncd.analytics import exceeds
 from syncd.config import AlertsSettings, Section, Settings
 from syncd.errors import ConfigError, LedgerError
 from syncd.ledger import Ledger
@@ -226,7 +227,14 @@ def _connector_check(kind: str, section: Section) -> Callable[[], tuple[bool, st
         except ConfigError as error:  # e.g. a key file that is not a usable key: syncd's words
             return False, str(error)
         result = connector.check()
-        return bool(result.ok), result.detail or ("ok" if result.ok else "failed")
+        detail = result.detail or ("ok" if result.ok else "failed")
+        retention = result.extra.get("event_data_retention")
+        if result.ok and retention:  # GA: the setting R9 holds to the policy's maximum
+            allowed = getattr(section, "max_event_retention", None)
+            verdict = ("LONGER than the policy's " if allowed and exceeds(retention, allowed)
+                       else "policy maximum ")
+            detail += f"; event data kept {retention} ({verdict}{allowed})"
+        return bool(result.ok), detail
 
     return run
 

@@ -136,6 +136,9 @@ def test_ga_retention_drift_is_alerted_then_corrected_when_enforced(
         status = json.loads(syncd_cli(config_path, "status", "--json").stdout)
         assert status["ga_event_retention"] == "FIFTY_MONTHS"
         assert sandbox.google.retention(PROPERTY)["eventDataRetention"] == "FIFTY_MONTHS"
+        checked = syncd_cli(config_path, "check").stdout
+        assert ("event data kept FIFTY_MONTHS (LONGER than the policy's FOURTEEN_MONTHS)"
+                in checked)
     finally:
         _stop(running)
     assert len(_retention_mail(sandbox)) == 1

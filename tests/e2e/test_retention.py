@@ -157,6 +157,14 @@ def test_a_purge_erases_exactly_the_stale_clients_behind_its_guard(
     for kept in ("booked", "visited", "new"):
         assert sandbox.mailchimp.member(f"ret.{kept}@example.com")["status"] == "subscribed"
 
+    # The ledger and its WAL keep keys, ids and dates: nothing personal of the purged.
+    stored = b"".join(path.read_bytes() for path in world_.ledger_path.parent.iterdir()
+                      if path.name.startswith(world_.ledger_path.name) and path.is_file())
+    for c in clients:
+        if c["clientId"] in expected:
+            for value in (c["email"], c["mobile"]):
+                assert not value or value.encode() not in stored, c["clientId"]
+
     # The next run finds them requested already and files nothing twice.
     again = json.loads(world_.ok("retention", "--json", **GUARD_OFF))
     assert again["outcome"] == "filed" and again["requests"] == []

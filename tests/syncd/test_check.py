@@ -67,8 +67,10 @@ def test_everything_configured_and_working_is_ok(settings: config.Settings) -> N
     assert _line(text, "phorest").endswith(" ms)")
     assert _line(text, "mailchimp").startswith("mailchimp  OK  credentials accepted (")
     assert "not created yet" in _line(text, "ledger")
+    # GA's line also shows the event-data retention R9 holds to the policy's maximum.
     assert _line(text, "google_analytics").startswith(
-        "google_analytics  OK  credentials accepted (")
+        "google_analytics  OK  credentials accepted; event data kept TWO_MONTHS "
+        "(policy maximum FOURTEEN_MONTHS) (")
     assert "accepts connections (no login configured)" in _line(text, "alerts")
     assert len(text.splitlines()) == 5
     assert all(r.seconds >= 0 for r in results)
