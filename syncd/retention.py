@@ -334,7 +334,7 @@ def _hold_back(ledger: Ledger, evaluation: Evaluation) -> int:
             f"({share:.1f}%, above the {evaluation.guard_percent:g}% guard); nothing was "
             f"erased. Check with `syncd retention --dry-run`, then run `syncd retention "
             f"--confirm-run {run_id} --count {found}`")  # fmt: skip
-    log.warning("retention_guarded", run_id=run_id, stale=found, live=live)
+    log.info("retention_guarded", run_id=run_id, stale=found, live=live)
     return run_id
 
 
