@@ -1,6 +1,6 @@
 """Shared addresses: the same governance rule on the resync, poll and webhook paths.
 
-Each world is a 2,000-client sandbox (seeds 1 to 3) whose households share one
+Each world is a 2,000-client sandbox (seeds 1 and 2) whose households share one
 address in every combination (active with archived, two active with mixed
 consent, active with deleted, active with merged, a family of three) on top of
 the random family addresses. The verdict is always read from Phorest's and
@@ -71,8 +71,8 @@ def _short_sleep(seconds: float) -> None:
     time.sleep(min(seconds, 0.05))
 
 
-# Seed 1 always runs; 2 and 3 are slow trials (CI runs them; -m "not slow" skips them).
-SEEDS = [1, *(pytest.param(seed, marks=pytest.mark.slow) for seed in (2, 3))]
+# Seed 1 always runs; seed 2 is a slow trial (CI runs it; -m "not slow" skips it).
+SEEDS = [1, pytest.param(2, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(params=SEEDS, ids=lambda seed: f"seed{seed}")
