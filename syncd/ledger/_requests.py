@@ -8,7 +8,6 @@ seeing the result. The request is done when every step is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 
 from syncd.ledger._db import LedgerBase, _columns, _from_row, _short, _to_text
@@ -194,13 +193,10 @@ class RequestsMixin(LedgerBase):
         Raises:
             LedgerError: SQLite failed.
         """
-        sql = (f"SELECT {', '.join('s.' + c for c in _columns(RequestStep).split(', '))}"
-               " FROM request_steps s JOIN requests r ON r.id = s.request_id"
-               " WHERE r.state = 'open' AND s.state IN ('waiting', 'failed')")
-        params: Sequence[str] = ()
+        where, params = "s.state IN ('waiting', 'failed')", list[object]()
         if kind is not None:
-            sql, params = sql + " AND s.kind = ?", (kind,)
-        return [_from_row(RequestStep, row) for row in self._run(sql + " ORDER BY s.id", params)]
+            where, params = where + " AND s.kind = ?", [kind]
+        return self._steps_of_open_requests(where, params)
 
     def finished_task_steps(self) -> list[RequestStep]:
         """Waiting task steps of open requests whose task reached a final state.
@@ -208,12 +204,9 @@ class RequestsMixin(LedgerBase):
         Raises:
             LedgerError: SQLite failed.
         """
-        columns = ", ".join("s." + c for c in _columns(RequestStep).split(", "))
-        sql = (f"SELECT {columns} FROM request_steps s JOIN requests r ON r.id = s.request_id"
-               " JOIN tasks t ON t.id = s.task_id WHERE r.state = 'open'"
-               " AND s.state = 'waiting' AND t.state NOT IN ('pending', 'in_flight')"
-               " ORDER BY s.id")
-        return [_from_row(RequestStep, row) for row in self._run(sql)]
+        return self._steps_of_open_requests(
+            "s.state = 'waiting' AND t.state NOT IN ('pending', 'in_flight')", [],
+            join=" JOIN tasks t ON t.id = s.task_id")
 
     def waiting_manual_steps(self, processor: str, *, after_id: int = 0,
                              limit: int | None = None) -> list[RequestStep]:  # fmt: skip
@@ -222,12 +215,17 @@ class RequestsMixin(LedgerBase):
         Raises:
             LedgerError: SQLite failed.
         """
+        return self._steps_of_open_requests(
+            "s.state = 'waiting' AND s.kind = 'manual' AND s.processor = ? AND s.id > ?",
+            [processor, after_id], limit=limit)
+
+    def _steps_of_open_requests(self, where: str, params: list[object], *, join: str = "",
+                                limit: int | None = None) -> list[RequestStep]:  # fmt: skip
+        """Steps of open requests matching ``where`` (over ``s``, the steps), oldest first."""
+        # ``where`` and ``join`` are literals from this class, never input.
         columns = ", ".join("s." + c for c in _columns(RequestStep).split(", "))
         sql = (f"SELECT {columns} FROM request_steps s JOIN requests r ON r.id = s.request_id"
-               " WHERE r.state = 'open' AND s.state = 'waiting' AND s.kind = 'manual'"
-               " AND s.processor = ? AND s.id > ? ORDER BY s.id")
-        params: list[object] = [processor, after_id]
+               f"{join} WHERE r.state = 'open' AND {where} ORDER BY s.id")
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+            sql, params = sql + " LIMIT ?", [*params, limit]
         return [_from_row(RequestStep, row) for row in self._run(sql, params)]
