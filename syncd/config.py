@@ -665,10 +665,7 @@ class DaemonSettings(Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8787")
-        return value
+        return _listen_address(value, "127.0.0.1:8787")
 
     @field_validator("nightly_resync_at", "retention_purge_at")
     @classmethod
@@ -686,6 +683,78 @@ class DaemonSettings(Section):
     def port(self) -> int:
         """The listen port."""
         return int(self.listen.rpartition(":")[2])
+
+
+def _listen_address(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ConsoleSettings(Section):
+    """The manager's web console, served by ``syncd run`` on a listener of its own."""
+
+    section: ClassVar[str] = "console"
+    enabled: bool = Field(default=True, description="Serve the console (false: webhooks only).")
+    listen: str = Field(
+        default="127.0.0.1:8788",
+        description="host:port of the console; keep it off the webhook listener's proxy.",
+    )
+    secure_cookies: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description='auto | on | off: mark the session cookie Secure (sent over HTTPS only). '
+        '"auto": on unless the listener is loopback.',
+    )
+    idle_minutes: int = Field(default=15, ge=1, le=480,
+                              description="Log a user out after this long without a request.")
+    lockout_after: int = Field(default=5, ge=1, le=100,
+                               description="Wrong passwords in a row that lock an account.")
+    lockout_minutes: int = Field(default=15, ge=1, le=1440,
+                                 description="How long a locked account stays locked (a "
+                                 "manager's reset lifts it sooner).")
+    address_failures: int = Field(
+        default=20, ge=1, le=10_000,
+        description="Failed logins from one address, in lockout_minutes, before that address "
+        "is refused for a while.",
+    )
+    export_dir: str = Field(
+        default="", description='Where console exports are written (0700); "": an "exports" '
+        "directory next to the ledger.",
+    )
+    export_keep_minutes: int = Field(
+        default=60, ge=1, le=10_080,
+        description="A console export file is deleted this long after it was written.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        return _listen_address(value, "127.0.0.1:8788")
+
+    @property
+    def host(self) -> str:
+        """The listen host, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The listen port."""
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def cookies_secure(self) -> bool:
+        """Whether the session cookie is Secure (``auto``: unless the listener is loopback)."""
+        if self.secure_cookies == "auto":
+            return self.host not in LOOPBACK_HOSTS
+        return self.secure_cookies == "on"
+
+    def exports_path(self, ledger_path: Path) -> Path:
+        """The directory console exports go to."""
+        return Path(self.export_dir) if self.export_dir else Path(ledger_path).parent / "exports"
 
 
 class LoggingSettings(Section):
@@ -718,6 +787,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     alerts: AlertsSettings | None = None
     daemon: DaemonSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    console: ConsoleSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     # [[manual_processors]]: an array of tables, not a section.
     manual_processors: tuple[ManualProcessorSettings, ...] = ()

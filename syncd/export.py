@@ -251,7 +251,7 @@ def file_export(
                                             filed_by=filed_by,
                                             client_id=primary.client_id if primary else None)
             ledger.add_audit(person.subject_key, None, "request_export", f"{RULE}:request",
-                             "filed", request_id=request_id,
+                             "filed", request_id=request_id, actor=filed_by,
                              detail=f"filed with {person.source}; format {fmt}")  # fmt: skip
             path = output or (directory or Path()) / f"syncd-export-{request_id}.{fmt}"
             write_new(path, render(rows, fmt, request_id=request_id, now=now))

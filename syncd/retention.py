@@ -303,6 +303,9 @@ def purge(
                 raise RetentionError(f"retention run #{run_id} was confirmed meanwhile; "
                                      "nothing changed")
             ledger.resolve_alert(f"{GUARD_ALERT}:{run_id}")
+            ledger.add_audit(None, None, "retention_confirm", "R4:guard", "done",
+                             actor=confirmed_by or "unknown",
+                             detail=f"retention run #{run_id}: {found} stale client(s)")
         ids = _file_all(ledger, settings, connectors, keys, evaluation, now, progress)
         log.info("retention_confirmed", run_id=run_id, filed=len(ids))
         return PurgeResult(evaluation, "confirmed", run_id, ids)

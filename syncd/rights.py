@@ -299,7 +299,7 @@ def file(
                                         filed_by=filed_by,
                                         client_id=primary.client_id if primary else None)
         ledger.add_audit(person.subject_key, None, f"request_{kind}", f"{RULES[kind]}:request",
-                         "filed", request_id=request_id,
+                         "filed", request_id=request_id, actor=filed_by,
                          detail=f"filed with {person.source}; shared addresses kept: "
                                 f"{len(person.shared_emails)}")  # fmt: skip
         identifiers = _identifier_keys(keys, person)
@@ -544,7 +544,8 @@ def confirm(
     with ledger.transaction():
         for step in closable:
             ledger.close_step(step.id, "done", confirmed_by=by, evidence=f"confirmed by {by}")
-            _step_audit(ledger, step, "done", f"confirmed by {by}", subject_key=request.subject_key)
+            _step_audit(ledger, step, "done", f"confirmed by {by}", subject_key=request.subject_key,
+                        actor=by)
     log.info("request_step_confirmed", request_id=request_id, processor=processor,
              steps=len(closable))
     progress = Advanced(closed_steps=len(closable))
@@ -554,9 +555,12 @@ def confirm(
 
 
 def extend(
-    ledger: Ledger, settings: Any, request_id: int, months: int, reason: str
+    ledger: Ledger, settings: Any, request_id: int, months: int, reason: str, *,
+    by: str | None = None,
 ) -> Request:
     """Extend a request's deadline under UK GDPR Art. 12(3) (two further months at most).
+
+    ``by`` is who extends it (default: the login name), kept in the audit trail.
 
     Raises:
         RequestError: no such open request, no reason, or more than two months in all.
@@ -578,15 +582,17 @@ def extend(
     with ledger.transaction():
         ledger.extend_request(request_id, total, due, reason)
         ledger.add_audit(request.subject_key, None, "extend_request", "R11:art_12_3", "done",
-                         request_id=request_id,
+                         request_id=request_id, actor=(by or _login()).strip(),
                          detail=f"+{months} month(s), due {due:%Y-%m-%d}")  # fmt: skip
     extended = ledger.request(request_id)
     assert extended is not None
     return extended
 
 
-def cancel(ledger: Ledger, request_id: int, reason: str) -> Request:
+def cancel(ledger: Ledger, request_id: int, reason: str, *, by: str | None = None) -> Request:
     """Cancel an open request: its waiting work stops.
+
+    ``by`` is who cancels it (default: the login name), kept in the audit trail.
 
     Pending tasks are cancelled and waiting steps closed. An erasure that no
     processor has carried out yet gives its identifiers back (the suppression
@@ -620,7 +626,7 @@ def cancel(ledger: Ledger, request_id: int, reason: str) -> Request:
         ledger.close_request(request_id, "cancelled", note=note)
         ledger.add_audit(request.subject_key, None, f"request_{request.kind}",
                          f"{RULES.get(request.kind, 'R11')}:request", "cancelled",
-                         request_id=request_id,
+                         request_id=request_id, actor=(by or _login()).strip(),
                          detail=f"tasks cancelled: {cancelled}; suppression entries lifted: "
                                 f"{lifted}")  # fmt: skip
     log.info("request_cancelled", request_id=request_id, tasks=cancelled, lifted=lifted)
@@ -666,13 +672,13 @@ def days_left(request: Request, now: datetime) -> int:
 
 
 def _step_audit(ledger: Ledger, step: RequestStep, outcome: str, detail: str, *,
-                subject_key: str | None = None) -> None:  # fmt: skip
+                subject_key: str | None = None, actor: str | None = None) -> None:  # fmt: skip
     if subject_key is None:
         request = ledger.request(step.request_id)
         subject_key = request.subject_key if request is not None else None
     action = "forget_client" if step.processor == PHOREST else "manual_step"
     ledger.add_audit(subject_key, step.processor, action, "R3:manual_step", outcome,
-                     request_id=step.request_id, detail=detail)
+                     request_id=step.request_id, detail=detail, actor=actor)
 
 
 def _identifier_keys(keys: SubjectKeys, person: Person) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ debug level, never to the terminal).
 One module per command group adds its subcommands (``add_parsers``) and holds
 their handlers: :mod:`._config`, :mod:`._sandbox`, :mod:`._resync`,
 :mod:`._requests` (request, requests, audit), :mod:`._retention`, :mod:`._status` (check,
-status, alerts) and :mod:`._run`; :mod:`._common`
+status, alerts), :mod:`._users` (user) and :mod:`._run`; :mod:`._common`
 holds what they share.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import structlog
 
 from syncd import __version__, config, log
-from syncd.cli import _config, _requests, _resync, _retention, _run, _sandbox, _status
+from syncd.cli import _config, _requests, _resync, _retention, _run, _sandbox, _status, _users
 from syncd.cli._common import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common_options(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for group in (_config, _sandbox, _resync, _requests, _retention, _status, _run):
+    for group in (_config, _sandbox, _resync, _requests, _retention, _status, _users, _run):
         group.add_parsers(commands, common)
 
     parser.set_defaults(handler=_help_for(parser))

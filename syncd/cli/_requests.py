@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd.cli._common import EXIT_OK, Commands, _help_for, load_settings
-from syncd.errors import IdentifierError, SyncdError
+from syncd.errors import SyncdError
 
 FILING_HELP = {
     "erase": "erase a person everywhere (R3): Mailchimp, GA, Phorest's Forget, manual processors",
@@ -146,7 +146,7 @@ def add_parsers(commands: Commands, common: argparse.ArgumentParser) -> None:
 
 def cmd_file(args: argparse.Namespace) -> int:
     """``syncd request erase|restrict|unrestrict``: resolve, record, and carry out if we may."""
-    from syncd import engine, rights
+    from syncd import desk, engine, rights
     from syncd.ledger import Ledger
     from syncd.lock import AlreadyRunning, writer_ledger
     from syncd.retry import RetryPolicy
@@ -160,10 +160,8 @@ def cmd_file(args: argparse.Namespace) -> int:
                             client_id=args.client_id)
 
     def file(ledger: Any) -> int:
-        queue = engine.plan_addresses(ledger, built, keys, person.own_emails, person.holders)
-        return rights.file(ledger, settings, keys, args.kind, person, queue,
-                           filed_by=args.by, note=args.note, now=datetime.now(UTC),
-                           analytics=built.get(engine.ANALYTICS))  # fmt: skip
+        return desk.file_request(ledger, settings, built, keys, args.kind, person,
+                                 filed_by=args.by, note=args.note, now=datetime.now(UTC))
 
     carried_out = True
     try:
@@ -280,6 +278,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_requests(args: argparse.Namespace) -> int:
     """``syncd requests``: open (or all) requests, soonest due first."""
     from rich.console import Console
+
+    from syncd import desk
     from rich.table import Table
 
     settings = load_settings(args, require_secrets=False, interactive=True)
@@ -289,7 +289,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
         rows = [_request_json(ledger, r.id, now) for r in chosen]
     warn = settings.policy.request_warning_days
     for row in rows:
-        row["deadline"] = _deadline(row, warn)
+        row["deadline"] = desk.deadline(row, warn)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -311,25 +311,18 @@ def cmd_requests(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``syncd audit``: evidence entries, filtered by request or identifier."""
-    from syncd import engine
+    from syncd import desk
 
     settings = load_settings(args, require_secrets=False, interactive=True)
     subject_keys: list[str] | None = None
     with _ledger(args, settings) as ledger:
         if args.email or args.phone or args.client_id:
-            keys = engine.subject_keys(settings)
             kind, value = next((k, v) for k, v in (("email", args.email), ("phone", args.phone),
                                                    ("client_id", args.client_id)) if v)
             try:
-                key = keys.key(kind, value)  # type: ignore[arg-type]
-            except IdentifierError:
-                raise SyncdError(f"--{kind.replace('_', '-')}: not a valid "
-                                 f"{kind.replace('_', ' ')}") from None
-            subject = ledger.subject_for(key)
-            subject_keys = [key, *([subject] if subject else [])]
-            if subject:
-                for id_kind in ("email", "phone", "client_id"):
-                    subject_keys += ledger.identifier_keys(subject, id_kind)
+                subject_keys = desk.audit_keys(ledger, settings, kind, value)
+            except SyncdError as error:
+                raise SyncdError(f"--{kind.replace('_', '-')}: {error}") from None
         if args.request is not None and ledger.request(args.request) is None:
             raise SyncdError(f"no request #{args.request} (see syncd requests --all)")
         events = ledger.find_audit(subject_keys=subject_keys, request_id=args.request,
@@ -369,38 +362,15 @@ class _ledger:  # noqa: N801 - used like a function
 
 def _request_json(ledger: Any, request_id: int, now: datetime, *,
                   audit: bool = False) -> dict[str, Any]:  # fmt: skip
-    from syncd import rights
+    from syncd import desk
 
-    request = ledger.request(request_id)
-    if request is None:
-        raise SyncdError(f"no request #{request_id} (see syncd requests --all)")
-    steps = ledger.steps(request_id)
-    shown: dict[str, Any] = {
-        "id": request.id, "kind": request.kind, "state": request.state,
-        "client_id": request.client_id, "source": request.source,
-        "received_at": _iso(request.received_at), "due_at": _iso(request.due_at),
-        "days_left": rights.days_left(request, now), "closed_at": _iso(request.closed_at),
-        "filed_by": request.filed_by, "note": request.note,
-        "extended_months": request.extended_months,
-        "extension_reason": request.extension_reason,
-        "processors": rights.processor_states(steps),
-        "steps": [{
-            "processor": s.processor, "kind": s.kind, "state": s.state,
-            "client_id": s.client_id, "task_id": s.task_id, "instructions": s.instructions,
-            "evidence": s.evidence, "confirmed_by": s.confirmed_by,
-            "opened_at": _iso(s.opened_at), "closed_at": _iso(s.closed_at),
-        } for s in steps],
-    }  # fmt: skip
-    if audit:
-        shown["audit"] = [_audit_json(e) for e in ledger.find_audit(request_id=request_id)]
-    return shown
+    return desk.describe(ledger, request_id, now, audit=audit)
 
 
 def _audit_json(event: Any) -> dict[str, Any]:
-    return {"at": _iso(event.at), "processor": event.processor, "action": event.action,
-            "reason": event.reason, "outcome": event.outcome,
-            "vendor_request_id": event.vendor_request_id, "detail": event.detail,
-            "request_id": event.request_id, "task_id": event.task_id}  # fmt: skip
+    from syncd import desk
+
+    return desk.audit_entry(event)
 
 
 def _print_steps(steps: Sequence[dict[str, Any]]) -> None:
@@ -427,37 +397,25 @@ def _print_audit(rows: Sequence[dict[str, Any]], *, title: str) -> None:
     if not rows:
         return
     table = Table(title=title)
-    for column in ("time", "processor", "action", "reason", "outcome", "evidence", "request"):
+    for column in ("time", "processor", "action", "reason", "outcome", "evidence", "request",
+                   "by"):
         table.add_column(column, overflow="fold")
     for row in rows:
         evidence = "; ".join(p for p in (row["vendor_request_id"], row["detail"]) if p) or "-"
         table.add_row(row["at"][:19], row["processor"] or "-", row["action"],
                       row["reason"] or "-", row["outcome"], evidence,
-                      str(row["request_id"]) if row["request_id"] else "-")
+                      str(row["request_id"]) if row["request_id"] else "-", row["actor"] or "-")
     Console().print(table)
 
 
-def _deadline(row: dict[str, Any], warn_days: int) -> str:
-    if row["state"] != "open":
-        return "-"
-    left = row["days_left"]
-    if left < 0:
-        return "OVERDUE"
-    return f"DUE SOON ({_left(left)})" if left < warn_days else _left(left)
-
-
 def _left(days: int) -> str:
-    if days < 0:
-        return f"overdue by {-days} day(s)"
-    return "due today" if days == 0 else f"{days} day(s) left"
+    from syncd import desk
+
+    return desk.days_text(days)
 
 
 def _who(shown: dict[str, Any]) -> str:
     return f"client {shown['client_id']}" if shown["client_id"] else "(no Phorest client)"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="seconds") if moment is not None else None
 
 
 def _request_id(text: str) -> int:

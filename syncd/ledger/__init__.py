@@ -26,7 +26,7 @@ scrub, so the connection that scrubbed calls :meth:`Ledger.flush_scrubbed`
 Layout: :mod:`._db` opens the file, migrates it (:mod:`._schema`) and holds
 the plumbing; each area's methods sit in a mixin of their own (tasks, audit,
 subjects and suppression, requests, alerts and processor health, commands and
-the inbox, retention runs), all returning the records of :mod:`._records`. :class:`Ledger`
+the inbox, retention runs, staff accounts), all returning the records of :mod:`._records`. :class:`Ledger`
 combines them and is the one entry point; import everything from here.
 """
 
@@ -55,6 +55,7 @@ from syncd.ledger._records import (
     REQUEST_FINAL_STATES,
     REQUEST_KINDS,
     RETENTION_RUN_STATES,
+    STAFF_ROLES,
     TASK_STATES,
     Alert,
     AuditEvent,
@@ -64,12 +65,14 @@ from syncd.ledger._records import (
     Request,
     RequestStep,
     RetentionRun,
+    StaffMember,
     Subject,
     SubjectFacts,
     Task,
 )
 from syncd.ledger._requests import RequestsMixin
 from syncd.ledger._retention import RetentionMixin
+from syncd.ledger._staff import StaffMixin
 from syncd.ledger._schema import MIGRATIONS, SCHEMA_VERSION
 from syncd.ledger._subjects import SubjectsMixin
 from syncd.ledger._tasks import TasksMixin
@@ -78,12 +81,12 @@ __all__ = [
     "BUSY_TIMEOUT_MS", "CHECKPOINT_BUSY_TIMEOUT_MS", "COMMAND_FINAL_STATES", "COMMAND_KINDS",
     "ERROR_TEXT_LIMIT_CHARS", "FINAL_TASK_STATES", "IDENTIFIER_KINDS", "KEYS_PER_QUERY",
     "LEDGER_FILE_MODE", "MAX_EXTENSION_MONTHS", "MIGRATIONS", "OPEN_TASK_STATES", "REQUEST_FINAL_STATES",
-    "REQUEST_KINDS", "RETENTION_RUN_STATES", "SCHEMA_VERSION", "TASK_STATES", "WAL_SIZE_LIMIT_BYTES",
+    "REQUEST_KINDS", "RETENTION_RUN_STATES", "SCHEMA_VERSION", "STAFF_ROLES", "TASK_STATES", "WAL_SIZE_LIMIT_BYTES",
     "WAL_SWITCH_RETRY_SECONDS", "Alert", "AuditEvent", "Clock", "Command", "InboxEvent",
-    "Ledger", "ProcessorHealth", "Request", "RequestStep", "RetentionRun", "Subject", "SubjectFacts", "Task",
+    "Ledger", "ProcessorHealth", "Request", "RequestStep", "RetentionRun", "StaffMember", "Subject", "SubjectFacts", "Task",
 ]
 
 
 class Ledger(TasksMixin, AuditMixin, SubjectsMixin, RequestsMixin, AlertsMixin, CommandsMixin,
-             RetentionMixin):
+             RetentionMixin, StaffMixin):
     """One connection to the ledger file. Use :meth:`open`, ideally as a context manager."""

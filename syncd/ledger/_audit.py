@@ -25,8 +25,12 @@ class AuditMixin(LedgerBase):
         task_id: int | None = None,
         detail: str | None = None,
         request_id: int | None = None,
+        actor: str | None = None,
     ) -> int:
         """Append one evidence entry. ``detail`` must hold no personal data.
+
+        ``actor`` is the staff login name when a person did it (console or
+        command line), None for syncd's own work.
 
         Returns:
             The entry's id.
@@ -36,10 +40,10 @@ class AuditMixin(LedgerBase):
         """
         cursor = self._run(
             "INSERT INTO audit (at, subject_key, processor, action, reason, outcome,"
-            " vendor_request_id, task_id, detail, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " vendor_request_id, task_id, detail, request_id, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self._now(), subject_key, processor, action, reason, outcome,
-             vendor_request_id, task_id, _short(detail), request_id),
+             vendor_request_id, task_id, _short(detail), request_id, actor),
         )  # fmt: skip
         return int(cursor.lastrowid or 0)
 

@@ -70,10 +70,10 @@ def _from_row(cls: type[_Row], row: sqlite3.Row) -> _Row:
     for field in fields(cls):
         value = row[field.name]
         if value is not None:
-            if field.name in ("at", "down_since") or field.name.endswith("_at"):
+            if field.name in ("at", "down_since", "locked_until") or field.name.endswith("_at"):
                 value = _from_text(value)
             elif field.name in ("consent", "restricted", "resubscribe_refused", "credentials_ok",
-                                "unsubscribed_by_syncd"):
+                                "unsubscribed_by_syncd", "active"):
                 value = bool(value)
             elif field.name in ("payload", "options", "progress", "result"):
                 value = json.loads(value)

@@ -147,6 +147,27 @@ class AuditEvent:
     task_id: int | None
     detail: str | None
     request_id: int | None = None
+    actor: str | None = None
+
+
+STAFF_ROLES = ("manager", "reception")
+
+
+@dataclass(frozen=True, slots=True)
+class StaffMember:
+    """A console account: a login name, a role and an argon2id hash (never a password)."""
+
+    id: int
+    name: str
+    role: str
+    password_hash: str
+    active: bool
+    failed_logins: int
+    locked_until: datetime | None
+    password_changed_at: datetime
+    last_login_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,8 +253,28 @@ CREATE TABLE retention_runs (
 CREATE INDEX retention_runs_by_state ON retention_runs (state, id);
 """
 
+# The console's staff accounts (argon2id hashes, never a password) and who did
+# what: audit.actor is the staff login name of a person's action (a console or
+# command-line user), NULL for syncd's own work.
+_V9_STAFF = """
+CREATE TABLE staff (
+    id                  INTEGER PRIMARY KEY,
+    name                TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    role                TEXT NOT NULL CHECK (role IN ('manager', 'reception')),
+    password_hash       TEXT NOT NULL,
+    active              INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
+    failed_logins       INTEGER NOT NULL DEFAULT 0 CHECK (failed_logins >= 0),
+    locked_until        TEXT,
+    password_changed_at TEXT NOT NULL,
+    last_login_at       TEXT,
+    created_at          TEXT NOT NULL,
+    updated_at          TEXT NOT NULL
+);
+ALTER TABLE audit ADD COLUMN actor TEXT;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1_INITIAL, _V2_INBOX, _V3_SUBJECT_OPT_TIMES, _V4_SUBJECT_SYNC_STATE, _V5_DAEMON_STATE,
-    _V6_OWN_UNSUBSCRIBE, _V7_REQUEST_STEPS, _V8_RETENTION_RUNS,
+    _V6_OWN_UNSUBSCRIBE, _V7_REQUEST_STEPS, _V8_RETENTION_RUNS, _V9_STAFF,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -550,8 +550,8 @@ REQUEST_KEYS = {"id", "kind", "state", "client_id", "source", "received_at", "du
                 "processors", "steps"}  # fmt: skip
 STEP_KEYS = {"processor", "kind", "state", "client_id", "task_id", "instructions", "evidence",
              "confirmed_by", "opened_at", "closed_at"}  # fmt: skip
-AUDIT_KEYS = {"at", "processor", "action", "reason", "outcome", "vendor_request_id", "detail",
-              "request_id", "task_id"}  # fmt: skip
+AUDIT_KEYS = {"actor", "at", "processor", "action", "reason", "outcome", "vendor_request_id",
+              "detail", "request_id", "task_id"}  # fmt: skip
 
 
 def test_requests_and_audit_show_ids_and_evidence_and_never_an_address_or_number(
