@@ -77,7 +77,7 @@ def main() -> int:
         ledger_path = config.load(config_path).ledger.path
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-        env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}",
+        env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", SYNCD_CONSOLE__ENABLED="false",
                    SYNCD_PHOREST__POLL_INTERVAL_SECONDS="60")
         started = time.monotonic()
         daemon = subprocess.Popen([str(SYNCD), "--config", str(config_path), "run"], env=env,

@@ -77,7 +77,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.base import add_call_observer, remove_call_observer
-from syncd import alerts, analytics, config, engine, health, httpd, retention, rights
+from syncd import alerts, analytics, config, engine, export, health, httpd, retention, rights
 from syncd.errors import ConfigError, ConnectorError, LedgerError, SyncdError
 from syncd.identity import SubjectKeys
 from syncd.inbox import process_inbox, recorder
@@ -94,6 +94,7 @@ WORK_EVERY_SECONDS = 1
 # Phorest clients read per run of the requests job to verify Forget steps (2.5 s at the
 # default 20 requests/s); with more steps waiting, each is read every few runs in turn.
 FORGET_CHECKS_PER_RUN = 50
+EXPORTS_CHECK_SECONDS = 60  # console exports past [console] export_keep_minutes are deleted
 JOB_BACKOFF_SECONDS = (5.0, 300.0)  # first pause after a failure, longest pause
 HEARTBEAT_EVERY_SECONDS = 10.0  # how often the loop's heartbeat is written for `syncd status`
 COMMAND_PROGRESS_EVERY_SECONDS = 0.5  # how often a followed resync's progress is written
@@ -193,6 +194,7 @@ class Daemon:
         self.registry.register(_LedgerCollector(self))
         self.runtime: _Runtime | None = None
         self.http_port: int | None = None
+        self.console_port: int | None = None
         self.ledger_path: Path | None = None
         self._jobs: dict[str, Callable[[], None]] = {}
         self._forget_cursor = 0  # the last Forget step verified (see the requests job)
@@ -242,10 +244,17 @@ class Daemon:
             self._ledger = ledger
             server = self._serve(runtime.settings)
             try:
+                console = self._serve_console(runtime.settings)
+            except BaseException:
+                server.stop()
+                raise
+            try:
                 self._loop(ledger, runtime)
             finally:
                 notify("STOPPING=1")
                 server.stop()
+                if console is not None:
+                    console.stop()
 
     def _loop(self, ledger: Ledger, runtime: _Runtime) -> None:
         self._schedule(ledger, runtime)
@@ -434,15 +443,24 @@ class Daemon:
                 analytics.check_retention(ledger, runtime.connectors[engine.ANALYTICS],
                                           settings.google_analytics)
 
+        def exports() -> None:
+            # Console exports hold a person's data: gone after [console] export_keep_minutes.
+            directory = settings.console.exports_path(settings.ledger.path)
+            deleted = export.delete_expired(ledger, directory,
+                                            settings.console.export_keep_minutes, now())
+            if deleted:
+                log.info("exports_deleted", files=deleted)
+
         jobs = {"work": work, "poll": poll, "resync": resync, "commands": commands,
                 "alerts": check_alerts, "requests": requests, "retention": purge,
-                "retention_setting": retention_setting}
+                "retention_setting": retention_setting, "exports": exports}
         self._jobs = {name: self._guarded(ledger, _Job(name, fn)) for name, fn in jobs.items()}
         interval = settings.phorest.poll_interval_seconds  # type: ignore[union-attr]
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["work"])
         runtime.scheduler.every(WORK_EVERY_SECONDS).seconds.do(self._jobs["commands"])
         runtime.scheduler.every(settings.daemon.alert_check_seconds).seconds.do(
             self._jobs["alerts"])
+        runtime.scheduler.every(EXPORTS_CHECK_SECONDS).seconds.do(self._jobs["exports"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["poll"])
         runtime.scheduler.every(interval).seconds.do(self._jobs["requests"])
         runtime.scheduler.every().day.at(settings.daemon.nightly_resync_at).do(self._jobs["resync"])
@@ -552,6 +570,18 @@ class Daemon:
     def _serve(self, settings: config.Settings) -> httpd.HttpServer:
         server = httpd.serve(self._app, settings.daemon.host, settings.daemon.port)
         self.http_port = server.port
+        return server
+
+    def _serve_console(self, settings: config.Settings) -> httpd.HttpServer | None:
+        """The manager's console on ``[console] listen``, or None when it is disabled."""
+        if not settings.console.enabled:
+            return None
+        from syncd.console import create_app
+
+        app = create_app(lambda: self.runtime.settings, wake=self._wake.set)  # type: ignore[union-attr]
+        server = httpd.serve(app, settings.console.host, settings.console.port)
+        self.console_port = server.port
+        log.info("console_ready", listen=settings.console.listen, port=server.port)
         return server
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -172,6 +173,9 @@ def render(rows: Sequence[Row], fmt: Format, *, request_id: int, now: datetime) 
     return text.getvalue().encode()
 
 
+_EXPORT_NAME = re.compile(r"^syncd-export-([1-9][0-9]{0,17})\.(csv|json)$")
+
+
 def refuse_existing(path: Path) -> None:
     """Refuse a path that exists (a dangling link too), before anything is read.
 
@@ -271,6 +275,38 @@ def file_export(
     log.info("request_exported", request_id=request_id, format=fmt, rows=len(rows),
              processors=len(_counts(rows)))
     return request_id, path
+
+
+def delete_expired(ledger: Ledger, directory: Path, keep_minutes: int, now: datetime) -> int:
+    """Delete the export files in ``directory`` written more than ``keep_minutes`` ago.
+
+    Only files this module names (``syncd-export-<request id>.<format>``) are
+    touched; each deletion is audited against its request.
+
+    Returns:
+        How many files were deleted.
+    """
+    if not directory.is_dir():
+        return 0
+    deleted = 0
+    horizon = now.timestamp() - keep_minutes * 60
+    for path in directory.iterdir():
+        found = _EXPORT_NAME.match(path.name)
+        if found is None or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            if path.stat().st_mtime > horizon:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        deleted += 1
+        request_id = int(found.group(1))
+        request = ledger.request(request_id)
+        ledger.add_audit(request.subject_key if request else None, None, "export_deleted",
+                         f"{RULE}:access", "done", request_id=request_id,
+                         detail=f"file deleted {keep_minutes} min after it was written")
+    return deleted
 
 
 # -- per processor -------------------------------------------------------------------------

@@ -337,7 +337,8 @@ def start_daemon(config_path: Path, port: int, notify_path: Path, log_path: Path
     """Start ``syncd run`` (logging to ``log_path``, telling systemd on ``notify_path``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
     env.update(SYNCD_DAEMON__LISTEN=f"127.0.0.1:{port}", NOTIFY_SOCKET=str(notify_path),
-               **ALERT_ENV, **extra_env)
+               SYNCD_CONSOLE__LISTEN=f"127.0.0.1:{free_port()}", **ALERT_ENV)
+    env.update(extra_env)
     return subprocess.Popen(
         [str(SYNCD), "--config", str(config_path), "--log-level", "info", "run"],
         stdout=log_path.open("a"), stderr=subprocess.STDOUT, text=True, env=env,

@@ -110,14 +110,22 @@ class RequestsMixin(LedgerBase):
         sql = f"SELECT {_columns(Request)} FROM requests WHERE state = 'open' ORDER BY due_at, id"
         return [_from_row(Request, row) for row in self._run(sql)]
 
-    def all_requests(self, limit: int = 1000) -> list[Request]:
-        """The most recent requests in any state, newest first.
+    def all_requests(self, limit: int = 1000, offset: int = 0) -> list[Request]:
+        """The most recent requests in any state, newest first (skipping ``offset``).
 
         Raises:
             LedgerError: SQLite failed.
         """
-        sql = f"SELECT {_columns(Request)} FROM requests ORDER BY id DESC LIMIT ?"
-        return [_from_row(Request, row) for row in self._run(sql, (limit,))]
+        sql = f"SELECT {_columns(Request)} FROM requests ORDER BY id DESC LIMIT ? OFFSET ?"
+        return [_from_row(Request, row) for row in self._run(sql, (limit, offset))]
+
+    def count_requests(self) -> int:
+        """How many requests there are, in any state.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        return int(self._run("SELECT COUNT(*) FROM requests").fetchone()[0])
 
     # -- steps --------------------------------------------------------------
 

@@ -131,7 +131,8 @@ class Sandbox:
         self.stop()
 
     def config(
-        self, directory: Path, *, ledger_path: Path | None = None, daemon_listen: str = "127.0.0.1:8787"
+        self, directory: Path, *, ledger_path: Path | None = None,
+        daemon_listen: str = "127.0.0.1:8787", console_listen: str = "127.0.0.1:8788",
     ) -> dict[str, Any]:
         """A syncd configuration pointing every connector at this sandbox.
 
@@ -168,6 +169,7 @@ class Sandbox:
                 "writes_per_minute": 6000,
             },
             "daemon": {"listen": daemon_listen},
+            "console": {"listen": console_listen},
         }
         if self.smtp is not None:
             sections["alerts"] = {

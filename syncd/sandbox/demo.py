@@ -267,6 +267,8 @@ class Demo:
                 del os.environ[name]  # also for config.load() in this process
         self.daemon_port = _free_port()
         os.environ["SYNCD_DAEMON__LISTEN"] = f"127.0.0.1:{self.daemon_port}"
+        self.console_port = _free_port()
+        os.environ["SYNCD_CONSOLE__LISTEN"] = f"127.0.0.1:{self.console_port}"
         return dict(os.environ)
 
     def _start_sandbox(self, env: dict[str, str]) -> subprocess.Popen[bytes]:

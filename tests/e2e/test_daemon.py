@@ -74,6 +74,7 @@ def test_a_second_daemon_on_the_same_ledger_is_refused_in_one_line(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
     env["SYNCD_DAEMON__LISTEN"] = f"127.0.0.1:{_free_port()}"
+    env["SYNCD_CONSOLE__LISTEN"] = f"127.0.0.1:{_free_port()}"
     second = subprocess.run([str(SYNCD), "--config", str(running.config_path), "run"],
                             capture_output=True, text=True, env=env, timeout=30, check=False)
     assert second.returncode == 1

@@ -71,7 +71,8 @@ def test_a_job_raising_any_exception_is_logged_by_type_alerted_and_paused(
 def test_the_daemon_keeps_running_when_a_job_overflows(tmp_path: Path) -> None:
     """The reported crash: an unbounded reminder interval made the alert job overflow."""
     with Sandbox(clients=20, seed=1, smtp_port=0) as sandbox:
-        path = sandbox.write_config(tmp_path / "syncd.toml", daemon_listen=f"127.0.0.1:{_free_port()}")
+        path = sandbox.write_config(tmp_path / "syncd.toml", daemon_listen=f"127.0.0.1:{_free_port()}",
+                                    console_listen=f"127.0.0.1:{_free_port()}")
         settings = config.load(path)
         # Validation now refuses inf, so build the bad settings without it, as an
         # older file or a future bug could.
