@@ -285,6 +285,7 @@ class Running:
     port: int
     notify: socket.socket
     log_path: Path
+    console_port: int = 0
     _received: list[str] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -367,9 +368,10 @@ def started_daemon(tmp_path: Path, *, clients: int, seed: int,
         if extra_toml:
             with config_path.open("a") as fh:
                 fh.write("\n" + extra_toml)
-        port, log_path = free_port(), tmp_path / "daemon.log"
-        process = start_daemon(config_path, port, notify_path, log_path)
-        run = Running(sandbox, config_path, process, port, notify, log_path)
+        port, console_port, log_path = free_port(), free_port(), tmp_path / "daemon.log"
+        process = start_daemon(config_path, port, notify_path, log_path,
+                               SYNCD_CONSOLE__LISTEN=f"127.0.0.1:{console_port}")
+        run = Running(sandbox, config_path, process, port, notify, log_path, console_port)
         try:
             seen: list[str] = []
             wait_for(lambda: seen.extend(run.notifications()) or any("READY=1" in m for m in seen),
