@@ -97,6 +97,7 @@ def create_app(settings: Callable[[], Settings], *, wake: Callable[[], None] = l
     CSRFProtect(app)
     app.jinja_env.autoescape = True
     app.jinja_env.globals.update(nav=_pages.NAV)
+    app.jinja_env.filters["when"] = when
     _auth.register(app)
     _pages.register(app)
 
@@ -153,6 +154,20 @@ def now() -> datetime:
     from flask import current_app
 
     return current_app.extensions["syncd"]["clock"]()
+
+
+def when(moment: datetime | str | None, seconds: bool = False) -> str:
+    """A time as staff read it: ``2026-12-03 16:06 UTC`` (``-`` for none)."""
+    if not moment:
+        return "-"
+    if isinstance(moment, str):
+        try:
+            moment = datetime.fromisoformat(moment)
+        except ValueError:
+            return moment
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if seconds else f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
 def _error_page(code: int, message: str) -> Any:
