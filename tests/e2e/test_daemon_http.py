@@ -227,3 +227,35 @@ def test_the_daemon_still_stops_promptly_on_sigterm_with_connections_open(
     text = daemon.log_path.read_text()
     assert "daemon_stopped" in text and "Traceback" not in text
     assert "@example.com" not in text and "/webhooks/" not in text
+
+
+def test_the_console_listens_apart_and_neither_listener_serves_the_others_paths(
+    daemon: Running, hook: str,
+) -> None:
+    """An operator can proxy the webhook listener without exposing the console."""
+    before, offset = inbox_count(daemon), len(daemon.log_path.read_text())
+    assert daemon.console_port and daemon.console_port != daemon.port
+    login = exchange(daemon.console_port, b"GET /login HTTP/1.1\r\nHost: syncd\r\n"
+                     b"Connection: close\r\n\r\n")
+    assert status_of(login) == 200 and b'id="login"' in login
+    assert b"Content-Security-Policy: default-src 'none'" in login
+    # The webhook listener knows nothing of the console, and the console nothing of
+    # webhooks, health or metrics (an anonymous visitor is sent to the login page).
+    assert status_of(exchange(daemon.port, b"GET /login HTTP/1.1\r\nHost: syncd\r\n"
+                              b"Connection: close\r\n\r\n")) == 404
+    for path in ("/healthz", "/metrics"):
+        answer = exchange(daemon.console_port, f"GET {path} HTTP/1.1\r\nHost: syncd\r\n"
+                          "Connection: close\r\n\r\n".encode())
+        assert status_of(answer) == 302 and b"Location: /login" in answer
+        assert b"syncd_processor_up" not in answer and b'"processors"' not in answer
+    misplaced = exchange(daemon.console_port, post(hook, unsubscribe("misplaced@example.com")))
+    assert status_of(misplaced) in (400, 403)
+    # The console's requests are capped like the webhook's: a huge form is refused.
+    try:
+        huge = exchange(daemon.console_port, post("/login", b"name=" + b"x" * (
+            WEBHOOK_BODY_LIMIT_BYTES + 1024)))
+    except ConnectionResetError:  # refused before the rest was read
+        huge = b""
+    assert huge == b"" or status_of(huge) in (400, 413)
+    assert inbox_count(daemon) == before
+    assert_quiet(log_since(daemon, offset))
