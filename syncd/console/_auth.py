@@ -161,7 +161,11 @@ def register(app: Flask) -> None:
                                         "disabled).")
         elif request.method == "POST":
             status = 400
-        return render_template("login.html", form=form, no_accounts=no_accounts), status
+        # A Secure cookie never comes back over plain HTTP: say so rather than loop.
+        plain_http = app.config["SESSION_COOKIE_SECURE"] and not request.is_secure and (
+            request.headers.get("X-Forwarded-Proto", "").lower() != "https")
+        return render_template("login.html", form=form, no_accounts=no_accounts,
+                               plain_http=plain_http), status
 
     @app.route("/logout", methods=["POST"])
     def logout() -> Any:
