@@ -339,6 +339,13 @@ class Daemon:
                 raise ConfigError(["ledger.path cannot change while running; restart syncd"])
             if fresh.settings.daemon.listen != current.settings.daemon.listen:
                 log.warning("reload_listen_unchanged", reason="restart to move the listener")
+            if (fresh.settings.console.listen, fresh.settings.console.enabled,
+                    fresh.settings.console.secure_cookies) != (
+                    current.settings.console.listen, current.settings.console.enabled,
+                    current.settings.console.secure_cookies):
+                log.warning("reload_console_unchanged",
+                            reason="restart to move, enable or disable the console or change "
+                            "its cookies")
         except ConfigError as error:
             for line in error.errors:
                 log.error("reload_rejected", problem=line)
