@@ -646,7 +646,21 @@ class AlertsSettings(Section):
     model_config = ConfigDict(populate_by_name=True)
 
 
-class DaemonSettings(Section):
+class _Listener:
+    """The ``host`` and ``port`` of a section's ``listen = "host:port"`` field."""
+
+    @property
+    def host(self) -> str:
+        """The listen host, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The listen port."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class DaemonSettings(Section, _Listener):
     """The long-running service."""
 
     section: ClassVar[str] = "daemon"
@@ -674,16 +688,6 @@ class DaemonSettings(Section):
             raise ValueError("must be a 24-hour time HH:MM, e.g. 02:30")
         return value
 
-    @property
-    def host(self) -> str:
-        """The listen host, without IPv6 brackets."""
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        """The listen port."""
-        return int(self.listen.rpartition(":")[2])
-
 
 def _listen_address(value: str, example: str) -> str:
     host, sep, port = value.rpartition(":")
@@ -695,7 +699,7 @@ def _listen_address(value: str, example: str) -> str:
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-class ConsoleSettings(Section):
+class ConsoleSettings(Section, _Listener):
     """The manager's web console, served by ``syncd run`` on a listener of its own."""
 
     section: ClassVar[str] = "console"
@@ -735,15 +739,6 @@ class ConsoleSettings(Section):
     def _host_port(cls, value: str) -> str:
         return _listen_address(value, "127.0.0.1:8788")
 
-    @property
-    def host(self) -> str:
-        """The listen host, without IPv6 brackets."""
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        """The listen port."""
-        return int(self.listen.rpartition(":")[2])
 
     @property
     def cookies_secure(self) -> bool:
