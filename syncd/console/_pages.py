@@ -215,6 +215,9 @@ def register(app: Flask) -> None:
                            detail=f"downloaded {path.suffix[1:]} file")
         response = send_file(path, as_attachment=True, download_name=path.name,
                              conditional=False, etag=False, max_age=0)
+        # send_file's "no-cache, max-age=0" lets a browser or proxy keep a copy of the
+        # person's data; like every other page, the file must not be stored.
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     # -- manual steps ----------------------------------------------------------------------
