@@ -236,3 +236,18 @@ def test_login_returns_to_the_page_asked_for(console: Console) -> None:
     answer = console.try_login(client, RECEPTION, RECEPTION_PASSWORD, next="/steps")
     assert target["next"] in ("/steps", "%2Fsteps")
     assert answer.status_code == 302 and answer.headers["Location"] == "/steps"
+
+
+@pytest.mark.parametrize("request_part", ["99999999999999999999", str(2**63)])
+def test_a_request_id_beyond_the_ledgers_integers_is_not_found(console: Console,
+                                                               request_part: str) -> None:
+    client = console.reception()
+    for suffix in ("", "/export"):
+        answer = client.get(f"/requests/{request_part}{suffix}")
+        assert answer.status_code == 404, suffix
+    manager = console.manager()
+    for action, data in (("confirm", FORMS["confirm_step"]), ("extend", FORMS["extend_request"]),
+                         ("cancel", FORMS["cancel_request"])):
+        answer = console.post(manager, f"/requests/{request_part}/{action}", data)
+        assert answer.status_code == 404, action
+    assert manager.get(f"/requests/{2**63 - 1}").status_code == 404  # the largest id: looked up
