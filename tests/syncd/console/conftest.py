@@ -50,7 +50,7 @@ def sandbox() -> Iterator[Sandbox]:
         yield world
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _cheap_hashes() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(staff, "_hasher", _CHEAP)
