@@ -215,7 +215,8 @@ def test_the_session_cookie_is_secure_off_loopback_or_when_asked(
 @pytest.mark.parametrize("target", [
     "//evil.example/steal", "https://evil.example/", "http:evil.example", "/\\evil.example",
     "\\\\evil.example", "///evil.example", "javascript:alert(1)", " //evil.example",
-    "/%2F%2Fevil.example", "%2F%2Fevil.example",
+    "/%2F%2Fevil.example", "%2F%2Fevil.example", "/\t/evil.example", "/\n/evil.example",
+    "/\r\n/evil.example", "/steps\r\nSet-Cookie: x=1", "/steps\x00", "/\x0b/evil.example",
 ])
 def test_login_never_redirects_off_the_site(console: Console, target: str) -> None:
     client = console.client()
