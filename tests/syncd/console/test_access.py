@@ -23,6 +23,7 @@ from tests.syncd.console.conftest import (
     RECEPTION_PASSWORD,
     Console,
     clients_of,
+    csrf_token,
 )
 
 PUBLIC = {"login", "static"}
@@ -176,7 +177,7 @@ def test_security_headers_and_csp_on_every_page(console: Console, request_id: in
         assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY, page.request.path
         assert page.headers["X-Content-Type-Options"] == "nosniff"
         assert page.headers["X-Frame-Options"] == "DENY"
-        assert page.headers["Referrer-Policy"] == "no-referrer"
+        assert page.headers["Referrer-Policy"] == "same-origin"
         assert page.headers["Cache-Control"] == "no-store"
         assert "script-src" not in page.headers["Content-Security-Policy"]
         assert "Strict-Transport-Security" not in page.headers  # loopback, plain HTTP
@@ -252,3 +253,25 @@ def test_a_request_id_beyond_the_ledgers_integers_is_not_found(console: Console,
         answer = console.post(manager, f"/requests/{request_part}/{action}", data)
         assert answer.status_code == 404, action
     assert manager.get(f"/requests/{2**63 - 1}").status_code == 404  # the largest id: looked up
+
+
+def test_logging_in_over_https_works_with_the_referrer_the_browser_sends(console: Console) -> None:
+    """Over HTTPS Flask-WTF also wants a same-site Referer: the console's policy must allow one.
+
+    The browser sends a Referer only as the page's Referrer-Policy allows; the test sends
+    what that policy allows, as a browser would.
+    """
+    settings = console.settings.model_copy(update={
+        "console": console.settings.console.model_copy(update={"secure_cookies": "on"})})
+    app = create_app(lambda: settings, clock=FakeClock())
+    client = app.test_client()
+    base = "https://console.clinic.example"
+    page = client.get("/login", base_url=base)
+    policy = page.headers["Referrer-Policy"]
+    assert policy in ("no-referrer", "same-origin", "strict-origin", "strict-origin-when-cross-origin",
+                      "origin", "origin-when-cross-origin", "no-referrer-when-downgrade")
+    headers = {} if policy == "no-referrer" else {"Referer": f"{base}/login"}
+    answer = client.post("/login", base_url=base, headers=headers, data={
+        "csrf_token": csrf_token(page.text), "name": MANAGER, "password": "manager-password-1"})
+    assert answer.status_code == 302, answer.text
+    assert client.get("/", base_url=base).status_code == 200
