@@ -28,7 +28,6 @@ from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
 from tests.support import FakeClock
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 MANAGER, MANAGER_PASSWORD = "boss", "manager-password-1"
 RECEPTION, RECEPTION_PASSWORD = "desk", "reception-password-1"
