@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 MIN_PASSWORD_CHARS = 10
 MAX_PASSWORD_CHARS = 256
-NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,39}$")
+NAME_PATTERN = re.compile(r"\A[A-Za-z][A-Za-z0-9._-]{0,39}\Z")  # not $: it allows a final "\n"
 ROLES = STAFF_ROLES
 
 _hasher = PasswordHasher()

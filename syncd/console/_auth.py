@@ -187,6 +187,8 @@ def _local_path(target: str) -> str:
     """``target`` when it is a path of this site, else "" (no open redirect)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return ""
+    if any(ord(c) < 32 or ord(c) == 127 for c in target):  # no header may carry CR or LF
+        return ""
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
         return ""

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from flask import Flask, abort, flash, redirect, render_template, request, send_file, url_for
+from werkzeug.routing import IntegerConverter
 
 from syncd import desk, engine, export, retention, rights, staff, status
 from syncd.console._auth import current_user, manager_only
@@ -42,6 +43,7 @@ NAV = (("overview", "Overview", False), ("requests", "Requests", False),
 PER_PAGE = 50
 AUDIT_LIMIT = 500
 EXPORT_DIR_MODE = 0o700
+SQLITE_MAX_INT = 2**63 - 1
 _FLAGS = re.compile(r"--(email|phone|client-id|months|reason|processor|by)\b")
 
 
@@ -57,6 +59,8 @@ def register(app: Flask) -> None:
 
     def wake() -> None:
         app.extensions["syncd"]["wake"]()
+
+    app.url_map.converters["int"] = _LedgerInt
 
     # -- overview --------------------------------------------------------------------------
 
@@ -215,6 +219,9 @@ def register(app: Flask) -> None:
                            detail=f"downloaded {path.suffix[1:]} file")
         response = send_file(path, as_attachment=True, download_name=path.name,
                              conditional=False, etag=False, max_age=0)
+        # send_file's "no-cache, max-age=0" lets a browser or proxy keep a copy of the
+        # person's data; like every other page, the file must not be stored.
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     # -- manual steps ----------------------------------------------------------------------
@@ -375,6 +382,15 @@ def register(app: Flask) -> None:
         user = current_user()
         assert user is not None
         return user.name
+
+
+class _LedgerInt(IntegerConverter):
+    """``<int:…>`` up to SQLite's largest integer: a larger id is not found (404), where
+    the ledger would raise OverflowError (500)."""
+
+    def __init__(self, url_map: Any, fixed_digits: int = 0, min: int | None = None,  # noqa: A002
+                 max: int | None = SQLITE_MAX_INT, signed: bool = False) -> None:  # noqa: A002
+        super().__init__(url_map, fixed_digits, min, max, signed)
 
 
 def export_directory(settings: Any, *, create: bool = True) -> Path:
