@@ -56,7 +56,7 @@ GRACE_SECONDS = 5.0
 # Opening may wait out SQLite's busy timeout for the WAL switch and a migration.
 LEDGER_BUDGET_SECONDS = 30.0
 # Sections that are syncd's own settings, not something to reach.
-LOCAL_SECTIONS = frozenset({"ledger", "identity", "policy", "daemon", "logging"})
+LOCAL_SECTIONS = frozenset({"ledger", "identity", "policy", "daemon", "console", "logging"})
 
 EXIT_OK = 0
 EXIT_FAILED = 1
