@@ -80,9 +80,8 @@ def register(app: Flask) -> None:
             total = ledger().count_requests()
             chosen = ledger().all_requests(PER_PAGE, (page - 1) * PER_PAGE)
         else:
-            everything = ledger().open_requests()
-            total = len(everything)
-            chosen = everything[(page - 1) * PER_PAGE:page * PER_PAGE]
+            total = ledger().count_open_requests()
+            chosen = ledger().open_requests(PER_PAGE, (page - 1) * PER_PAGE)
         rows = [desk.describe(ledger(), r.id, moment,
                               warning_days=settings.policy.request_warning_days)
                 for r in chosen]

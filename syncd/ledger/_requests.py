@@ -101,14 +101,26 @@ class RequestsMixin(LedgerBase):
         """
         return self._row(Request, "requests", "id", request_id)
 
-    def open_requests(self) -> list[Request]:
-        """Every open request, soonest due first.
+    def open_requests(self, limit: int | None = None, offset: int = 0) -> list[Request]:
+        """Every open request, soonest due first (or ``limit`` of them, skipping ``offset``).
 
         Raises:
             LedgerError: SQLite failed.
         """
         sql = f"SELECT {_columns(Request)} FROM requests WHERE state = 'open' ORDER BY due_at, id"
-        return [_from_row(Request, row) for row in self._run(sql)]
+        params: tuple[int, ...] = ()
+        if limit is not None:
+            sql, params = sql + " LIMIT ? OFFSET ?", (limit, offset)
+        return [_from_row(Request, row) for row in self._run(sql, params)]
+
+    def count_open_requests(self) -> int:
+        """How many requests are open.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = "SELECT COUNT(*) FROM requests WHERE state = 'open'"
+        return int(self._run(sql).fetchone()[0])
 
     def all_requests(self, limit: int = 1000, offset: int = 0) -> list[Request]:
         """The most recent requests in any state, newest first (skipping ``offset``).

@@ -622,6 +622,20 @@ def test_requests_open_close_and_link_to_tasks(ledger: Ledger) -> None:
         ledger.add_request("delete", "s1", "cli", START)
 
 
+def test_open_requests_page_by_due_date_and_count(ledger: Ledger) -> None:
+    dues = (9, 3, 5, 3, 7)
+    ids = [ledger.add_request("erase", f"s{n}", "cli", START + timedelta(days=d))
+           for n, d in enumerate(dues)]  # fmt: skip
+    ledger.close_request(ids[2], "done")
+    everything = [r.id for r in ledger.open_requests()]
+    assert everything == [ids[1], ids[3], ids[4], ids[0]]
+    assert [r.id for r in ledger.open_requests(2)] == everything[:2]
+    assert [r.id for r in ledger.open_requests(2, 2)] == everything[2:]
+    assert ledger.open_requests(2, 4) == []
+    assert ledger.count_open_requests() == 4
+    assert ledger.count_requests() == 5
+
+
 def test_subjects_for_answers_many_identifiers_in_one_call(ledger: Ledger) -> None:
     for n in range(1200):  # more than one query's worth of keys
         ledger.link_identifier(f"email-{n}", "email", f"s{n % 7}")
