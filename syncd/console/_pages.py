@@ -223,10 +223,10 @@ def register(app: Flask) -> None:
         settings = current_settings()
         moment = now()
         rows = []
-        for step in ledger().open_steps():
-            if not (step.kind == "manual" or step.state == "failed"):
-                continue
-            found = ledger().request(step.request_id)
+        shown = [s for s in ledger().open_steps() if s.kind == "manual" or s.state == "failed"]
+        requests_of = ledger().requests_by_id(s.request_id for s in shown)
+        for step in shown:
+            found = requests_of.get(step.request_id)
             rows.append({"step": step, "request": found,
                          "days_left": rights.days_left(found, moment) if found else None,
                          "paper": settings.manual_processor(step.processor) is not None})

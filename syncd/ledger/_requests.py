@@ -8,9 +8,10 @@ seeing the result. The request is done when every step is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
-from syncd.ledger._db import LedgerBase, _columns, _from_row, _short, _to_text
+from syncd.ledger._db import KEYS_PER_QUERY, LedgerBase, _columns, _from_row, _short, _to_text
 from syncd.ledger._records import (
     MAX_EXTENSION_MONTHS,
     REQUEST_FINAL_STATES,
@@ -100,6 +101,23 @@ class RequestsMixin(LedgerBase):
             LedgerError: SQLite failed.
         """
         return self._row(Request, "requests", "id", request_id)
+
+    def requests_by_id(self, request_ids: Iterable[int]) -> dict[int, Request]:
+        """The requests with these ids, by id (ids that name no request are left out).
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        wanted = list(dict.fromkeys(request_ids))
+        found: dict[int, Request] = {}
+        for first in range(0, len(wanted), KEYS_PER_QUERY):
+            chunk = wanted[first:first + KEYS_PER_QUERY]
+            sql = (f"SELECT {_columns(Request)} FROM requests"
+                   f" WHERE id IN ({', '.join('?' * len(chunk))})")
+            for row in self._run(sql, chunk):
+                request = _from_row(Request, row)
+                found[request.id] = request
+        return found
 
     def open_requests(self, limit: int | None = None, offset: int = 0) -> list[Request]:
         """Every open request, soonest due first (or ``limit`` of them, skipping ``offset``).
