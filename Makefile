@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/idle.py
 	$(BIN)/python benchmarks/erasure.py
 	$(BIN)/python benchmarks/retention.py
+	$(BIN)/python benchmarks/console.py
 
 install: $(STAMP)
 

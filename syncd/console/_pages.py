@@ -84,9 +84,8 @@ def register(app: Flask) -> None:
             total = ledger().count_requests()
             chosen = ledger().all_requests(PER_PAGE, (page - 1) * PER_PAGE)
         else:
-            everything = ledger().open_requests()
-            total = len(everything)
-            chosen = everything[(page - 1) * PER_PAGE:page * PER_PAGE]
+            total = ledger().count_open_requests()
+            chosen = ledger().open_requests(PER_PAGE, (page - 1) * PER_PAGE)
         rows = [desk.describe(ledger(), r.id, moment,
                               warning_days=settings.policy.request_warning_days)
                 for r in chosen]
@@ -231,10 +230,10 @@ def register(app: Flask) -> None:
         settings = current_settings()
         moment = now()
         rows = []
-        for step in ledger().open_steps():
-            if not (step.kind == "manual" or step.state == "failed"):
-                continue
-            found = ledger().request(step.request_id)
+        shown = [s for s in ledger().open_steps() if s.kind == "manual" or s.state == "failed"]
+        requests_of = ledger().requests_by_id(s.request_id for s in shown)
+        for step in shown:
+            found = requests_of.get(step.request_id)
             rows.append({"step": step, "request": found,
                          "days_left": rights.days_left(found, moment) if found else None,
                          "paper": settings.manual_processor(step.processor) is not None})

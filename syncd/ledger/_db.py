@@ -65,19 +65,33 @@ def _columns(cls: type[_Row]) -> str:
     return ", ".join(field.name for field in fields(cls))
 
 
+def _converter(name: str) -> Callable[[Any], Any] | None:
+    """How a column's stored value becomes the record's (None: as stored)."""
+    if name in ("at", "down_since", "locked_until") or name.endswith("_at"):
+        return _from_text
+    if name in ("consent", "restricted", "resubscribe_refused", "credentials_ok",
+                "unsubscribed_by_syncd", "active"):
+        return bool
+    if name in ("payload", "options", "progress", "result"):
+        return json.loads
+    return None
+
+
+# Each record class's fields and their converters, worked out once: pages and
+# reports read thousands of rows, and deciding this per row was most of the cost.
+_PLANS: dict[type, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
+
+
 def _from_row(cls: type[_Row], row: sqlite3.Row) -> _Row:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((f.name, _converter(f.name)) for f in fields(cls))
     values: dict[str, Any] = {}
-    for field in fields(cls):
-        value = row[field.name]
-        if value is not None:
-            if field.name in ("at", "down_since", "locked_until") or field.name.endswith("_at"):
-                value = _from_text(value)
-            elif field.name in ("consent", "restricted", "resubscribe_refused", "credentials_ok",
-                                "unsubscribed_by_syncd", "active"):
-                value = bool(value)
-            elif field.name in ("payload", "options", "progress", "result"):
-                value = json.loads(value)
-        values[field.name] = value
+    for name, convert in plan:
+        value = row[name]
+        if value is not None and convert is not None:
+            value = convert(value)
+        values[name] = value
     return cls(**values)
 
 

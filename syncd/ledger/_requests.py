@@ -8,9 +8,10 @@ seeing the result. The request is done when every step is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
-from syncd.ledger._db import LedgerBase, _columns, _from_row, _short, _to_text
+from syncd.ledger._db import KEYS_PER_QUERY, LedgerBase, _columns, _from_row, _short, _to_text
 from syncd.ledger._records import (
     MAX_EXTENSION_MONTHS,
     REQUEST_FINAL_STATES,
@@ -101,14 +102,43 @@ class RequestsMixin(LedgerBase):
         """
         return self._row(Request, "requests", "id", request_id)
 
-    def open_requests(self) -> list[Request]:
-        """Every open request, soonest due first.
+    def requests_by_id(self, request_ids: Iterable[int]) -> dict[int, Request]:
+        """The requests with these ids, by id (ids that name no request are left out).
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        wanted = list(dict.fromkeys(request_ids))
+        found: dict[int, Request] = {}
+        for first in range(0, len(wanted), KEYS_PER_QUERY):
+            chunk = wanted[first:first + KEYS_PER_QUERY]
+            sql = (f"SELECT {_columns(Request)} FROM requests"
+                   f" WHERE id IN ({', '.join('?' * len(chunk))})")
+            for row in self._run(sql, chunk):
+                request = _from_row(Request, row)
+                found[request.id] = request
+        return found
+
+    def open_requests(self, limit: int | None = None, offset: int = 0) -> list[Request]:
+        """Every open request, soonest due first (or ``limit`` of them, skipping ``offset``).
 
         Raises:
             LedgerError: SQLite failed.
         """
         sql = f"SELECT {_columns(Request)} FROM requests WHERE state = 'open' ORDER BY due_at, id"
-        return [_from_row(Request, row) for row in self._run(sql)]
+        params: tuple[int, ...] = ()
+        if limit is not None:
+            sql, params = sql + " LIMIT ? OFFSET ?", (limit, offset)
+        return [_from_row(Request, row) for row in self._run(sql, params)]
+
+    def count_open_requests(self) -> int:
+        """How many requests are open.
+
+        Raises:
+            LedgerError: SQLite failed.
+        """
+        sql = "SELECT COUNT(*) FROM requests WHERE state = 'open'"
+        return int(self._run(sql).fetchone()[0])
 
     def all_requests(self, limit: int = 1000, offset: int = 0) -> list[Request]:
         """The most recent requests in any state, newest first (skipping ``offset``).
@@ -192,7 +222,12 @@ class RequestsMixin(LedgerBase):
         Raises:
             LedgerError: SQLite failed.
         """
-        sql = f"SELECT {_columns(RequestStep)} FROM request_steps WHERE request_id = ? ORDER BY id"
+        # Naming every state (the column's CHECK allows no other) lets SQLite seek
+        # request_steps_by_state (state, request_id) once per state; on request_id
+        # alone it scans the whole table, once per request a page lists.
+        states = ", ".join(f"'{s}'" for s in STEP_STATES)  # literals from _records
+        sql = (f"SELECT {_columns(RequestStep)} FROM request_steps"
+               f" WHERE state IN ({states}) AND request_id = ? ORDER BY id")
         return [_from_row(RequestStep, row) for row in self._run(sql, (request_id,))]
 
     def open_steps(self, kind: str | None = None) -> list[RequestStep]:

@@ -18,7 +18,7 @@ import pytest
 from tests.support import FakeClock
 from syncd.ledger import _db as ledger_module  # where the migrations are read
 from syncd.errors import LedgerError
-from syncd.ledger import SCHEMA_VERSION, Ledger, Task
+from syncd.ledger import KEYS_PER_QUERY, SCHEMA_VERSION, Ledger, Task
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 11, 24, 19, 40, 5, 123456, tzinfo=UTC)
@@ -620,6 +620,31 @@ def test_requests_open_close_and_link_to_tasks(ledger: Ledger) -> None:
     assert [r.id for r in ledger.open_requests()] == [late]
     with pytest.raises(ValueError):
         ledger.add_request("delete", "s1", "cli", START)
+
+
+def test_open_requests_page_by_due_date_and_count(ledger: Ledger) -> None:
+    dues = (9, 3, 5, 3, 7)
+    ids = [ledger.add_request("erase", f"s{n}", "cli", START + timedelta(days=d))
+           for n, d in enumerate(dues)]  # fmt: skip
+    ledger.close_request(ids[2], "done")
+    everything = [r.id for r in ledger.open_requests()]
+    assert everything == [ids[1], ids[3], ids[4], ids[0]]
+    assert [r.id for r in ledger.open_requests(2)] == everything[:2]
+    assert [r.id for r in ledger.open_requests(2, 2)] == everything[2:]
+    assert ledger.open_requests(2, 4) == []
+    assert ledger.count_open_requests() == 4
+    assert ledger.count_requests() == 5
+
+
+def test_requests_by_id_reads_many_requests_at_once(ledger: Ledger) -> None:
+    ids = [ledger.add_request("erase", f"s{n}", "cli", START + timedelta(days=n))
+           for n in range(KEYS_PER_QUERY + 3)]  # fmt: skip
+    ledger.close_request(ids[1], "cancelled")
+    found = ledger.requests_by_id([ids[1], 999_999, *reversed(ids), ids[0]])
+    assert sorted(found) == ids
+    assert found[ids[1]] == ledger.request(ids[1])
+    assert found[ids[-1]].due_at == START + timedelta(days=KEYS_PER_QUERY + 2)
+    assert ledger.requests_by_id([]) == {}
 
 
 def test_subjects_for_answers_many_identifiers_in_one_call(ledger: Ledger) -> None:
