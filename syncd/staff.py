@@ -51,7 +51,9 @@ class LoginResult:
     """The outcome of one login attempt: the account when accepted, else why not."""
 
     member: StaffMember | None
-    refusal: str | None = None  # "bad" | "locked" | "disabled"
+    # "bad" (wrong name or password, also of a locked or disabled account), "locked"
+    # or "disabled" (the right password of a locked or disabled account)
+    refusal: str | None = None
     locked_now: bool = False
 
 
@@ -157,9 +159,11 @@ def login(ledger: Ledger, name: str, password: str, *, now: datetime, lock_after
     if member is None:
         return LoginResult(None, "bad")
     if not member.active:
-        return LoginResult(None, "disabled")
+        return LoginResult(None, "disabled" if matched else "bad")
     if member.locked_until is not None and member.locked_until > now:
-        return LoginResult(None, "locked")
+        # Only the right password learns of the lock: a guesser cannot tell a locked
+        # account from a wrong password, nor a real name from an unknown one.
+        return LoginResult(None, "locked" if matched else "bad")
     if not matched:
         after = ledger.record_login_failure(
             member.name, lock_after=lock_after,
@@ -170,10 +174,10 @@ def login(ledger: Ledger, name: str, password: str, *, now: datetime, lock_after
             _audit(ledger, "staff_locked", member.name, None,
                    f"{lock_after} wrong passwords in a row; locked for {lock_minutes} min")
             log.warning("console_account_locked", minutes=lock_minutes)
-        return LoginResult(None, "locked" if locked_now else "bad", locked_now=locked_now)
+        return LoginResult(None, "bad", locked_now=locked_now)
     with ledger.transaction():
         if _hasher.check_needs_rehash(member.password_hash):
-            ledger.set_staff_password(member.name, _hasher.hash(password))
+            ledger.set_staff_password(member.name, _hasher.hash(password), keep_sessions=True)
         ledger.record_login(member.name)
         _audit(ledger, "staff_login", member.name, member.name)
     return LoginResult(ledger.staff_member(member.name))

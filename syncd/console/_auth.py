@@ -154,11 +154,16 @@ def register(app: Flask) -> None:
             status = 401
             if result.refusal == "locked":
                 form.form_errors.append(
-                    "This account is locked after too many wrong passwords. Try again later, "
-                    "or ask a manager to reset the password.")
+                    "This account is locked after too many wrong passwords. Try again in "
+                    f"{settings.lockout_minutes} minutes, or ask a manager to unlock it.")
+            elif result.refusal == "disabled":
+                form.form_errors.append("This account is disabled: ask a manager to enable "
+                                        "it.")
             else:
-                form.form_errors.append("Wrong login name or password (or the account is "
-                                        "disabled).")
+                form.form_errors.append(
+                    f"Wrong login name or password. After {settings.lockout_after} wrong "
+                    "passwords in a row an account is locked for "
+                    f"{settings.lockout_minutes} minutes; a manager can unlock it sooner.")
         elif request.method == "POST":
             status = 400
         # A Secure cookie never comes back over plain HTTP: say so rather than loop.

@@ -41,6 +41,7 @@ NAV = (("overview", "Overview", False), ("requests", "Requests", False),
        ("retention_page", "Retention", False), ("audit", "Audit", False),
        ("users", "Users", True))
 PER_PAGE = 50
+OVERVIEW_LISTED = 20  # requests due soon shown by id on the overview; the rest are counted
 AUDIT_LIMIT = 500
 EXPORT_DIR_MODE = 0o700
 SQLITE_MAX_INT = 2**63 - 1
@@ -70,6 +71,7 @@ def register(app: Flask) -> None:
         report = status.gather(settings, now=now())
         due_soon = [r for r in report.requests if r["overdue"] or r["due_soon"]]
         return render_template("overview.html", report=report, due_soon=due_soon,
+                               listed=OVERVIEW_LISTED,
                                warn=settings.policy.request_warning_days)
 
     # -- requests --------------------------------------------------------------------------
@@ -239,7 +241,11 @@ def register(app: Flask) -> None:
                          "paper": settings.manual_processor(step.processor) is not None})
         rows.sort(key=lambda r: (r["days_left"] if r["days_left"] is not None else 0,
                                  r["step"].id))
-        return render_template("steps.html", rows=rows, confirm_form=ConfirmForm())
+        page = _page_number()
+        pages = max(1, -(-len(rows) // PER_PAGE))
+        return render_template("steps.html", rows=rows[(page - 1) * PER_PAGE:page * PER_PAGE],
+                               total=len(rows), page=page, pages=pages,
+                               confirm_form=ConfirmForm())
 
     # -- retention -------------------------------------------------------------------------
 

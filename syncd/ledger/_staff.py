@@ -81,14 +81,20 @@ class StaffMixin(LedgerBase):
             return self._update(name, "active = 1, failed_logins = 0, locked_until = NULL", [])
         return self._update(name, "active = 0", [])
 
-    def set_staff_password(self, name: str, password_hash: str) -> bool:
+    def set_staff_password(self, name: str, password_hash: str, *,
+                           keep_sessions: bool = False) -> bool:
         """Replace an account's password hash; clears its lockout and ends its sessions.
+
+        ``keep_sessions``: the same password hashed anew (stronger parameters):
+        nothing else changes, and the account's sessions go on.
 
         Returns False when there is no such account.
 
         Raises:
             LedgerError: SQLite failed.
         """
+        if keep_sessions:
+            return self._update(name, "password_hash = ?", [password_hash])
         return self._update(name, "password_hash = ?, password_changed_at = ?,"
                             " failed_logins = 0, locked_until = NULL",
                             [password_hash, self._now()])

@@ -169,8 +169,11 @@ def test_an_unknown_name_creates_nothing(ledger: Ledger) -> None:
 def test_wrong_passwords_lock_the_account_for_lock_minutes(ledger: Ledger) -> None:
     staff.add(ledger, "ann", "reception", PASSWORD, by=None)
     results = [_login(ledger, "ann", "wrong password") for _ in range(3)]
-    assert [r.refusal for r in results] == ["bad", "bad", "locked"]
+    # A guesser learns nothing: the locking failure and later wrong guesses read "bad";
+    # only the right password is told of the lock.
+    assert [r.refusal for r in results] == ["bad", "bad", "bad"]
     assert [r.locked_now for r in results] == [False, False, True]
+    assert _login(ledger, "ann", "another wrong one").refusal == "bad"
     assert _login(ledger, "ann", PASSWORD).refusal == "locked"
     assert _login(ledger, "ann", PASSWORD, now=NOW + timedelta(minutes=14)).refusal == "locked"
     locks = [a for a in _actions(ledger) if a[0] == "staff_locked"]
@@ -220,9 +223,12 @@ def test_a_hash_with_older_parameters_is_replaced_at_the_next_login(ledger: Ledg
     assert _login(ledger, "ann", "wrong password").member is None
     member = ledger.staff_member("ann")
     assert member is not None and member.password_hash == old  # a failure rehashes nothing
+    changed_at = member.password_changed_at
     assert _login(ledger, "ann", PASSWORD).member is not None
     member = ledger.staff_member("ann")
     assert member is not None and member.password_hash != old
+    # The same password hashed anew: the account's console sessions go on.
+    assert member.password_changed_at == changed_at
     assert member.password_hash.startswith("$argon2id$")
     assert not PasswordHasher().check_needs_rehash(member.password_hash)
     assert _login(ledger, "ann", PASSWORD).member is not None
