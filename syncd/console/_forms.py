@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, IntegerField, PasswordField, RadioField, SelectField, StringField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import AnyOf, DataRequired, InputRequired, Length, NumberRange, Optional
 
 from syncd.staff import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS
 
-KINDS = [("erase", "Erase everywhere"), ("restrict", "Restrict (stop all processing)"),
-         ("unrestrict", "Lift a restriction"), ("export", "Export (a copy of their data)")]
-ROLE_CHOICES = [("reception", "Reception"), ("manager", "Manager")]
-LOOKUPS = [("email", "Email"), ("phone", "Phone"), ("client_id", "Phorest client id"),
-           ("request", "Request id")]
+KINDS = [SelectChoice("erase", "Erase everywhere"),
+         SelectChoice("restrict", "Restrict (stop all processing)"),
+         SelectChoice("unrestrict", "Lift a restriction"),
+         SelectChoice("export", "Export (a copy of their data)")]
+ROLE_CHOICES = [SelectChoice("reception", "Reception"), SelectChoice("manager", "Manager")]
+LOOKUPS = [SelectChoice("email", "Email"), SelectChoice("phone", "Phone"),
+           SelectChoice("client_id", "Phorest client id"), SelectChoice("request", "Request id")]
 
 
 class LoginForm(FlaskForm):
@@ -31,8 +34,8 @@ class FileRequestForm(FlaskForm):
     email = StringField("Email", validators=[Optional(), Length(max=254)])
     phone = StringField("Mobile number", validators=[Optional(), Length(max=40)])
     client_id = StringField("Phorest client id", validators=[Optional(), Length(max=64)])
-    export_format = SelectField("Export format", choices=[("csv", "CSV"), ("json", "JSON")],
-                                default="csv")
+    export_format = SelectField("Export format", default="csv",
+                                choices=[SelectChoice("csv", "CSV"), SelectChoice("json", "JSON")])
     note = StringField("Note (no personal data)", validators=[Optional(), Length(max=200)])
 
     def validate(self, extra_validators=None) -> bool:  # type: ignore[no-untyped-def]
@@ -57,7 +60,8 @@ class ConfirmForm(FlaskForm):
 class ExtendForm(FlaskForm):
     """Extend a request's deadline."""
 
-    months = SelectField("By", choices=[("1", "1 month"), ("2", "2 months")], default="1")
+    months = SelectField("By", default="1",
+                         choices=[SelectChoice("1", "1 month"), SelectChoice("2", "2 months")])
     reason = StringField("Reason (no personal data)", validators=[DataRequired(),
                                                                   Length(max=200)])
 
