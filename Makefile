@@ -8,8 +8,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench install clean
 
+# Two pytest-xdist workers: most of the suite waits on daemons, sandboxes and sockets,
+# not on the CPU. --dist loadfile keeps each test file on one worker, in order, so a
+# module-scoped world (a sandbox, a running daemon) is built once and a module whose
+# last test stops its shared daemon still runs that test last. Files are handed out in
+# collection order (--no-loadscope-reorder), so the long end-to-end files start early
+# instead of being sorted last by their small test counts. PYTEST_WORKERS=0 runs
+# everything in this one process (e.g. to use pdb).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The newcomer's first command: the sandbox and the daemon as real processes, six
 # scenes (webhook opt-out, Phorest opt-out, resync, erasure request, retention purge
