@@ -124,7 +124,8 @@ class World:
 
     def audit(self, action: str) -> list[Any]:
         with Ledger.open(self.ledger_path) as ledger:
-            return [e for e in ledger.find_audit(limit=1000) if e.action == action]
+            return [e for e in ledger.find_audit(limit=1000, newest_first=True)
+                    if e.action == action]
 
 
 def new_browser() -> WebDriver:
