@@ -136,6 +136,7 @@ def new_browser() -> WebDriver:
                      "--disable-gpu", f"--window-size={WINDOW[0]},{WINDOW[1]}",
                      "--password-store=basic", "--no-first-run"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(HANG_GUARD_SECONDS)
     return driver
@@ -249,6 +250,9 @@ def test_the_login_form_works_with_the_keyboard_alone_and_every_input_has_a_labe
     driver.get(f"{world.base}/")
     assert driver.current_url.startswith(f"{world.base}/login")  # not logged in: sent here
     assert unlabelled_inputs(driver) == []
+    # What the fields are for, for password managers and assistive tools (WCAG 1.3.5).
+    assert [driver.find_element(By.NAME, name).get_attribute("autocomplete")
+            for name in ("name", "password")] == ["username", "current-password"]
     world.shot(driver, "login")
 
     # From the top of the page: TAB to the name field, type, TAB, type, ENTER; keys only.
@@ -282,6 +286,9 @@ def test_the_login_form_works_with_the_keyboard_alone_and_every_input_has_a_labe
     manager.get(f"{world.base}/users")
     assert text(manager, "h1") == "Users"
     assert unlabelled_inputs(manager) == []
+    # Nothing on any page was blocked by the console's Content-Security-Policy.
+    logged = [entry["message"] for who in (driver, manager) for entry in who.get_log("browser")]
+    assert not [m for m in logged if "Content Security Policy" in m], logged
 
 
 # -- a. reception files an erasure at the desk ----------------------------------------------
