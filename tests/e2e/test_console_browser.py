@@ -42,6 +42,7 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -51,9 +52,9 @@ from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
-# About 25-40 s on two cores (one daemon world, two browsers; Forget is seen within two
-# poll intervals), so it counts as slow.
-pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"), pytest.mark.slow]
+# About 20 s (up to 30: Forget is seen within two poll intervals) on two idle cores, for
+# one daemon world and two browsers: under the `slow` mark's 30 s.
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 PAPER_FORMS = "paper_forms"
 MANUAL_PROCESSORS = f"""
@@ -155,7 +156,10 @@ def log_in(driver: WebDriver, base: str, name: str, password: str) -> None:
 
 def left(driver: WebDriver, element: WebElement) -> None:
     """Wait until the page that held ``element`` is replaced (a form was sent)."""
-    WebDriverWait(driver, HANG_GUARD_SECONDS).until(expected_conditions.staleness_of(element))
+    # Mid-navigation, chromedriver may answer "node does not belong to the document"
+    # instead of "stale": ask again.
+    WebDriverWait(driver, HANG_GUARD_SECONDS, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(element))
 
 
 def text(driver: WebDriver, css: str) -> str:
@@ -430,9 +434,10 @@ def test_the_manager_confirms_the_paper_forms_and_the_request_completes_after_fo
     left(driver, button)
     assert f"the {PAPER_FORMS} step is confirmed" in text(driver, ".flashes")
     assert step_states(driver)[PAPER_FORMS] == "done"
-    # Done only once the daemon has also seen the client forgotten in Phorest.
-    assert text(driver, "#request-state") == (
-        "done" if step_states(driver)["phorest"] == "done" else "open")
+    # Not done while the daemon has not seen the client forgotten in Phorest yet (once it
+    # has, the request completes within a moment: the page may catch it in between).
+    if step_states(driver)["phorest"] == "waiting":
+        assert text(driver, "#request-state") == "open"
 
     reload_until(driver, lambda: text(driver, "#request-state") == "done",
                  "the request page to show the request done")
