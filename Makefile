@@ -22,7 +22,9 @@ test: $(STAMP)
 
 # The newcomer's first command: the sandbox and the daemon as real processes, six
 # scenes (webhook opt-out, Phorest opt-out, resync, erasure request, retention purge
-# with its guard, export), the audit trail; about 30 s.
+# with its guard, export), the audit trail; about 30 s. It prints the web console's
+# address and a demo manager login; DEMO_ARGS=--keep-running leaves everything
+# running after the scenes, the console browsable, until Ctrl-C.
 demo: $(STAMP)
 	$(BIN)/python -m syncd.sandbox.demo $(DEMO_ARGS)
 

@@ -21,9 +21,11 @@ LOOKUPS = [SelectChoice("email", "Email"), SelectChoice("phone", "Phone"),
 class LoginForm(FlaskForm):
     """Log in."""
 
-    name = StringField("Login name", validators=[DataRequired(), Length(max=40)])
+    name = StringField("Login name", validators=[DataRequired(), Length(max=40)],
+                       render_kw={"autocomplete": "username"})
     password = PasswordField("Password", validators=[DataRequired(),
-                                                     Length(max=MAX_PASSWORD_CHARS)])
+                                                     Length(max=MAX_PASSWORD_CHARS)],
+                             render_kw={"autocomplete": "current-password"})
 
 
 class FileRequestForm(FlaskForm):
@@ -93,14 +95,16 @@ class AddUserForm(FlaskForm):
     name = StringField("Login name", validators=[DataRequired(), Length(max=40)])
     role = SelectField("Role", choices=ROLE_CHOICES, default="reception")
     password = PasswordField("Password", validators=[
-        DataRequired(), Length(min=MIN_PASSWORD_CHARS, max=MAX_PASSWORD_CHARS)])
+        DataRequired(), Length(min=MIN_PASSWORD_CHARS, max=MAX_PASSWORD_CHARS)],
+        render_kw={"autocomplete": "new-password"})
 
 
 class PasswordForm(FlaskForm):
     """Reset a staff account's password."""
 
     password = PasswordField("New password", validators=[
-        DataRequired(), Length(min=MIN_PASSWORD_CHARS, max=MAX_PASSWORD_CHARS)])
+        DataRequired(), Length(min=MIN_PASSWORD_CHARS, max=MAX_PASSWORD_CHARS)],
+        render_kw={"autocomplete": "new-password"})
 
 
 class RoleForm(FlaskForm):

@@ -42,11 +42,20 @@ own HTTP APIs:
 Last, the audit trail the ledger kept for those people, then the daemon is
 stopped with SIGTERM (it must exit 0) and the sandbox with it.
 
+The manager's web console is served by the daemon throughout: right after the
+daemon starts, the demo creates a manager account for it (``syncd user add
+demo-manager --role manager --password-file …``, with a password generated for
+this run) and prints the console's address and that login, so the scenes can
+be followed in a browser too. With ``--keep-running`` (``make demo
+DEMO_ARGS=--keep-running``) the daemon and the sandbox keep running after the
+scenes, the console browsable, until Ctrl-C (or SIGTERM), which stops them and
+exits 0.
+
 People are shown by Phorest client id and Mailchimp subscriber-hash prefix
 only (an address on a command line shows as ``<email>``, as syncd's logs mask
 it): no email, name or phone is ever printed, even synthetic ones. Any
 failure prints one line and exits 1 with everything stopped; Ctrl-C stops
-everything too (exit 130).
+everything too (exit 130), except that it is how ``--keep-running`` ends.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import csv
 import hashlib
 import os
 import re
+import secrets
 import signal
 import socket
 import stat
@@ -99,6 +109,9 @@ ERASURE_FILED_BY = "reception"
 PURGE_CONFIRMED_BY = "manager"
 # Stale client ids the retention scene shows from the dry run's list.
 SHOWN_STALE = 3
+# The console account the demo creates (its password is generated for each run).
+DEMO_MANAGER = "demo-manager"
+KEEP_RUNNING_CHECK_SECONDS = 0.5
 # Environment the demo's own syncd processes must not inherit from the caller.
 INHERITED_PREFIXES = ("SYNCD_",)
 INHERITED_NAMES = ("CREDENTIALS_DIRECTORY",)
@@ -123,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="syncd-demo-") as tmp, _Processes() as processes:
-            Demo(Path(tmp), args.clients, args.timeout, console, processes).run()
+            Demo(Path(tmp), args.clients, args.timeout, console, processes,
+                 keep_running=args.keep_running).run()
     except DemoError as error:
         console.print(f"[bold red]demo failed:[/] {error}")
         return 1
@@ -152,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_SECONDS,
                         metavar="SECONDS", help="longest wait for each outcome "
                         f"(default: {DEFAULT_TIMEOUT_SECONDS:g})")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="after the scenes, keep syncd and the sandbox running (the web "
+                        "console stays browsable) until Ctrl-C")
     return parser
 
 
@@ -217,11 +234,14 @@ class Demo:
         timeout: the longest wait for any one outcome, in seconds.
         console: where the story is told.
         processes: starts and stops the syncd processes.
+        keep_running: after the scenes, wait for Ctrl-C before stopping everything.
     """
 
     def __init__(self, tmp: Path, clients: int, timeout: float, console: Console,
-                 processes: _Processes) -> None:
+                 processes: _Processes, *, keep_running: bool = False) -> None:
         self.tmp, self.clients, self.timeout = tmp, clients, timeout
+        self.keep_running = keep_running
+        self.console_login = ""
         self.console, self.processes = console, processes
         self.config_path = tmp / "syncd.toml"
         self.http = requests.Session()
@@ -229,7 +249,7 @@ class Demo:
         self.started = time.monotonic()
 
     def run(self) -> None:
-        """Start, play the six scenes, show the audit trail, stop.
+        """Start, play the six scenes, show the audit trail, (wait for Ctrl-C,) stop.
 
         Raises:
             DemoError: a process or an outcome did not come as expected.
@@ -244,6 +264,7 @@ class Demo:
         with self.http:
             sandbox = self._start_sandbox(env)
             daemon = self._start_daemon(env)
+            self._open_console(env)
             self._register_webhook()
             first, second, third, fourth = self._choose_people()
             self._scene_webhook(first)
@@ -253,6 +274,8 @@ class Demo:
             booked = self._scene_retention(env)
             self._scene_export(booked, env)
             self._show_audit([first, second, third, fourth, booked])
+            if self.keep_running:
+                self._wait_for_ctrl_c()
         self._stop(daemon, sandbox)
         self.console.print(
             f"\n[bold green]Done[/] in {time.monotonic() - self.started:.1f} s: syncd stopped "
@@ -298,6 +321,53 @@ class Demo:
                   f"healthy on {self._daemon_url}/healthz after its first full resync "
                   f"({time.monotonic() - started:.1f} s)")
         return daemon
+
+    def _open_console(self, env: dict[str, str]) -> None:
+        """A manager account for the web console, and where to log in with it."""
+        password = secrets.token_urlsafe(12)
+        path = self.tmp / f"{DEMO_MANAGER}.password"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as fh:
+            fh.write(password + "\n")
+        self._syncd_command(["user", "add", DEMO_MANAGER, "--role", "manager",
+                             "--password-file", str(path)], env)
+        self._wait(self._console_answers, f"the web console at {self._console_url}")
+        # A synthetic account of this run's throwaway ledger: its password is meant to be seen.
+        self.console_login = f"log in as {DEMO_MANAGER}, password {password}"
+        self.console.print(f"  Web console: {self._console_url}  ({self.console_login})")
+
+    @property
+    def _console_url(self) -> str:
+        return f"http://127.0.0.1:{self.console_port}/"
+
+    def _console_answers(self) -> bool:
+        try:
+            response = self.http.get(f"{self._console_url}login", timeout=HTTP_TIMEOUT_SECONDS)
+        except requests.RequestException:
+            return False  # not listening yet
+        return response.status_code == 200
+
+    def _wait_for_ctrl_c(self) -> None:
+        """Keep the daemon and the sandbox running until Ctrl-C (or SIGTERM).
+
+        Raises:
+            DemoError: one of them exited on its own.
+        """
+        self.console.print()
+        self.console.print(Panel.fit(
+            f"syncd and the sandbox keep running. Web console: {self._console_url}\n"
+            f"{self.console_login[0].upper()}{self.console_login[1:]}.\n"
+            "Ctrl-C stops syncd and the sandbox and removes the temporary directory.",
+            title="--keep-running"))
+        try:
+            while True:
+                for name, process, log_path in self.processes.running():
+                    if process.poll() is not None:
+                        raise DemoError(f"{name} exited {process.returncode}: "
+                                        f"{_last_line(_read(log_path))}")
+                time.sleep(KEEP_RUNNING_CHECK_SECONDS)
+        except KeyboardInterrupt:
+            self.console.print("Ctrl-C: stopping syncd and the sandbox.")
 
     @property
     def _daemon_url(self) -> str:
