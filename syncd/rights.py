@@ -408,8 +408,9 @@ class Advanced:
         closed_steps: steps closed (done or failed).
         verified: Phorest steps closed because Phorest shows the client forgotten.
         completed: requests completed.
-        last_verified: the id of the last Forget step read (0: none), where a
-            rotation resumes (``verify_after``) next time.
+        last_verified: where a rotation resumes (``verify_after``) next time: the
+            id of the last Forget step read, or 0 when this call read to the end
+            (the next starts again from the first, so a rotation never skips a turn).
     """
 
     closed_steps: int = 0
@@ -471,6 +472,8 @@ def advance(
                     _step_audit(ledger, step, "done", f"verified: client {state} in Phorest")
                     progress.verified += 1
         _complete(ledger, {s.request_id for s in forgets}, progress)
+        if verify_limit is None or len(forgets) < verify_limit:
+            progress.last_verified = 0  # read to the end: start from the first next time
     if progress.closed_steps or progress.verified or progress.completed:
         log.info("requests_advanced", closed_steps=progress.closed_steps,
                  verified=progress.verified, completed=len(progress.completed))
