@@ -212,23 +212,6 @@ def test_a_client_dripping_one_byte_at_a_time_is_cut_off_before_it_finishes(
     assert_quiet(log_since(daemon, offset))
 
 
-def test_the_daemon_still_stops_promptly_on_sigterm_with_connections_open(
-    daemon: Running,
-) -> None:
-    # Last in the module: it stops the shared daemon.
-    idle = [socket.create_connection(("127.0.0.1", daemon.port), timeout=HANG_GUARD_SECONDS)
-            for _ in range(20)]
-    try:
-        daemon.process.terminate()
-        assert daemon.process.wait(timeout=10) == 0
-    finally:
-        for sock in idle:
-            sock.close()
-    text = daemon.log_path.read_text()
-    assert "daemon_stopped" in text and "Traceback" not in text
-    assert "@example.com" not in text and "/webhooks/" not in text
-
-
 def test_the_console_listens_apart_and_neither_listener_serves_the_others_paths(
     daemon: Running, hook: str,
 ) -> None:
@@ -259,3 +242,20 @@ def test_the_console_listens_apart_and_neither_listener_serves_the_others_paths(
     assert huge == b"" or status_of(huge) in (400, 413)
     assert inbox_count(daemon) == before
     assert_quiet(log_since(daemon, offset))
+
+
+def test_the_daemon_still_stops_promptly_on_sigterm_with_connections_open(
+    daemon: Running,
+) -> None:
+    # Last in the module: it stops the shared daemon.
+    idle = [socket.create_connection(("127.0.0.1", daemon.port), timeout=HANG_GUARD_SECONDS)
+            for _ in range(20)]
+    try:
+        daemon.process.terminate()
+        assert daemon.process.wait(timeout=10) == 0
+    finally:
+        for sock in idle:
+            sock.close()
+    text = daemon.log_path.read_text()
+    assert "daemon_stopped" in text and "Traceback" not in text
+    assert "@example.com" not in text and "/webhooks/" not in text
