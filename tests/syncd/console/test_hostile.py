@@ -25,7 +25,7 @@ from tests.syncd.console.conftest import (
     clients_of,
 )
 
-EXAMPLES = 600  # per caller: 1,800 requests, about 20-25 s for the three together
+EXAMPLES = 1000  # per caller: 3,000 requests, about 30 s for the three together
 HOSTILE = settings(max_examples=EXAMPLES, deadline=None, database=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture,
                                           HealthCheck.too_slow])
