@@ -12,23 +12,14 @@ import pytest
 
 from syncd.cli import main
 from syncd.ledger import Ledger
+from tests.syncd.test_cli import SYNCD, VALID
 
-SYNCD = Path(sys.executable).with_name("syncd")
 PASSWORD = "first-password-1"
 NEW_PASSWORD = "second-password-2"
 CONFIG = """
 [ledger]
 path = "{ledger}"
-[identity]
-hmac_key = "0123456789abcdef-test-hmac-key"
-[phorest]
-business_id = "biz-1"
-username = "global/manager@example.com"
-password = "phorest-password-value"
-[mailchimp]
-list_id = "abc"
-api_key = "mailchimp-key-value-us6"
-"""
+""" + VALID
 
 
 class Cli:
