@@ -244,6 +244,10 @@ def test_a_confirmed_run_files_one_retention_erasure_per_stale_client(clinic: Cl
     found = clinic.ledger.retention_run(run.run_id)
     assert found is not None and (found.state, found.filed_count, found.confirmed_by) == (
         "confirmed", 3, "Ann")
+    confirmations = [(e.action, e.actor, e.detail) for e in clinic.ledger.find_audit()
+                     if e.action == "retention_confirm"]
+    assert confirmations == [("retention_confirm", "Ann",
+                              f"retention run #{run.run_id}: 3 stale client(s)")]
     assert clinic.ledger.open_alerts() == []
     # The next daily run leaves them alone while their requests are open.
     later = retention.purge(clinic.ledger, settings, {"phorest": clinic.api}, clinic.keys, now=NOW)
