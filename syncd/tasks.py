@@ -3,10 +3,13 @@
 "Insert before the call, outcome after" (STYLE 6): :func:`enqueue` writes one
 ledger task per planned action before anything is sent; :func:`run_due` claims
 due tasks with a compare-and-set, calls each connector's ``apply`` once per
-batch, then records every outcome (done, needs_person, failed, or back to
-pending with a later ``next_attempt_at``; a vendor's daily quota that is spent
-reschedules to its reset and never fails a task). If ``apply`` raises, every
-claimed task is pushed forward before the error propagates, so nothing spins.
+batch, then records every outcome of that batch in one transaction (done,
+needs_person, failed, or back to pending with a later ``next_attempt_at``; a
+vendor's daily quota that is spent reschedules to its reset and never fails a
+task). Until that transaction commits, the batch's tasks stay in flight: a
+process killed mid-batch loses nothing, the next writer lock holder releases them.
+If ``apply`` raises, every claimed task is pushed forward before the error
+propagates, so nothing spins.
 
 Personal data lives only in a pending task's payload (the ledger scrubs it at a
 final state, and each batch ends by flushing the scrubbed pages out of the WAL);
@@ -26,7 +29,7 @@ import structlog
 from connectors.base import Action, Connector, Outcome
 from syncd.errors import IdentifierError, LedgerError
 from syncd.identity import SubjectKeys
-from syncd.ledger import Ledger, Task
+from syncd.ledger import Ledger, Task, TaskOutcome
 from syncd.reconcile import Planned
 from syncd.retry import RetryPolicy
 
@@ -195,13 +198,16 @@ def _run_batch(
         raise
     alerts: Counter[tuple[str, str, str]] = Counter()
     failed = 0
+    records: list[TaskOutcome] = []
     for task, outcome in zip(claimed, outcomes):
         tally[outcome.status] += 1
-        with ledger.transaction():
-            alert = _record(ledger, processor, task, outcome, policy, keys, now)
+        record, alert = _record(processor, task, outcome, policy, keys, now)
+        records.append(record)
         if alert is not None:
             alerts[alert] += 1
             failed += alert[1] != "needs_person"
+    # One transaction for the whole batch: until it commits, every task stays in flight.
+    ledger.record_outcomes(records)
     for (problem_key, kind, what), count in alerts.items():
         summary = f"{processor}: {count} task(s) {what}; see the task list for details"
         ledger.raise_alert(problem_key, kind, summary)
@@ -209,53 +215,55 @@ def _run_batch(
 
 
 def _record(
-    ledger: Ledger,
     processor: str,
     task: Task,
     outcome: Outcome,
     policy: RetryPolicy,
     keys: SubjectKeys,
     now: datetime,
-) -> tuple[str, str, str] | None:
-    """Write one outcome. Returns the alert it calls for as (problem_key, kind, what), or None."""
+) -> tuple[TaskOutcome, tuple[str, str, str] | None]:
+    """What to write for one outcome, and the alert it calls for as (problem_key, kind, what)."""
     reason, rid, attempts = outcome.reason or "unknown", outcome.request_id, task.attempts + 1
     log.debug("task_outcome", task_id=task.id, processor=processor, status=outcome.status,
               reason=reason)  # fmt: skip
     if outcome.status == "done":
         # A receipt that is not a request id (GA's deletionRequestTime) is the audit detail.
-        ledger.finish(task.id, "done", vendor_request_id=rid, detail=outcome.evidence)
-        _learn(ledger, processor, task, now)
-        return None
+        return TaskOutcome(task.id, "done", vendor_request_id=rid, detail=outcome.evidence,
+                           subject=_learn(processor, task, now)), None
     if outcome.status == "needs_person":
-        ledger.finish(task.id, "needs_person", error=reason, vendor_request_id=rid)
-        return f"needs_person:{processor}:{reason}", "needs_person", f"need a person ({reason})"
+        return (TaskOutcome(task.id, "needs_person", error=reason, vendor_request_id=rid),
+                (f"needs_person:{processor}:{reason}", "needs_person",
+                 f"need a person ({reason})"))
     if outcome.status == "retriable" and outcome.quota_wait:
         # Not a failed try: the vendor's quota for the day is spent (GA: 500 deletions per
         # property). Wait for its reset however many days it takes, never against the budget:
         # a purge bigger than one day's quota must not fail its tail.
         wait = timedelta(seconds=max(outcome.retry_after_seconds or 0.0, 0.0))
-        ledger.retry_later(task.id, now + wait, f"quota_wait:{reason}", refund_attempt=True)
-        return None
+        return TaskOutcome(task.id, "pending", error=f"quota_wait:{reason}",
+                           next_attempt_at=now + wait, refund_attempt=True), None
     if outcome.status == "retriable" and not policy.exhausted(attempts):
         hint = timedelta(seconds=min(outcome.retry_after_seconds or 0.0,
                                      policy.persisted_max_delay_seconds))  # fmt: skip
         next_at = now + max(_delay(policy, attempts), hint)
-        ledger.retry_later(task.id, next_at, f"retriable:{reason}")
-        return None
+        return TaskOutcome(task.id, "pending", error=f"retriable:{reason}",
+                           next_attempt_at=next_at), None
     if outcome.status == "retriable":
-        ledger.finish(task.id, "failed", error=f"retries_exhausted:{reason}", vendor_request_id=rid)
-        return f"retries_exhausted:{processor}", "retries_exhausted", "ran out of retries"
+        return (TaskOutcome(task.id, "failed", error=f"retries_exhausted:{reason}",
+                            vendor_request_id=rid),
+                (f"retries_exhausted:{processor}", "retries_exhausted", "ran out of retries"))
+    suppress: str | None = None
     if reason == "forgotten_email" and task.payload and task.payload.get("email"):
         try:
-            ledger.suppress(keys.email(task.payload["email"]), "forgotten")
+            suppress = keys.email(task.payload["email"])
         except IdentifierError:
             log.warning("task_suppress_skipped", task_id=task.id, reason="bad_identifier")
-    ledger.finish(task.id, "failed", error=reason, vendor_request_id=rid)
-    return f"task_failed:{processor}:{reason}", "task_failed", f"failed ({reason})"
+    return (TaskOutcome(task.id, "failed", error=reason, vendor_request_id=rid,
+                        suppress_key=suppress),
+            (f"task_failed:{processor}:{reason}", "task_failed", f"failed ({reason})"))
 
 
-def _learn(ledger: Ledger, processor: str, task: Task, now: datetime) -> None:
-    """Record what a done task makes true, with its outcome (one transaction).
+def _learn(processor: str, task: Task, now: datetime) -> tuple[str, dict[str, Any]] | None:
+    """What a done task makes true of its subject, written with its outcome, or None.
 
     GA cannot be read back: a done ``erase`` there is remembered
     (``analytics_erased_at``) so that the subject is not submitted again.
@@ -268,13 +276,14 @@ def _learn(ledger: Ledger, processor: str, task: Task, now: datetime) -> None:
     leave the member unsubscribed without the mark.
     """
     if processor == "google_analytics" and task.action == "erase":
-        ledger.upsert_subject(task.subject_key, analytics_erased_at=now)
+        return task.subject_key, {"analytics_erased_at": now}
     if processor != "mailchimp":
-        return
+        return None
     if task.action == "unsubscribe":
-        ledger.upsert_subject(task.subject_key, unsubscribed_by_syncd=True)
-    elif task.action == "subscribe":
-        ledger.upsert_subject(task.subject_key, unsubscribed_by_syncd=False)
+        return task.subject_key, {"unsubscribed_by_syncd": True}
+    if task.action == "subscribe":
+        return task.subject_key, {"unsubscribed_by_syncd": False}
+    return None
 
 
 def _delay(policy: RetryPolicy, attempts: int) -> timedelta:

@@ -69,6 +69,7 @@ from syncd.ledger._records import (
     Subject,
     SubjectFacts,
     Task,
+    TaskOutcome,
 )
 from syncd.ledger._requests import RequestsMixin
 from syncd.ledger._retention import RetentionMixin
@@ -84,6 +85,7 @@ __all__ = [
     "REQUEST_KINDS", "RETENTION_RUN_STATES", "SCHEMA_VERSION", "STAFF_ROLES", "TASK_STATES", "WAL_SIZE_LIMIT_BYTES",
     "WAL_SWITCH_RETRY_SECONDS", "Alert", "AuditEvent", "Clock", "Command", "InboxEvent",
     "Ledger", "ProcessorHealth", "Request", "RequestStep", "RetentionRun", "StaffMember", "Subject", "SubjectFacts", "Task",
+    "TaskOutcome",
 ]
 
 

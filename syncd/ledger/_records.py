@@ -73,6 +73,33 @@ class Task:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """One claimed task's outcome, for :meth:`Ledger.record_outcomes` (written with others).
+
+    Attributes:
+        task_id: the task.
+        state: a final state (``finish``) or ``pending`` (``retry_later``).
+        error: short text without personal data, for ``last_error`` and the audit.
+        vendor_request_id: the processor's request id (final states).
+        detail: other evidence for the audit (final states; see ``finish``).
+        next_attempt_at: when a ``pending`` task is due again.
+        refund_attempt: a ``pending`` task's try did not count (see ``retry_later``).
+        suppress_key: an identifier key to put on the suppression list with it.
+        subject: ``(subject_key, columns)`` for ``upsert_subject``, written with it.
+    """
+
+    task_id: int
+    state: str
+    error: str | None = None
+    vendor_request_id: str | None = None
+    detail: str | None = None
+    next_attempt_at: datetime | None = None
+    refund_attempt: bool = False
+    suppress_key: str | None = None
+    subject: tuple[str, dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """A data-subject request (erase, restrict, unrestrict, export).
 

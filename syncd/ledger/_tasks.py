@@ -15,10 +15,11 @@ from typing import Any
 from syncd.errors import LedgerError
 from syncd.ledger._audit import AuditMixin
 from syncd.ledger._db import KEYS_PER_QUERY, _columns, _from_row, _from_text, _short, _to_text
-from syncd.ledger._records import FINAL_TASK_STATES, TASK_STATES, Task
+from syncd.ledger._records import FINAL_TASK_STATES, TASK_STATES, Task, TaskOutcome
+from syncd.ledger._subjects import SubjectsMixin
 
 
-class TasksMixin(AuditMixin):
+class TasksMixin(AuditMixin, SubjectsMixin):
     """The task queue (a final outcome writes its evidence through :class:`AuditMixin`)."""
 
     def add_task(
@@ -181,6 +182,48 @@ class TasksMixin(AuditMixin):
             (_to_text(next_attempt_at), _short(error), refund, self._now(), task_id),
         )
         return cursor.rowcount == 1
+
+    def record_outcomes(self, outcomes: Sequence[TaskOutcome]) -> list[bool]:
+        """Record the outcomes of one applied batch in one transaction.
+
+        Each outcome is written exactly as its own call would write it: a final
+        state as :meth:`finish` (payload scrubbed, audit entry), ``pending`` as
+        :meth:`retry_later`; its ``suppress_key`` and ``subject`` columns go
+        with it. All or nothing: should the process die or SQLite fail before
+        the commit, every task stays in flight, and the next writer lock holder
+        releases it (:meth:`release_in_flight`).
+
+        Returns:
+            Per outcome, False when its task was already final (nothing written for it).
+
+        Raises:
+            ValueError: a state that is neither final nor ``pending``, or a ``pending``
+                outcome without ``next_attempt_at`` (nothing is written).
+            LedgerError: no such task, or SQLite failed (nothing is written).
+        """
+        for item in outcomes:
+            if item.state != "pending" and item.state not in FINAL_TASK_STATES:
+                raise ValueError(f"{item.state!r} is neither final nor pending")
+            if item.state == "pending" and item.next_attempt_at is None:
+                raise ValueError(f"task {item.task_id}: pending without next_attempt_at")
+        written: list[bool] = []
+        with self.transaction():
+            for item in outcomes:
+                if item.suppress_key is not None:
+                    self.suppress(item.suppress_key, "forgotten")
+                if item.state == "pending":
+                    assert item.next_attempt_at is not None  # checked above
+                    written.append(self.retry_later(
+                        item.task_id, item.next_attempt_at, item.error or "",
+                        refund_attempt=item.refund_attempt))  # fmt: skip
+                else:
+                    written.append(self.finish(
+                        item.task_id, item.state, error=item.error,
+                        vendor_request_id=item.vendor_request_id, detail=item.detail))  # fmt: skip
+                if item.subject is not None:
+                    subject_key, columns = item.subject
+                    self.upsert_subject(subject_key, **columns)
+        return written
 
     def release_in_flight(self) -> int:
         """Return every in-flight task to pending, due now.

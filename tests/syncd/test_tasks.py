@@ -13,6 +13,7 @@ import pytest
 import connectors
 from connectors.base import Action, Connector, Outcome
 from syncd import config
+from syncd.errors import LedgerError
 from syncd.identity import SubjectKeys
 from syncd.ledger import Ledger
 from syncd.reconcile import Planned
@@ -331,3 +332,105 @@ def test_a_receipt_that_is_not_a_request_id_is_kept_as_the_audit_detail(
     task = ledger.task(task_id)
     assert task is not None and task.payload is None  # the client id is scrubbed
     assert task.last_error is None  # a receipt is not an error
+
+
+class _ByKind:
+    """A connector answering each action by its kind, as a script says; counts its applies."""
+
+    name = "mailchimp"
+    script = {"unsubscribe": ("done", None),
+              "subscribe": ("needs_person", "needs_client_resubscribe"),
+              "update_names": ("retriable", "unavailable"),
+              "erase": ("permanent", "forgotten_email")}  # fmt: skip
+
+    def __init__(self) -> None:
+        self.applies = 0
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        self.applies += 1
+        return [Outcome(a, self.script[a.kind][0], self.script[a.kind][1],  # type: ignore[arg-type]
+                        request_id=f"rid-{a.task_id}") for a in actions]
+
+
+def _mixed_batch(sandbox: Sandbox, keys: SubjectKeys) -> list[Planned]:
+    return [mailchimp(keys, kind, new_email(sandbox, status=None))
+            for kind in ("unsubscribe", "subscribe", "update_names", "erase") for _ in range(3)]
+
+
+def test_a_batch_records_every_outcome_in_one_transaction_as_single_writes_would(
+    sandbox: Sandbox, ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    planned = _mixed_batch(sandbox, keys)
+    ids = enqueue(ledger, planned)
+    begun: list[str] = []
+    connector = _ByKind()
+    ledger._conn.set_trace_callback(  # noqa: SLF001
+        lambda sql: begun.append(sql) if sql.startswith("BEGIN") else None)
+
+    report = run_due(ledger, {"mailchimp": connector}, POLICY, keys, now=clock.now,
+                     batch_size=len(ids))  # fmt: skip
+
+    ledger._conn.set_trace_callback(None)  # noqa: SLF001
+    assert connector.applies == 1
+    # One to claim the batch, one for its twelve outcomes, one for its two alerts each.
+    assert len(begun) == 2 + 2
+    assert report.counts["mailchimp"] == {"done": 3, "needs_person": 3, "retriable": 3,
+                                          "permanent": 3}  # fmt: skip
+    states = {}
+    for item, task_id in zip(planned, ids):
+        task = ledger.task(task_id)
+        assert task is not None
+        states.setdefault(item.action.kind, set()).add(task.state)
+        evidence = ledger.audit_events(item.action.subject_key)
+        if item.action.kind == "update_names":  # back to pending, payload kept, no evidence
+            assert task.payload and task.last_error == "retriable:unavailable"
+            assert task.next_attempt_at > clock.now and evidence == []
+            continue
+        assert task.payload is None and task.dedupe_key is None  # scrubbed
+        [event] = evidence
+        assert (event.action, event.outcome, event.task_id, event.vendor_request_id) == (
+            item.action.kind, task.state, task_id, f"rid-{task_id}")  # fmt: skip
+    assert states == {"unsubscribe": {"done"}, "subscribe": {"needs_person"},
+                      "update_names": {"pending"}, "erase": {"failed"}}  # fmt: skip
+    facts = ledger.subject_facts([p.action.subject_key for p in planned])
+    for item in planned:
+        subject = facts.get(item.action.subject_key)
+        marked = subject is not None and subject.unsubscribed_by_syncd
+        assert marked == (item.action.kind == "unsubscribe")
+        assert ledger.is_suppressed(keys.email(item.action.email or "")) == (
+            item.action.kind == "erase")  # fmt: skip
+    assert sorted(alert_keys(ledger)) == [
+        "needs_person:mailchimp:needs_client_resubscribe",
+        "task_failed:mailchimp:forgotten_email"]  # fmt: skip
+
+
+def test_a_crash_while_recording_a_batch_loses_nothing(
+    sandbox: Sandbox, ledger: Ledger, keys: SubjectKeys, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    planned = _mixed_batch(sandbox, keys)
+    ids = enqueue(ledger, planned)
+    finish, calls = ledger.finish, itertools.count()
+
+    def dying_finish(*args: Any, **kwargs: Any) -> bool:
+        if next(calls) == 4:  # mid-batch: some outcomes are already written
+            raise LedgerError("disk gone")
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "finish", dying_finish)
+    with pytest.raises(LedgerError):
+        run_due(ledger, {"mailchimp": _ByKind()}, POLICY, keys, now=clock.now,
+                batch_size=len(ids))  # fmt: skip
+    monkeypatch.undo()
+
+    # Nothing of the batch was recorded: every task is still in flight with its payload.
+    for task_id in ids:
+        task = ledger.task(task_id)
+        assert task is not None and task.state == "in_flight" and task.payload
+    assert ledger.audit_events() == []
+    assert not any(ledger.is_suppressed(keys.email(p.action.email or "")) for p in planned)
+    # The next writer lock holder takes them over, and they finish once.
+    assert ledger.release_in_flight() == len(ids)
+    run_due(ledger, {"mailchimp": _ByKind()}, POLICY, keys, now=clock.now, batch_size=len(ids))
+    assert ledger.count_tasks_by_state()["in_flight"] == 0
+    assert len(ledger.audit_events(limit=100)) == 9  # done, needs_person, failed: 3 each
