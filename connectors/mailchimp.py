@@ -23,7 +23,7 @@ Writes on many members go as batch calls, two kinds of them, when a wave holds t
   PATCH, or the ``delete-permanent`` POST) with ``operation_id`` = the action's position. Not
   through ``POST /lists/{id}``: every member there needs a ``status``, an action does not carry
   the member's current one, and a guessed one would change the subscription (or resubscribe
-  someone: never). The batches are polled at growing intervals until ``finished`` (at most
+  someone: never). The batches are polled at backed-off intervals until ``finished`` (at most
   :data:`OPERATIONS_DEADLINE_SECONDS`), then ``response_body_url`` (pre-signed: no credentials)
   is read: a gzipped tar of JSON arrays of ``{status_code, operation_id, response}``, each
   ``response`` the problem+json a single call would get, so each result is classified exactly
@@ -78,8 +78,14 @@ BATCH_OPERATIONS = 500  # the most operations we put in one POST /batches (A2.9)
 # How long the /batches of one wave may take before their actions are given back as
 # retriable; read at each apply, so tests can shorten it.
 OPERATIONS_DEADLINE_SECONDS = 15 * 60.0
-OPERATIONS_FIRST_POLL_SECONDS = 0.5  # the wait before the first status poll, doubled after
-OPERATIONS_MAX_POLL_SECONDS = 10.0
+# Status polls (see _next_poll): a batch costs its submit, at most one poll while it runs
+# and the one that finds it finished, in the common case. Neither the reference nor the
+# vendor corpus records how long a real batch takes (the guide only says batches run in
+# the background; third-party reports speak of minutes under load), so later polls back
+# off to one a minute.
+OPERATIONS_FIRST_POLL_SECONDS = 2.0  # the wait before the first status poll
+OPERATIONS_POLL_MARGIN = 1.5  # the wait from progress, stretched by this much
+OPERATIONS_MAX_POLL_SECONDS = 60.0
 MEMBER_FIELDS = ["members.email_address", "members.status", "members.merge_fields",
                  "members.last_changed", "total_items"]  # a list: the SDK comma-joins it (A1.13)
 NAME_FIELDS = frozenset({"FNAME", "LNAME"})
@@ -405,20 +411,22 @@ class MailchimpConnector:
                                 for i in chunk)
             else:
                 waiting[started] = chunk
-        deadline, wait = self._clock() + OPERATIONS_DEADLINE_SECONDS, OPERATIONS_FIRST_POLL_SECONDS
-        while waiting and (left := deadline - self._clock()) > 0:
-            self._sleep(min(wait, left))
-            wait = min(wait * 2, OPERATIONS_MAX_POLL_SECONDS)
-            for batch_id, chunk in list(waiting.items()):
-                polled = self._poll(batch_id)
-                if polled is None:
-                    continue
-                del waiting[batch_id]
-                if isinstance(polled, ConnectorError):
-                    outcomes.update((i, Outcome(actions[i], "retriable", "batch_status_refused",
-                                                polled.request_id)) for i in chunk)
-                else:
-                    outcomes.update(self._results(actions, batch_id, chunk, polled))
+        started_at = self._clock()
+        deadline = started_at + OPERATIONS_DEADLINE_SECONDS
+        due = dict.fromkeys(waiting, started_at + OPERATIONS_FIRST_POLL_SECONDS)
+        polls: Counter[str] = Counter()
+        while waiting and (now := self._clock()) < deadline:
+            batch_id = min(waiting, key=due.__getitem__)
+            if due[batch_id] > now:
+                self._sleep(min(due[batch_id], deadline) - now)
+            polled, polls[batch_id] = self._poll(batch_id), polls[batch_id] + 1
+            if isinstance(polled, ConnectorError):
+                outcomes.update((i, Outcome(actions[i], "retriable", "batch_status_refused",
+                                            polled.request_id)) for i in waiting.pop(batch_id))
+            elif polled is not None and polled.get("status") == "finished":
+                outcomes.update(self._results(actions, batch_id, waiting.pop(batch_id), polled))
+            else:
+                due[batch_id] = _next_poll(started_at, self._clock(), polled, polls[batch_id])
         for batch_id, chunk in waiting.items():
             log.warning("mailchimp_operations_unfinished", batch_id=batch_id,
                         operations=len(chunk), deadline_seconds=OPERATIONS_DEADLINE_SECONDS)
@@ -455,9 +463,9 @@ class MailchimpConnector:
         """One ``GET /batches/{id}``.
 
         Returns:
-            The status once it is ``finished``; None while it is not, or when it could not be
-            read for now (asked again at the next poll, until the deadline); the error when
-            it was refused (e.g. 404: the batch is gone), which no later poll will change.
+            The status answer (``finished`` or not); None when it could not be read for now
+            (asked again at the next poll, until the deadline); the error when it was refused
+            (e.g. 404: the batch is gone), which no later poll will change.
         """
         try:
             answer = self._call(self._batches.status, batch_id)
@@ -465,11 +473,15 @@ class MailchimpConnector:
             log.warning("mailchimp_operations_status_failed", batch_id=batch_id,
                         status=error.status, title=error.title)
             return error if error.permanent else None
-        if not isinstance(answer, dict) or answer.get("status") != "finished":
+        if not isinstance(answer, dict):
             return None
-        log.info("mailchimp_operations_finished", batch_id=batch_id,
-                 **{k: answer.get(k) for k in ("total_operations", "finished_operations",
-                                                "errored_operations")})
+        counts = {k: answer.get(k) for k in ("total_operations", "finished_operations",
+                                             "errored_operations")}
+        if answer.get("status") == "finished":
+            log.info("mailchimp_operations_finished", batch_id=batch_id, **counts)
+        else:
+            log.info("mailchimp_operations_running", batch_id=batch_id,
+                     status=str(answer.get("status")), **counts)
         return answer
 
     def _results(self, actions: Sequence[Action], batch_id: str, chunk: list[int],
@@ -865,6 +877,35 @@ def _waves(actions: Sequence[Action]) -> list[list[int]]:
         waves += [[] for _ in range(wave + 1 - len(waves))]
         waves[wave].append(index)
     return waves
+
+
+def _next_poll(started_at: float, now: float, status: Mapping[str, Any] | None,
+               polls: int) -> float:
+    """When to ask again about a batch that was not finished at ``now`` (monotonic seconds).
+
+    The first poll comes :data:`OPERATIONS_FIRST_POLL_SECONDS` after the submit, when a
+    batch of moderate size has usually finished: two calls. When it has not, the next poll
+    is timed so that one more is usually the last (a batch then costs three calls): from
+    its progress, the time it took for the operations done so far, scaled to all of them,
+    with a margin; with no progress to go by, three times as long as it has already run.
+    Later polls double the elapsed time. No wait is longer than
+    :data:`OPERATIONS_MAX_POLL_SECONDS`; the caller stops at the deadline.
+
+    Args:
+        started_at: when the batches of the wave were submitted.
+        now: when the poll was answered.
+        status: its answer (None when it could not be read).
+        polls: how many polls of this batch were made, this one included.
+    """
+    elapsed = max(now - started_at, OPERATIONS_FIRST_POLL_SECONDS)
+    total = status.get("total_operations") if status is not None else None
+    done = status.get("finished_operations") if status is not None else None
+    if (isinstance(total, int) and isinstance(done, int) and 0 < done < total
+            and not isinstance(done, bool)):
+        wait = elapsed * (total - done) / done * OPERATIONS_POLL_MARGIN
+    else:
+        wait = elapsed * (3 if polls == 1 else 1)
+    return now + min(max(wait, OPERATIONS_FIRST_POLL_SECONDS), OPERATIONS_MAX_POLL_SECONDS)
 
 
 def _record(raw: Mapping[str, Any]) -> MemberRecord:

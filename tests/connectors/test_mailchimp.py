@@ -175,9 +175,11 @@ class Batches:
     """
 
     def __init__(self, wire: responses.RequestsMock, answer: Answer = all_done, *,
-                 per_file: int = 100, statuses: tuple[str, ...] = ("finished",)) -> None:
+                 per_file: int = 100, statuses: tuple[str, ...] = ("finished",),
+                 progress: float = 0.0) -> None:
         self.submitted: list[list[dict[str, Any]]] = []
         self.answer, self.per_file, self.statuses = answer, per_file, statuses
+        self.progress = progress  # the share of operations a running batch shows finished
         self.polls: Counter[str] = Counter()
         wire.add_callback(responses.POST, BATCHES_URL, callback=self.start)
         wire.add_callback(responses.GET, re.compile(rf"{BATCHES_URL}/b\d+"), callback=self.status)
@@ -195,7 +197,10 @@ class Batches:
         self.polls[batch_id] += 1
         status = self.statuses[min(self.polls[batch_id], len(self.statuses)) - 1]
         url = f"{RESULTS_ROOT}/{batch_id}.tar.gz?X-Amz-Signature=s" if status == "finished" else ""
+        total = len(self.submitted[int(batch_id[1:]) - 1])
+        done = total if status == "finished" else int(total * self.progress)
         return 200, JSON, json.dumps({"id": batch_id, "status": status,
+                                    "total_operations": total, "finished_operations": done,
                                     "response_body_url": url})
 
     def results(self, request: Any) -> tuple[int, dict[str, str], bytes]:
@@ -995,7 +1000,8 @@ def test_updates_clears_and_erases_go_as_one_batch_of_the_single_calls(
     download = next(c for c in wire.calls if c.request.url.startswith(RESULTS_ROOT))
     assert "Authorization" not in download.request.headers  # pre-signed: no API key
     assert download.request.req_kwargs["timeout"] == 7
-    assert sleeps == [0.5]  # one wait before the first status poll
+    # One wait before the first status poll, which finds the batch finished.
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= mailchimp.OPERATIONS_FIRST_POLL_SECONDS
 
 
 @pytest.mark.parametrize(
@@ -1088,17 +1094,19 @@ def test_operations_missing_from_the_results_are_retriable(
         ("done", None), ("retriable", "batch_result_missing")]
 
 
-def test_a_batch_unfinished_at_the_deadline_is_retriable_and_polled_at_growing_intervals(
+def test_a_batch_unfinished_at_the_deadline_is_retriable_and_polled_at_backed_off_intervals(
     wire: responses.RequestsMock,
 ) -> None:
     batches = Batches(wire, statuses=("pending", "preprocessing", "started"))
     fake = FakeTime()
     outcomes = make_connector(time_=fake).apply([names("a@example.com"), action("erase")])
     assert {(o.status, o.reason) for o in outcomes} == {("retriable", "batch_unfinished")}
-    assert fake.sleeps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert set(fake.sleeps[5:-1]) == {10.0} and fake.sleeps[-1] <= 10.0
+    # Polled 2 s after the submit, then at 3x, then doubling the time it has run, at most
+    # a minute apart: 19 status calls in 15 minutes (94 with the old 0.5 s doubling to 10 s).
+    assert fake.sleeps[:6] == [2.0, 6.0, 8.0, 16.0, 32.0, 60.0]
+    assert set(fake.sleeps[5:-1]) == {60.0} and fake.sleeps[-1] <= 60.0
     assert sum(fake.sleeps) == mailchimp.OPERATIONS_DEADLINE_SECONDS == 15 * 60
-    assert batches.polls["b1"] == len(fake.sleeps)
+    assert batches.polls["b1"] == len(fake.sleeps) == 19
     assert not any(c.request.url.startswith(RESULTS_ROOT) for c in wire.calls)
 
 
@@ -1110,7 +1118,7 @@ def test_the_deadline_can_be_shortened(
     fake = FakeTime()
     outcomes = make_connector(time_=fake).apply([names("a@example.com"), action("erase")])
     assert {o.reason for o in outcomes} == {"batch_unfinished"}
-    assert fake.sleeps == [0.5, 1.0, 1.5]
+    assert fake.sleeps == [2.0, 1.0]
 
 
 def test_batches_still_running_are_polled_together_until_each_finishes(
@@ -1120,8 +1128,28 @@ def test_batches_still_running_are_polled_together_until_each_finishes(
     fake = FakeTime()
     outcomes = make_connector(time_=fake).apply([names(f"p{n}@example.com") for n in range(501)])
     assert {o.status for o in outcomes} == {"done"}
-    assert fake.sleeps == [0.5, 1.0, 2.0, 4.0]
+    assert fake.sleeps == [2.0, 6.0, 8.0, 16.0]
     assert dict(batches.polls) == {"b1": 4, "b2": 4}
+
+
+@pytest.mark.parametrize(("progress", "sleeps"), [
+    pytest.param(0.0, [2.0, 6.0], id="no-progress-shown"),
+    # 100 of 500 done in 2 s: 8 s more, stretched by 1.5.
+    pytest.param(0.2, [2.0, 12.0], id="from-progress"),
+])  # fmt: skip
+def test_a_batch_that_runs_past_the_first_poll_costs_three_calls(
+    wire: responses.RequestsMock, progress: float, sleeps: list[float]
+) -> None:
+    batches = Batches(wire, statuses=("started", "finished"), progress=progress)
+    fake = FakeTime()
+    todo = [names(f"p{n}@example.com") for n in range(1000)]
+    outcomes = make_connector(time_=fake).apply(todo)
+    assert {o.status for o in outcomes} == {"done"}
+    assert fake.sleeps == sleeps
+    # Per batch: the submit, one poll while it runs, the one that finds it finished.
+    api = [c for c in wire.calls if not c.request.url.startswith(RESULTS_ROOT)]
+    assert len(batches.submitted) == 2 and len(api) == 2 * 3
+    assert dict(batches.polls) == {"b1": 2, "b2": 2}
 
 
 def test_a_status_poll_that_fails_for_now_is_asked_again(script: responses.RequestsMock) -> None:
