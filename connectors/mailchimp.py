@@ -31,8 +31,12 @@ Writes on many members go as batch calls, two kinds of them, when a wave holds t
   deadline, an archive unreadable, a result missing) is ``retriable``: replaying is safe, a
   PATCH being idempotent and a repeated delete-permanent answering 404 ("absent", done).
 
+When a wave's last ``POST /lists/{id}`` chunk and last ``POST /batches`` are both partial and
+fit in one batch together, the subscribes and unsubscribes ride in that batch as their single
+calls (``_fill``): the write calls are as few as 500 to a call allows.
+
 ``move_email`` always stays a single PATCH (rare, and a replayed move is not idempotent), and a
-lone action of any kind is a single call.
+lone action of any kind is a single call (a lone subscribe or unsubscribe may fill a batch).
 """
 
 from __future__ import annotations
@@ -135,7 +139,8 @@ class MailchimpConnector:
     """
 
     name = "mailchimp"
-    # One apply sees enough actions to fill 500-member batches of every kind at once.
+    # One apply sees enough actions to fill 500-member batches of every kind at once, and
+    # is a multiple of 500: with _fill, every apply but a run's last fills its write calls.
     apply_batch_size = 10_000
 
     def __init__(
@@ -275,7 +280,8 @@ class MailchimpConnector:
         concurrently (up to ``max_connections``). In a wave, two or more subscribes or
         unsubscribes go as one ``POST /lists/{id}`` per 500, and two or more update_names,
         clear_extra_fields or erases as one ``POST /batches`` per 500, awaited before the next
-        wave starts (module docstring).
+        wave starts; the last partial members chunk fills the last partial batch when it
+        fits (module docstring).
         """
         refusals = [_refusal(action) for action in actions]
         outcomes = {i: Outcome(actions[i], "permanent", r) for i, r in enumerate(refusals) if r}
@@ -293,7 +299,8 @@ class MailchimpConnector:
                 indexes = [todo[w] for w in wave]
                 many = [i for i in indexes if actions[i].kind in BATCH_KINDS]
                 ops = [i for i in indexes if actions[i].kind in OPERATION_KINDS]
-                many, ops = (many if len(many) > 1 else []), (ops if len(ops) > 1 else [])
+                many, ops = _fill(many, ops if len(ops) > 1 else [])
+                many = many if len(many) > 1 else []
                 grouped = set(many) | set(ops)
                 # The /batches first, chunked and awaited in one job: Mailchimp works on them
                 # while the other calls of the wave are made.
@@ -326,28 +333,22 @@ class MailchimpConnector:
     def _one(self, action: Action) -> Outcome:
         """One member call; a refusal becomes the outcome."""
         email, kind = cast(str, action.email).strip(), action.kind
-        names = {"FNAME": action.first_name, "LNAME": action.last_name}
         patch = self._lists.update_list_member
-        bodies: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
-            # Never "pending": that sends a confirmation email (R2).
-            "subscribe": (self._lists.set_list_member, {
-                "email_address": email, "status_if_new": "subscribed", "status": "subscribed",
-                "merge_fields": names}),
-            # A PATCH, not an upsert: an absent address is not added. Never archive (DELETE):
-            # that may lose the compliance state (reference assumption 6).
-            "unsubscribe": (patch, {"status": "unsubscribed"}),
-            "update_names": (patch, _update_body(action)),
-            "clear_extra_fields": (patch, _update_body(action)),
-            "move_email": (patch, {"email_address": (action.new_email or "").strip()}),
-        }
+        # A subscribe is the PUT upsert; an unsubscribe a PATCH, not an upsert: an absent
+        # address is not added. Never archive (DELETE): that may lose the compliance state
+        # (reference assumption 6). The bodies: _update_body.
+        calls: dict[str, Callable[..., Any]] = {
+            "subscribe": self._lists.set_list_member, "unsubscribe": patch,
+            "update_names": patch, "clear_extra_fields": patch, "move_email": patch}
         target = (self._list_id, _hash(email))
         try:
             if kind == "erase":
                 result = self._call(self._lists.delete_list_member_permanent, *target)
             else:
                 # A replayed move would 404 at the old hash: replay only what never left.
-                fn, body = bodies[kind]
-                result = self._call(fn, *target, body, skip_merge_validation="true",
+                body = (_update_body(action) if kind != "move_email"
+                        else {"email_address": (action.new_email or "").strip()})
+                result = self._call(calls[kind], *target, body, skip_merge_validation="true",
                                     idempotent=kind != "move_email")
         except ConnectorError as error:
             return self._refused(action, error)
@@ -768,13 +769,45 @@ def _batch_member(email: str, action: Action) -> dict[str, Any]:
 
 
 # The SDK method of the single call each batch operation stands for (ROUTES gives its route).
+# Subscribes and unsubscribes ride in a /batches job only to fill it (_fill).
 _OPERATION_CALLS: Mapping[str, str] = {"update_names": "update_list_member",
                                        "clear_extra_fields": "update_list_member",
-                                       "erase": "delete_list_member_permanent"}
+                                       "erase": "delete_list_member_permanent",
+                                       "subscribe": "set_list_member",
+                                       "unsubscribe": "update_list_member"}
+
+
+def _fill(many: list[int], ops: list[int]) -> tuple[list[int], list[int]]:
+    """Move the ``POST /lists/{id}`` remainder into the last ``POST /batches`` when it fits.
+
+    When a wave holds both a partial members chunk (or a lone subscribe or unsubscribe)
+    and a partial operations batch whose sum fits in one batch, the members ride in that
+    batch as their single calls (a PUT upsert that never asks for confirmation, an
+    unsubscribe PATCH, whose 404 is "absent" again): one write call fewer, and no poll
+    more, the batch being awaited anyway. Full chunks stay as they are. So an apply of a
+    multiple of 500 such actions in one wave costs exactly that many / 500 write calls.
+
+    Returns:
+        ``(many, ops)``: the positions for ``POST /lists/{id}`` and for ``POST /batches``.
+    """
+    spill, room = len(many) % BATCH_MEMBERS, len(ops) % BATCH_OPERATIONS
+    if not spill or not room or spill + room > BATCH_OPERATIONS:
+        return many, ops
+    return many[:len(many) - spill], ops + many[len(many) - spill:]
 
 
 def _update_body(action: Action) -> dict[str, Any]:
-    """The PATCH body of an ``update_names`` or ``clear_extra_fields``: merge fields only."""
+    """The body of an action's single call (not a move, not an erase).
+
+    A subscribe is the PUT upsert, never "pending" (R2); an unsubscribe a PATCH of the
+    status; ``update_names`` and ``clear_extra_fields`` PATCH merge fields only.
+    """
+    if action.kind == "subscribe":
+        return {"email_address": cast(str, action.email).strip(),
+                "status_if_new": "subscribed", "status": "subscribed",
+                "merge_fields": {"FNAME": action.first_name, "LNAME": action.last_name}}
+    if action.kind == "unsubscribe":
+        return {"status": "unsubscribed"}
     if action.kind == "update_names":
         return {"merge_fields": {"FNAME": action.first_name, "LNAME": action.last_name}}
     return {"merge_fields": dict.fromkeys(action.fields, "")}

@@ -994,9 +994,16 @@ def test_updates_clears_and_erases_go_as_one_batch_of_the_single_calls(
          "body": json.dumps({"merge_fields": {"PHONE": "", "ADDRESS": ""}})},
         {"method": "POST", "path": f"{path}/{md5('c@example.com')}/actions/delete-permanent",
          "operation_id": "4"},
+        # The lone subscribe fills the batch as its single call: the upsert, never pending.
+        {"method": "PUT", "path": f"{path}/{md5('s@example.com')}",
+         "params": {"skip_merge_validation": "true"}, "operation_id": "0",
+         "body": json.dumps({"email_address": "s@example.com", "status_if_new": "subscribed",
+                             "status": "subscribed",
+                             "merge_fields": {"FNAME": SEEDED_FIRST_NAME,
+                                              "LNAME": SEEDED_LAST_NAME}})},
     ]]
     singles = sorted(c.request.method for c in wire.calls if "/members/" in c.request.url)
-    assert singles == ["PATCH", "PUT"]  # the move and the lone subscribe
+    assert singles == ["PATCH"]  # the move
     download = next(c for c in wire.calls if c.request.url.startswith(RESULTS_ROOT))
     assert "Authorization" not in download.request.headers  # pre-signed: no API key
     assert download.request.req_kwargs["timeout"] == 7
@@ -1276,6 +1283,84 @@ def test_1001_updates_go_as_three_batches_of_at_most_500(wire: responses.Request
     assert len(wire.calls) == 3 * 3  # submit, one poll and one download per batch
     assert all("pending" not in op.get("body", "") and '"status"' not in op.get("body", "")
                for op in operations)
+
+
+def write_calls(wire: responses.RequestsMock) -> Counter[str]:
+    """The write calls made, by route: POST /lists/{id} ("members"), POST /batches, singles."""
+    counts: Counter[str] = Counter()
+    for call in wire.calls:
+        url, method = call.request.url.split("?")[0], call.request.method
+        if method == "POST" and url == LIST_URL:
+            counts["members"] += 1
+        elif method == "POST" and url == BATCHES_URL:
+            counts["batches"] += 1
+        elif method != "GET":
+            counts["single"] += 1
+    return counts
+
+
+def test_a_wave_of_10000_mixed_writes_costs_exactly_20_write_calls(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.add(responses.POST, LIST_URL, json={"errors": []})
+    batches = Batches(wire)
+    # As a resync plans them: mostly unsubscribes, some subscribes, a fifth of updates.
+    kinds = ["unsubscribe"] * 7 + ["subscribe", "update_names", "clear_extra_fields"]
+    todo = [action(kinds[n % 10], f"p{n}@example.com", first_name="A", last_name="B",
+                   fields=("PHONE",)) for n in range(10_000)]
+    outcomes = make_connector(time_=FakeTime()).apply(todo)
+    assert {(o.status, o.reason) for o in outcomes} == {("done", None)}
+    # 8,000 members: 16 full calls; 2,000 updates: 4 full batches. Nothing to fill.
+    assert write_calls(wire) == {"members": 16, "batches": 4}
+
+    wire.calls.reset()
+    batches.submitted.clear()
+    batches.polls.clear()
+    todo = todo[:9_700] + [names(f"q{n}@example.com") for n in range(300)]
+    outcomes = make_connector(time_=FakeTime()).apply(todo)
+    assert {(o.status, o.reason) for o in outcomes} == {("done", None)}
+    # 7,760 members and 2,240 updates: 15 full member calls, the other 260 members fill the
+    # fifth batch (240 updates): 20 write calls, as for 10,000 writes of one kind.
+    assert write_calls(wire) == {"members": 15, "batches": 5}
+    assert [len(b) for b in batches.submitted] == [500] * 5
+    riders = [op for op in batches.submitted[-1] if not op["body"].startswith('{"merge')]
+    assert len(riders) == 260
+    assert {op["method"] for op in riders} == {"PATCH", "PUT"}
+    assert all("pending" not in op["body"] for op in riders)
+    # Per batch: the submit and the poll that finds it finished.
+    assert set(batches.polls.values()) == {1}
+
+
+def test_members_fill_a_batch_only_when_they_fit_in_it(wire: responses.RequestsMock) -> None:
+    wire.add(responses.POST, LIST_URL, json={"errors": []})
+    Batches(wire)
+    todo = [action("unsubscribe", f"u{n}@example.com") for n in range(400)]
+    todo += [names(f"p{n}@example.com") for n in range(300)]
+    make_connector(time_=FakeTime()).apply(todo)
+    assert write_calls(wire) == {"members": 1, "batches": 1}  # 700: two calls either way
+
+
+def test_an_unsubscribe_riding_in_a_batch_answers_as_its_single_patch(
+    wire: responses.RequestsMock,
+) -> None:
+    absent, refused = "gone@example.com", "kept@example.com"
+
+    def answer(operation: dict[str, Any]) -> tuple[int, str]:
+        if operation["path"].endswith(md5(absent)):
+            return 404, problem_text(404, "Resource Not Found")
+        if operation["path"].endswith(md5(refused)):
+            return 400, problem_text(400, "Member In Compliance State")
+        return 200, "{}"
+
+    Batches(wire, answer)
+    wire.add(responses.GET, LIST_URL, json={"id": LIST_ID})
+    todo = [names("a@example.com"), names("b@example.com"), action("unsubscribe", absent),
+            subscribe(refused)]
+    outcomes = make_connector(time_=FakeTime()).apply(todo)
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("done", None), ("done", None), ("done", "absent"),
+        ("needs_person", "needs_client_resubscribe")]
+    assert write_calls(wire) == {"batches": 1}
 
 
 def test_a_lone_update_in_its_wave_is_still_a_patch(wire: responses.RequestsMock) -> None:

@@ -434,3 +434,24 @@ def test_a_crash_while_recording_a_batch_loses_nothing(
     run_due(ledger, {"mailchimp": _ByKind()}, POLICY, keys, now=clock.now, batch_size=len(ids))
     assert ledger.count_tasks_by_state()["in_flight"] == 0
     assert len(ledger.audit_events(limit=100)) == 9  # done, needs_person, failed: 3 each
+
+
+def test_mailchimp_write_calls_are_full_across_applies(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    # 2,500 writes, 70% unsubscribes and 30% name updates, in applies of 1,000.
+    planned = [mailchimp(keys, "update_names" if n % 10 < 3 else "unsubscribe", new_email(sandbox))
+               for n in range(2_500)]  # fmt: skip
+    enqueue(ledger, planned)
+    sandbox.traffic.reset_counts()
+
+    report = run(ledger, live, keys, clock, batch_size=1_000)
+
+    assert report.counts["mailchimp"] == {"done": 2_500}
+    routes = sandbox.traffic.summary()["mailchimp"]["routes"]
+    writes = {route: sum(n.values()) for route, n in routes.items()
+              if route.startswith(("POST", "PUT", "PATCH"))}  # fmt: skip
+    # 2,500 / 500: each apply of 1,000 fills its last batch of updates with unsubscribes.
+    assert sum(writes.values()) == 5, writes
+    assert writes == {"POST /3.0/lists/{list_id}": 2, "POST /3.0/batches": 3}
