@@ -249,6 +249,17 @@ class LedgerBase:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
 
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for each of ``rows`` (``executemany``), errors as :meth:`_run`."""
+        if not rows:
+            return
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: {exc}") from exc
+
     def _row(self, cls: type[_Row], table: str, key_column: str, key: Any) -> _Row | None:
         # Table and column names are literals from this module, never input.
         sql = f"SELECT {_columns(cls)} FROM {table} WHERE {key_column} = ?"

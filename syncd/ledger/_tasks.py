@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from syncd.errors import LedgerError
 from syncd.ledger._audit import AuditMixin
@@ -187,39 +187,74 @@ class TasksMixin(AuditMixin, SubjectsMixin):
         """Record the outcomes of one applied batch in one transaction.
 
         Each outcome is written exactly as its own call would write it: a final
-        state as :meth:`finish` (payload scrubbed, audit entry), ``pending`` as
-        :meth:`retry_later`; its ``suppress_key`` and ``subject`` columns go
-        with it. All or nothing: should the process die or SQLite fail before
-        the commit, every task stays in flight, and the next writer lock holder
-        releases it (:meth:`release_in_flight`).
+        state as :meth:`finish` (payload scrubbed, dedupe key freed, audit entry),
+        ``pending`` as :meth:`retry_later`; its ``suppress_key`` and ``subject``
+        columns go with it. All or nothing: should the process die or SQLite fail
+        before the commit, every task stays in flight, and the next writer lock
+        holder releases it (:meth:`release_in_flight`).
 
         Returns:
             Per outcome, False when its task was already final (nothing written for it).
 
         Raises:
-            ValueError: a state that is neither final nor ``pending``, or a ``pending``
-                outcome without ``next_attempt_at`` (nothing is written).
+            ValueError: a state that is neither final nor ``pending``, a ``pending``
+                outcome without ``next_attempt_at``, or a task named twice (nothing is
+                written).
             LedgerError: no such task, or SQLite failed (nothing is written).
         """
+        ids = [item.task_id for item in outcomes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a task has two outcomes in one batch")
         for item in outcomes:
             if item.state != "pending" and item.state not in FINAL_TASK_STATES:
                 raise ValueError(f"{item.state!r} is neither final nor pending")
             if item.state == "pending" and item.next_attempt_at is None:
                 raise ValueError(f"task {item.task_id}: pending without next_attempt_at")
-        written: list[bool] = []
+        now = self._now()
         with self.transaction():
+            found: dict[int, str] = {}
+            unique = sorted(ids)
+            for start in range(0, len(unique), KEYS_PER_QUERY):
+                batch = unique[start : start + KEYS_PER_QUERY]
+                marks = ", ".join("?" * len(batch))
+                rows = self._run(f"SELECT id, state FROM tasks WHERE id IN ({marks})", batch)
+                found.update((int(row[0]), str(row[1])) for row in rows)
+            if missing := [i for i in ids if i not in found]:
+                raise LedgerError(f"{self.path}: no task {missing[0]}")
+            written = [found[i] in ("pending", "in_flight") for i in ids]
             for item in outcomes:
                 if item.suppress_key is not None:
                     self.suppress(item.suppress_key, "forgotten")
-                if item.state == "pending":
-                    assert item.next_attempt_at is not None  # checked above
-                    written.append(self.retry_later(
-                        item.task_id, item.next_attempt_at, item.error or "",
-                        refund_attempt=item.refund_attempt))  # fmt: skip
-                else:
-                    written.append(self.finish(
-                        item.task_id, item.state, error=item.error,
-                        vendor_request_id=item.vendor_request_id, detail=item.detail))  # fmt: skip
+            finals = [(item, _short(item.error)) for item, ok in zip(outcomes, written)
+                      if ok and item.state != "pending"]
+            self._run_many(
+                "UPDATE tasks SET state = ?, payload = NULL, dedupe_key = NULL, updated_at = ?,"
+                " last_error = COALESCE(?, last_error),"
+                " vendor_request_id = COALESCE(?, vendor_request_id)"
+                " WHERE id = ? AND state IN ('pending', 'in_flight')",
+                [(item.state, now, error, item.vendor_request_id, item.task_id)
+                 for item, error in finals],
+            )  # fmt: skip
+            # The audit entry of each, as finish writes it (add_audit's columns, in order).
+            self._run_many(
+                "INSERT INTO audit (at, subject_key, processor, action, reason, outcome,"
+                " vendor_request_id, task_id, detail, request_id, actor)"
+                " SELECT ?, subject_key, processor, action, reason, state,"
+                " vendor_request_id, id, ?, request_id, NULL FROM tasks WHERE id = ?",
+                [(now, _short(_short(item.detail) if item.detail is not None else error),
+                  item.task_id) for item, error in finals],
+            )  # fmt: skip
+            if finals:
+                self._scrubbed = True
+            self._run_many(
+                "UPDATE tasks SET state = 'pending', next_attempt_at = ?, last_error = ?,"
+                " attempts = MAX(attempts - ?, 0), updated_at = ?"
+                " WHERE id = ? AND state IN ('pending', 'in_flight')",
+                [(_to_text(cast(datetime, item.next_attempt_at)), _short(item.error or ""),
+                  1 if item.refund_attempt else 0, now, item.task_id)
+                 for item, ok in zip(outcomes, written) if ok and item.state == "pending"],
+            )  # fmt: skip
+            for item in outcomes:
                 if item.subject is not None:
                     subject_key, columns = item.subject
                     self.upsert_subject(subject_key, **columns)

@@ -18,7 +18,7 @@ import pytest
 from tests.support import FakeClock
 from syncd.ledger import _db as ledger_module  # where the migrations are read
 from syncd.errors import LedgerError
-from syncd.ledger import KEYS_PER_QUERY, SCHEMA_VERSION, Ledger, Task
+from syncd.ledger import KEYS_PER_QUERY, SCHEMA_VERSION, Ledger, Task, TaskOutcome
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 11, 24, 19, 40, 5, 123456, tzinfo=UTC)
@@ -251,6 +251,64 @@ def test_finishing_a_final_task_again_changes_nothing(ledger: Ledger) -> None:
         ledger.finish(task_id, "pending")
     with pytest.raises(LedgerError, match="no task 999"):
         ledger.finish(999, "done")
+
+
+def test_record_outcomes_writes_what_finish_and_retry_later_write_one_by_one(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    later = START + timedelta(minutes=5)
+    # (state, error, vendor request id, detail, next attempt, refund): one of each way.
+    ways = [("done", None, "req-1", None, None, False),
+            ("done", None, None, "2026-01-01T00:00:00Z", None, False),
+            ("needs_person", "needs_client_resubscribe", "req-2", None, None, False),
+            ("failed", "x" * 1000, "req-3", None, None, False),
+            ("pending", "retriable:unavailable", None, None, later, False),
+            ("pending", "quota_wait:quota", None, None, later, True)]  # fmt: skip
+
+    def queue(prefix: str) -> list[int]:
+        ids = [ledger.add_task(f"{prefix}{n}", "mailchimp", "unsubscribe", "R2:opt_out",
+                               payload={"email": f"{prefix}{n}@example.com"},
+                               dedupe_key=f"{prefix}{n}") for n in range(len(ways))]
+        for task_id in ids:
+            assert ledger.claim(task_id)
+        return ids
+
+    singly, batched = queue("a"), queue("b")
+    for task_id, (state, error, rid, detail, at, refund) in zip(singly, ways):
+        if state == "pending":
+            assert at is not None
+            ledger.retry_later(task_id, at, error or "", refund_attempt=refund)
+        else:
+            ledger.finish(task_id, state, error=error, vendor_request_id=rid, detail=detail)
+    written = ledger.record_outcomes([
+        TaskOutcome(task_id, state, error, rid, detail, at, refund)
+        for task_id, (state, error, rid, detail, at, refund) in zip(batched, ways)])
+    assert written == [True] * len(ways)
+
+    def task_row(task_id: int) -> tuple[object, ...]:
+        t = stored(ledger, task_id)
+        return (t.state, t.payload is None, t.dedupe_key is None, t.attempts, t.next_attempt_at,
+                t.last_error, t.vendor_request_id)
+
+    def evidence(prefix: str) -> list[tuple[object, ...]]:
+        return [(e.at, e.subject_key[1:] if e.subject_key else None, e.processor, e.action,
+                 e.reason, e.outcome, e.vendor_request_id, e.detail, e.request_id, e.actor)
+                for e in ledger.audit_events(limit=100)
+                if (e.subject_key or "").startswith(prefix)]
+
+    assert [task_row(i) for i in batched] == [task_row(i) for i in singly]
+    assert evidence("b") == evidence("a") and len(evidence("a")) == 4
+    # Already final: nothing written; an unknown task or a task twice: nothing at all.
+    assert ledger.record_outcomes([TaskOutcome(batched[0], "failed", "late")]) == [False]
+    assert stored(ledger, batched[0]).state == "done" and len(evidence("b")) == 4
+    open_id = queue("c")[0]
+    with pytest.raises(LedgerError, match="no task 999"):
+        ledger.record_outcomes([TaskOutcome(open_id, "done"), TaskOutcome(999, "done")])
+    with pytest.raises(ValueError, match="two outcomes"):
+        ledger.record_outcomes([TaskOutcome(open_id, "done"), TaskOutcome(open_id, "failed")])
+    with pytest.raises(ValueError):
+        ledger.record_outcomes([TaskOutcome(open_id, "in_flight")])
+    assert stored(ledger, open_id).state == "in_flight" and evidence("c") == []
 
 
 def test_the_schema_refuses_a_payload_on_a_final_task(path: Path, ledger: Ledger) -> None:

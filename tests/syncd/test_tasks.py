@@ -410,14 +410,14 @@ def test_a_crash_while_recording_a_batch_loses_nothing(
 ) -> None:  # fmt: skip
     planned = _mixed_batch(sandbox, keys)
     ids = enqueue(ledger, planned)
-    finish, calls = ledger.finish, itertools.count()
+    upsert, calls = ledger.upsert_subject, itertools.count()
 
-    def dying_finish(*args: Any, **kwargs: Any) -> bool:
-        if next(calls) == 4:  # mid-batch: some outcomes are already written
+    def dying_upsert(*args: Any, **kwargs: Any) -> None:
+        if next(calls) == 1:  # mid-batch: the outcomes and evidence are already written
             raise LedgerError("disk gone")
-        return finish(*args, **kwargs)
+        upsert(*args, **kwargs)
 
-    monkeypatch.setattr(ledger, "finish", dying_finish)
+    monkeypatch.setattr(ledger, "upsert_subject", dying_upsert)
     with pytest.raises(LedgerError):
         run_due(ledger, {"mailchimp": _ByKind()}, POLICY, keys, now=clock.now,
                 batch_size=len(ids))  # fmt: skip
