@@ -23,6 +23,7 @@ import requests
 import responses
 from urllib3.exceptions import ProtocolError
 
+import connectors.mailchimp
 from connectors.base import (
     NO_ANSWER_STATUSES,
     Action,
@@ -375,10 +376,12 @@ def test_mailchimp_reports_a_missing_member_and_the_list_check_it_leads_to(
 
 
 def test_mailchimp_reports_every_call_of_an_apply_with_a_batches_job_and_its_retries(
-    wire: responses.RequestsMock, reports: Reports
+    wire: responses.RequestsMock, reports: Reports, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One wave: two subscribes (POST /lists/{id}), two updates and an erase (/batches: submit,
     # poll, download), a move (PATCH, 404, then the list check). Each first try fails.
+    # Batches of 4 keep the subscribes out of the batch (they would fill it otherwise).
+    monkeypatch.setattr(connectors.mailchimp, "BATCH_OPERATIONS", 4)
     actions = [
         mailchimp_action("subscribe", "a@example.org", first_name="A"),
         mailchimp_action("subscribe", "b@example.org", first_name="B"),
