@@ -137,6 +137,7 @@ def _syncd(clients: int, members: int, latency_ms: float,
         second = results.get()
         second_calls = _calls(sandbox.traffic.summary())
         child.join()
+    ledger_mb = round(sum(f.stat().st_size for f in tmp.glob("ledger.sqlite3*")) / 1e6, 1)
     planned: list[Planned] = []
     with plan_path.open("rb") as f:
         while True:
@@ -175,6 +176,7 @@ def _syncd(clients: int, members: int, latency_ms: float,
         "wall_seconds": round(first["wall"], 2),
         "wall_over_floor": round(first["wall"] / max(floor, 1e-9), 2),
         "sandbox_process_peak_rss_mb": sandbox_peak_mb,
+        "ledger_mb": ledger_mb,
         "syncd_peak_rss_mb_first_resync": first["peak_rss_mb"],
         "syncd_peak_rss_mb": second["peak_rss_mb"],
         "second_resync": {
@@ -371,6 +373,7 @@ def _print(runs: list[dict[str, Any]]) -> None:
         s["second_resync"]["planned"], s["second_resync"]["api_calls"]))
     row("failed tasks", lambda s, b: f"{s['failed']:,}")
     row("syncd peak RSS (VmHWM)", lambda s, b: f"{s['syncd_peak_rss_mb']:.1f} MB")
+    row("ledger on disk", lambda s, b: f"{s['ledger_mb']:.1f} MB")
     row("sandbox process peak RSS", lambda s, b: f"{s['sandbox_process_peak_rss_mb']:.1f} MB")
     row("one at a time: calls (extrapolated)", lambda s, b: "{:,} ({:,} sampled)".format(
         b["calls_extrapolated"], b["sampled_subjects"]))
