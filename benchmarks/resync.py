@@ -166,6 +166,7 @@ def _syncd(clients: int, members: int, latency_ms: float,
         "planned_by_action": dict(by_action),
         "outcomes": first["outcomes"],
         "failed": first["failed"],
+        "unfinished": first["unfinished"],
         "api_calls": calls,
         "lower_bound_L": bound,
         "lower_bound_phorest_calls": phorest_bound,
@@ -225,6 +226,7 @@ def _figures(result: engine.ResyncResult, wall: float) -> dict[str, Any]:
         "counts": dict(result.counts),
         "outcomes": result.report.counts if result.report else None,
         "failed": result.failed,
+        "unfinished": result.unfinished,
         "wall": wall,
         "peak_rss_mb": _vm_hwm_mb("self"),
     }
@@ -371,7 +373,8 @@ def _print(runs: list[dict[str, Any]]) -> None:
     row("no-change resync: wall time", lambda s, b: f"{s['second_resync']['wall_seconds']:.1f} s")
     row("no-change resync: planned / calls", lambda s, b: "{:,} / {:,}".format(
         s["second_resync"]["planned"], s["second_resync"]["api_calls"]))
-    row("failed tasks", lambda s, b: f"{s['failed']:,}")
+    row("tasks failed / unfinished (e.g. GA's daily quota)",
+        lambda s, b: f"{s['failed']:,} / {s.get('unfinished', 0):,}")
     row("syncd peak RSS (VmHWM)", lambda s, b: f"{s['syncd_peak_rss_mb']:.1f} MB")
     row("ledger on disk", lambda s, b: f"{s['ledger_mb']:.1f} MB")
     row("sandbox process peak RSS", lambda s, b: f"{s['sandbox_process_peak_rss_mb']:.1f} MB")
