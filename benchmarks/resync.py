@@ -127,13 +127,14 @@ def _syncd(clients: int, members: int, latency_ms: float,
         # syncd runs in a process of its own (spawned: a fresh interpreter), which
         # reports its own VmHWM; the sandbox's memory is not in it.
         context = multiprocessing.get_context("spawn")
-        results = context.Queue()
-        child = context.Process(target=_child, args=(str(config_path), str(plan_path), results))
+        results, go = context.Queue(), context.Queue()  # one direction each
+        child = context.Process(target=_child,
+                                args=(str(config_path), str(plan_path), results, go))
         child.start()
         first = results.get()
         calls = _calls(sandbox.traffic.summary())
         sandbox.traffic.reset_counts()
-        results.put("go")  # the second resync starts with the counts at zero
+        go.put(True)  # the second resync starts with the counts at zero
         second = results.get()
         second_calls = _calls(sandbox.traffic.summary())
         child.join()
@@ -189,7 +190,7 @@ def _syncd(clients: int, members: int, latency_ms: float,
     return report, planned
 
 
-def _child(config_path: str, plan_path: str, results: Any) -> None:
+def _child(config_path: str, plan_path: str, results: Any, go: Any) -> None:
     """In a spawned process: a resync, then (when told) a second one; sends figures only."""
     log.configure("warning", "json")
     settings = config.load(config_path)
@@ -210,7 +211,7 @@ def _child(config_path: str, plan_path: str, results: Any) -> None:
         engine.enqueue = enqueue  # type: ignore[assignment]
     results.put(_figures(first, wall))
     del first
-    results.get()  # the benchmark has read and reset the request counts
+    go.get()  # the benchmark has read and reset the request counts
     with Ledger.open(settings.ledger.path) as ledger:
         t0 = time.perf_counter()
         second = engine.resync(settings, ledger, built, keys)
