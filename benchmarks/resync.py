@@ -104,8 +104,8 @@ def main() -> None:
                 "ratio_to_syncd": round(baseline["calls_extrapolated"] / max(1, syncd_calls), 2),
             },
         })
-    if args.json:
-        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+        if args.json:  # after each size, so a long run cut short keeps what it measured
+            args.json.write_text(json.dumps(runs, indent=2) + "\n")
     _print(runs)
 
 
