@@ -45,14 +45,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/console.py
 
 # The same resync table at 1,000,000 clients and members (see the README's
-# Benchmarks section). Not yet run on this code: its needs are an ESTIMATE, the
-# 100,000-client run scaled by ten. Time: about an hour on a quiet machine (the
-# first resync about 10x its 100k wall time, the second a few minutes, the
-# in-process sandbox seeded twice, the baseline's fixed 2,000-subject sample).
-# Memory: the benchmark process holds the whole sandbox (about 10x its 100k
-# peak, several GB); syncd's own peak grows with the audience until the
-# streaming planner lands (about 1.8 KB per subject: about 2 GB). Allow 8 GB
-# free and a few GB of disk in $TMPDIR for the ledger.
+# Benchmarks section). Not yet run: its needs are an ESTIMATE, the measured
+# 100,000-client run (commit 2cadbc8's code, on a busy 2-core host) scaled by
+# ten: the first resync ~75 min (450 s at 100k), the no-change resync ~9 min,
+# plus seeding the sandbox twice and the fixed 2,000-subject baseline: allow
+# 2 hours. Memory: syncd's own peak ~4.3 GB (434.8 MB at 100k; it grows with the
+# audience until the resync streams), the benchmark process holding the sandbox
+# ~2.5 GB (252.8 MB at 100k): allow 8 GB free. Disk: the ledger ~1.1 GB in
+# $TMPDIR (113 MB at 100k).
 bench-large: $(STAMP)
 	$(BIN)/python benchmarks/resync.py --clients 1000000
 
