@@ -46,7 +46,7 @@ bench: $(STAMP)
 
 # The same resync table at 1,000,000 clients and members (see the README's
 # Benchmarks section). Not yet run: its needs are an ESTIMATE, the measured
-# 100,000-client run (commit 2cadbc8's code, on a busy 2-core host) scaled by
+# 100,000-client run (syncd as of 5173ba1, on a busy 2-core host) scaled by
 # ten: the first resync ~75 min (450 s at 100k), the no-change resync ~9 min,
 # plus seeding the sandbox twice and the fixed 2,000-subject baseline: allow
 # 2 hours. Memory: syncd's own peak ~4.3 GB (434.8 MB at 100k; it grows with the
