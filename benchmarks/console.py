@@ -14,7 +14,8 @@ logs in as a manager (the CSRF token parsed from the login form) and requests ea
 page ``--rounds`` times one after another (``--retention-rounds`` for /retention),
 keeping the connection alive. Server time is the time to the full response on
 loopback. Prints a table per page: body bytes, p50 and p95 milliseconds, and the
-process's peak RSS so far (ledger build included). Figures only: no identifiers.
+process's peak RSS so far (its own ``VmHWM``; the ledger build and the
+in-process sandbox included). Figures only: no identifiers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import resource
 import secrets
 import statistics
 import sys
@@ -235,7 +235,11 @@ def _token(html: str) -> str:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: the latter also counts the fork this process was exec'd from.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:

@@ -1,22 +1,39 @@
-"""Full resync at scale: syncd's API calls against a per-subject baseline.
+"""Full resync at scale: syncd's API calls and time against their floors.
 
-Against a sandbox of 100,000 clients and 100,000 members (drift 0.2, latency
-injected on every vendor request), runs one real ``syncd`` resync through
-:func:`syncd.engine.resync` with the real connectors built from the sandbox's
-own config, then a second resync (which should plan nothing). Prints JSON: API
-calls by vendor, writes planned, the lower bound
-L = ceil(clients/page_size) + ceil(members/1000) + ceil(writes/500), calls/L,
-wall time and peak RSS. The sandbox runs in this process and syncd's first
-resync in a spawned one, so the peak RSS reported is syncd's own.
+For each size (``--clients``, default 10,000 and 100,000; as many members as
+clients unless ``--members`` says otherwise), a sandbox (drift 0.2, latency
+injected on every vendor request) runs in this process and syncd in a spawned
+one: one real resync through :func:`syncd.engine.resync` with the real
+connectors built from the sandbox's own config, then a second resync, which
+should find nothing to change (the no-change resync time).
 
-Then, on a fresh sandbox with the same seed, the same changes are made the way
-per-subject tools make them: for each subject that needs a change, one GET of
-the record and one write per action, over plain HTTP. Only a sample of subjects
-is done for real; the count is extrapolated to every subject that needed a change.
+Reported per size, as a table on stdout (``--json PATH`` also writes every figure):
+
+- the lower bound L = ceil(clients/page_size) + ceil(members/1000)
+  + ceil(Mailchimp writes/500) + Phorest writes (Phorest has no bulk write:
+  one call each), the API calls syncd made and their ratio to L;
+- the wall-time floor the configured Phorest rate implies, (Phorest calls in L)
+  / (configured requests per second), and the resync's wall time over it; also
+  the rate-cap time of the Phorest calls actually made;
+- the no-change resync: its wall time and calls;
+- syncd's peak RSS: the spawned process's own ``VmHWM`` from /proc. Not
+  ``ru_maxrss``: a child started from this process inherits the parent's
+  high-water mark in ``ru_maxrss`` (the fork before exec maps the whole sandbox),
+  so it would report the sandbox's memory, not syncd's. ``VmHWM`` starts again
+  at exec. Read once after the first resync and again at the end;
+- the one-subject-at-a-time baseline, in the same run: on a fresh sandbox with
+  the same seed, the same changes made the way per-subject tools make them (for
+  each subject that needs a change, one GET of the record per system and one
+  write per action, over plain HTTP). Only a sample of subjects is done for
+  real; the count is extrapolated to every subject that needed a change, and
+  "calls vs one at a time" is that count over syncd's calls.
 
 Phorest is scanned at its maximum page size (200) and syncd's client-side limit
 raised to 90 requests/s (Phorest allows 100) through ``SYNCD_PHOREST__*``
-environment overrides; the emulator keeps its own 100 requests/s limit.
+environment overrides; the emulator keeps its own 100 requests/s limit. The
+plan the baseline replays goes from syncd's process to a file in a temporary
+directory (removed at the end), so it does not weigh on syncd's memory. Figures
+only: no identifier is printed.
 """
 
 from __future__ import annotations
@@ -27,12 +44,12 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
-import resource
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -53,108 +70,171 @@ SEED = 1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=100_000)
-    parser.add_argument("--members", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10_000, 100_000],
+                        help="one run per size")
+    parser.add_argument("--members", type=int, default=None,
+                        help="Mailchimp members (default: as many as clients)")
     parser.add_argument("--latency-ms", type=float, default=20)
     parser.add_argument("--sample", type=int, default=2_000,
                         help="subjects the per-subject baseline changes for real")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args()
     log.configure("warning", "json")
     os.environ["SYNCD_PHOREST__PAGE_SIZE"] = str(PHOREST_PAGE_SIZE)
     os.environ["SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND"] = str(PHOREST_REQUESTS_PER_SECOND)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        syncd_run, planned = _syncd(args, Path(tmp))
-    baseline = _per_subject(args, planned)
-    syncd_calls = syncd_run["api_calls"]["total"]
-    print(json.dumps({
-        "clients": args.clients,
-        "members": args.members,
-        "drift": DRIFT,
-        "latency_ms": args.latency_ms,
-        "phorest_page_size": PHOREST_PAGE_SIZE,
-        "phorest_rps": PHOREST_REQUESTS_PER_SECOND,
-        "syncd": syncd_run,
-        "per_subject": {
-            **baseline,
-            "ratio_to_syncd": round(baseline["calls_extrapolated"] / max(1, syncd_calls), 2),
-        },
-    }, indent=2))
+    runs = []
+    for clients in args.clients:
+        members = args.members if args.members is not None else clients
+        _stage(f"{clients:,} clients, {members:,} members")
+        with tempfile.TemporaryDirectory() as tmp:
+            syncd_run, planned = _syncd(clients, members, args.latency_ms, Path(tmp))
+        baseline = _per_subject(clients, members, args.latency_ms, args.sample, planned)
+        del planned
+        syncd_calls = syncd_run["api_calls"]["total"]
+        runs.append({
+            "clients": clients,
+            "members": members,
+            "drift": DRIFT,
+            "latency_ms": args.latency_ms,
+            "phorest_page_size": PHOREST_PAGE_SIZE,
+            "syncd": syncd_run,
+            "per_subject": {
+                **baseline,
+                "ratio_to_syncd": round(baseline["calls_extrapolated"] / max(1, syncd_calls), 2),
+            },
+        })
+        if args.json:  # after each size, so a long run cut short keeps what it measured
+            args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    _print(runs)
 
 
-def _syncd(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], list[Planned]]:
-    """Two real resyncs through the engine; the first one's plan is kept for the baseline."""
+def _syncd(clients: int, members: int, latency_ms: float,
+           tmp: Path) -> tuple[dict[str, Any], list[Planned]]:
+    """Two real resyncs in a spawned process; the first one's plan is kept for the baseline."""
     started = time.perf_counter()
-    sandbox = Sandbox(clients=args.clients, members=args.members, seed=SEED, smtp_port=None,
-                      latency_ms=args.latency_ms, drift=DRIFT)
+    sandbox = Sandbox(clients=clients, members=members, seed=SEED, smtp_port=None,
+                      latency_ms=latency_ms, drift=DRIFT)
     seed_seconds = time.perf_counter() - started
+    plan_path = tmp / "plan.pickle"
     with sandbox:
         config_path = sandbox.write_config(tmp / "syncd.toml", ledger_path=tmp / "ledger.sqlite3")
         settings = config.load(config_path)
-        sandbox_rss_mb = _rss_mb()
+        rate = float(settings.phorest.max_requests_per_second)
+        page_size = int(settings.phorest.page_size)
+        sandbox_peak_mb = _vm_hwm_mb("self")
         sandbox.traffic.reset_counts()
-        # syncd runs in a process of its own, so its peak RSS is its own, not the sandbox's.
+        # syncd runs in a process of its own (spawned: a fresh interpreter), which
+        # reports its own VmHWM; the sandbox's memory is not in it.
         context = multiprocessing.get_context("spawn")
-        results = context.Queue()
-        child = context.Process(target=_first_resync, args=(str(config_path), results))
+        results, go = context.Queue(), context.Queue()  # one direction each
+        child = context.Process(target=_child,
+                                args=(str(config_path), str(plan_path), results, go))
         child.start()
-        first, captured, wall, peak_rss_mb = results.get()
-        child.join()
+        first = results.get()
         calls = _calls(sandbox.traffic.summary())
         sandbox.traffic.reset_counts()
-        built, keys = engine.build(settings, needed_by="the benchmark")
-        with Ledger.open(settings.ledger.path) as ledger:
-            t0 = time.perf_counter()
-            second = engine.resync(settings, ledger, built, keys)
-            second_wall = time.perf_counter() - t0
-            second_calls = _calls(sandbox.traffic.summary())
-    writes = first.planned
-    bound = (math.ceil(first.clients / PHOREST_PAGE_SIZE) + math.ceil(first.members / MEMBER_PAGE)
-             + math.ceil(writes / BATCH_MEMBERS))
+        go.put(True)  # the second resync starts with the counts at zero
+        second = results.get()
+        second_calls = _calls(sandbox.traffic.summary())
+        child.join()
+    ledger_mb = round(sum(f.stat().st_size for f in tmp.glob("ledger.sqlite3*")) / 1e6, 1)
+    planned: list[Planned] = []
+    with plan_path.open("rb") as f:
+        while True:
+            try:
+                planned.extend(pickle.load(f))
+            except EOFError:
+                break
+    writes: dict[str, int] = defaultdict(int)
+    for (processor, _action, _rule, _why), n in first["counts"].items():
+        writes[processor] += n
+    by_action: dict[str, int] = defaultdict(int)
+    for (processor, action, _rule, _why), n in first["counts"].items():
+        by_action[f"{processor} {action}"] += n
+    phorest_bound = math.ceil(first["clients"] / page_size) + writes["phorest"]
+    # Google Analytics has no bulk deletion either: one call per erasure, like Phorest.
+    bound = (phorest_bound + math.ceil(first["members"] / MEMBER_PAGE)
+             + math.ceil(writes["mailchimp"] / BATCH_MEMBERS) + writes["google_analytics"])
+    floor = phorest_bound / rate
+    phorest_calls = calls.get("phorest", {}).get("total", 0)
     report = {
         "seed_seconds": round(seed_seconds, 2),
-        "clients_read": first.clients,
-        "members_read": first.members,
-        "writes_planned": writes,
-        "planned_by_action": dict(Counter(f"{p.processor} {p.action.kind}" for p in captured)),
-        "outcomes": first.report.counts if first.report else None,
-        "failed": first.failed,
+        "clients_read": first["clients"],
+        "members_read": first["members"],
+        "writes_planned": first["planned"],
+        "writes_by_processor": dict(writes),
+        "planned_by_action": dict(by_action),
+        "outcomes": first["outcomes"],
+        "failed": first["failed"],
+        "unfinished": first["unfinished"],
         "api_calls": calls,
         "lower_bound_L": bound,
+        "lower_bound_phorest_calls": phorest_bound,
         "calls_over_L": round(calls["total"] / max(1, bound), 3),
-        "wall_seconds": round(wall, 2),
-        "sandbox_process_rss_mb": sandbox_rss_mb,
-        "syncd_process_peak_rss_mb": peak_rss_mb,
+        "phorest_rps": rate,
+        "phorest_floor_seconds": round(floor, 2),
+        "phorest_calls_at_rate_seconds": round(phorest_calls / rate, 2),
+        "wall_seconds": round(first["wall"], 2),
+        "wall_over_floor": round(first["wall"] / max(floor, 1e-9), 2),
+        "sandbox_process_peak_rss_mb": sandbox_peak_mb,
+        "ledger_mb": ledger_mb,
+        "syncd_peak_rss_mb_first_resync": first["peak_rss_mb"],
+        "syncd_peak_rss_mb": second["peak_rss_mb"],
         "second_resync": {
-            "planned": second.planned,
+            "planned": second["planned"],
             "api_calls": second_calls["total"],
-            "wall_seconds": round(second_wall, 2),
+            "wall_seconds": round(second["wall"], 2),
         },
     }
-    return report, captured
+    return report, planned
 
 
-def _first_resync(config_path: str, results: Any) -> None:
-    """In a spawned process: one resync; sends (result, plan, wall seconds, peak RSS MB)."""
+def _child(config_path: str, plan_path: str, results: Any, go: Any) -> None:
+    """In a spawned process: a resync, then (when told) a second one; sends figures only."""
     log.configure("warning", "json")
     settings = config.load(config_path)
     built, keys = engine.build(settings, needed_by="the benchmark")
-    captured: list[Planned] = []
     enqueue = engine.enqueue
+    with open(plan_path, "ab") as plan:  # noqa: PTH123
 
-    def recording_enqueue(ledger: Ledger, planned: list[Planned]) -> list[int]:
-        captured.extend(planned)
-        return enqueue(ledger, planned)
+        def recording_enqueue(ledger: Ledger, planned: list[Planned]) -> list[int]:
+            # Written as it comes, not kept: the baseline's copy must not weigh on syncd.
+            pickle.dump(list(planned), plan)
+            return enqueue(ledger, planned)
 
-    engine.enqueue = recording_enqueue  # type: ignore[assignment]
+        engine.enqueue = recording_enqueue  # type: ignore[assignment]
+        with Ledger.open(settings.ledger.path) as ledger:
+            t0 = time.perf_counter()
+            first = engine.resync(settings, ledger, built, keys, progress=_progress(t0))
+            wall = time.perf_counter() - t0
+        engine.enqueue = enqueue  # type: ignore[assignment]
+    results.put(_figures(first, wall))
+    del first
+    go.get()  # the benchmark has read and reset the request counts
     with Ledger.open(settings.ledger.path) as ledger:
         t0 = time.perf_counter()
-        first = engine.resync(settings, ledger, built, keys, progress=_progress(t0))
+        second = engine.resync(settings, ledger, built, keys)
         wall = time.perf_counter() - t0
-    results.put((first, captured, wall, _rss_mb()))
+    results.put(_figures(second, wall))
 
 
-def _per_subject(args: argparse.Namespace, planned: list[Planned]) -> dict[str, Any]:
+def _figures(result: engine.ResyncResult, wall: float) -> dict[str, Any]:
+    return {
+        "clients": result.clients,
+        "members": result.members,
+        "planned": result.planned,
+        "counts": dict(result.counts),
+        "outcomes": result.report.counts if result.report else None,
+        "failed": result.failed,
+        "unfinished": result.unfinished,
+        "wall": wall,
+        "peak_rss_mb": _vm_hwm_mb("self"),
+    }
+
+
+def _per_subject(clients: int, members: int, latency_ms: float, sample_size: int,
+                 planned: list[Planned]) -> dict[str, Any]:
     """The same changes, one subject at a time: GET the record, then write it."""
     by_subject: dict[str, list[Planned]] = defaultdict(list)
     for item in planned:
@@ -162,10 +242,10 @@ def _per_subject(args: argparse.Namespace, planned: list[Planned]) -> dict[str, 
     # Per subject: one GET per system it touches, one write per action.
     full = sum(len({p.processor for p in items}) + len(items) for items in by_subject.values())
     subjects = sorted(by_subject)
-    sample = random.Random(SEED).sample(subjects, min(args.sample, len(subjects)))
+    sample = random.Random(SEED).sample(subjects, min(sample_size, len(subjects)))
 
-    sandbox = Sandbox(clients=args.clients, members=args.members, seed=SEED, smtp_port=None,
-                      latency_ms=args.latency_ms, drift=DRIFT)
+    sandbox = Sandbox(clients=clients, members=members, seed=SEED, smtp_port=None,
+                      latency_ms=latency_ms, drift=DRIFT)
     c = sandbox.credentials
     with sandbox:
         base = sandbox.base_url
@@ -262,8 +342,59 @@ def _progress(t0: float) -> Any:
     return report
 
 
-def _rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def _vm_hwm_mb(pid: int | str) -> float:
+    """A process's own peak RSS (``VmHWM``, kB in /proc/<pid>/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+
+def _print(runs: list[dict[str, Any]]) -> None:
+    """One column per size: the bound and its ratio, the floors, memory, the baseline."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, cell: Any) -> None:
+        rows.append((name, [cell(r["syncd"], r["per_subject"]) for r in runs]))
+
+    row("clients / members", lambda s, b: f"{s['clients_read']:,} / {s['members_read']:,}")
+    row("writes: Phorest / Mailchimp / GA", lambda s, b: "{:,} / {:,} / {:,}".format(
+        *(s["writes_by_processor"].get(p, 0) for p in ("phorest", "mailchimp", "google_analytics"))))
+    row("bound L (calls)", lambda s, b: f"{s['lower_bound_L']:,}")
+    row("API calls: Phorest / Mailchimp / Google", lambda s, b: "{:,} / {:,} / {:,}".format(
+        *(s["api_calls"].get(v, {}).get("total", 0) for v in ("phorest", "mailchimp", "google"))))
+    row("API calls (total)", lambda s, b: f"{s['api_calls']['total']:,}")
+    row("calls / L", lambda s, b: f"{s['calls_over_L']:.3f}x")
+    row("Phorest rate (req/s)", lambda s, b: f"{s['phorest_rps']:g}")
+    row("wall-time floor (L's Phorest calls / rate)",
+        lambda s, b: f"{s['phorest_floor_seconds']:.1f} s")
+    row("Phorest calls made / rate", lambda s, b: f"{s['phorest_calls_at_rate_seconds']:.1f} s")
+    row("resync wall time", lambda s, b: f"{s['wall_seconds']:.1f} s")
+    row("wall time / floor", lambda s, b: f"{s['wall_over_floor']:.2f}x")
+    row("no-change resync: wall time", lambda s, b: f"{s['second_resync']['wall_seconds']:.1f} s")
+    row("no-change resync: planned / calls", lambda s, b: "{:,} / {:,}".format(
+        s["second_resync"]["planned"], s["second_resync"]["api_calls"]))
+    row("tasks failed / unfinished (e.g. GA's daily quota)",
+        lambda s, b: f"{s['failed']:,} / {s.get('unfinished', 0):,}")
+    row("syncd peak RSS (VmHWM)", lambda s, b: f"{s['syncd_peak_rss_mb']:.1f} MB")
+    row("ledger on disk", lambda s, b: f"{s['ledger_mb']:.1f} MB")
+    row("sandbox process peak RSS", lambda s, b: f"{s['sandbox_process_peak_rss_mb']:.1f} MB")
+    row("one at a time: calls (extrapolated)", lambda s, b: "{:,} ({:,} sampled)".format(
+        b["calls_extrapolated"], b["sampled_subjects"]))
+    row("calls vs one at a time", lambda s, b: f"{b['ratio_to_syncd']:.1f}x fewer")
+    width = max(len(name) for name, _ in rows)
+    cols = [max(len(cells[i]) for _, cells in rows) for i in range(len(runs))]
+    latency = ", ".join(sorted({f"{r['latency_ms']:g} ms" for r in runs}))
+    print(f"Full resync, drift {DRIFT:.0%}, latency {latency}, Phorest page size "
+          f"{runs[0]['phorest_page_size'] if runs else PHOREST_PAGE_SIZE}")
+    print("L = ceil(clients/page_size) + ceil(members/1000) + ceil(Mailchimp writes/500)"
+          " + Phorest writes + GA erasures (no bulk write: one call each)")
+    for name, cells in rows:
+        print(f"  {name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+
+
+def _stage(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
