@@ -252,7 +252,7 @@ def file_export(
     try:
         with ledger.transaction():
             request_id = ledger.add_request("export", person.subject_key, person.source, due,
-                                            filed_by=filed_by,
+                                            filed_by=filed_by, received_at=now,
                                             client_id=primary.client_id if primary else None)
             ledger.add_audit(person.subject_key, None, "request_export", f"{RULE}:request",
                              "filed", request_id=request_id, actor=filed_by,

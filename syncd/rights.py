@@ -296,7 +296,7 @@ def file(
     due = add_months(now, settings.policy.request_deadline_months)
     with ledger.transaction():
         request_id = ledger.add_request(kind, person.subject_key, person.source, due, note,
-                                        filed_by=filed_by,
+                                        filed_by=filed_by, received_at=now,
                                         client_id=primary.client_id if primary else None)
         ledger.add_audit(person.subject_key, None, f"request_{kind}", f"{RULES[kind]}:request",
                          "filed", request_id=request_id, actor=filed_by,

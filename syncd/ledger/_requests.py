@@ -36,8 +36,12 @@ class RequestsMixin(LedgerBase):
         *,
         filed_by: str | None = None,
         client_id: str | None = None,
+        received_at: datetime | None = None,
     ) -> int:
-        """Record a data-subject request received now.
+        """Record a data-subject request received at ``received_at`` (default: now).
+
+        Give the moment its ``due_at`` was counted from, so that the deadline is
+        exactly the promised months after receipt.
 
         Returns:
             The request's id.
@@ -51,7 +55,9 @@ class RequestsMixin(LedgerBase):
         cursor = self._run(
             "INSERT INTO requests (kind, subject_key, source, received_at, due_at, state, note,"
             " filed_by, client_id) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
-            (kind, subject_key, source, self._now(), _to_text(due_at), _short(note),
+            (kind, subject_key, source,
+             _to_text(received_at) if received_at is not None else self._now(),
+             _to_text(due_at), _short(note),
              _short(filed_by), client_id),
         )  # fmt: skip
         return int(cursor.lastrowid or 0)
