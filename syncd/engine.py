@@ -904,51 +904,61 @@ def _moved_members(
 
 
 def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
-    """Write back what changed about each subject and each record (keys and times only)."""
-    written = 0
-    with ledger.transaction():
-        for subject in subjects:
-            view, stored, facts = subject.view, subject.stored, subject.view.facts
-            for record in subject.records:
-                changes: dict[str, Any] = {}
-                held = record.stored
-                if record.consent is not None and (held is None or held.consent != record.consent):
-                    changes.update(consent=record.consent, consent_at=record.consent_at)
-                if record.opted_in_at != (held.opted_in_at if held else None):
-                    changes["opted_in_at"] = record.opted_in_at
-                if record.client_seen != (held.client_seen if held else None):
-                    changes["client_seen"] = record.client_seen
-                if (held is not None and held.unsubscribed_by_syncd
-                        and not facts.unsubscribed_by_syncd
-                        and record.subject_key != view.subject_key):
-                    # The mark may sit on a former primary's subject: it ends for all.
-                    changes["unsubscribed_by_syncd"] = False
-                if changes or held is None:
-                    ledger.upsert_subject(record.subject_key, **changes)
-                    written += 1
-                if "client_seen" in changes and _member_kept(subject) and any(
-                    dead.client_id == record.client_id for dead in subject.governance.kept
-                ):
-                    # R11: the choice not to erase is evidence too (once per record version).
-                    ledger.add_audit(record.subject_key, "mailchimp", "keep_shared_member",
-                                     "R5:kept_for_another_client", "kept")
-            changes = {}
-            if facts.opted_out_at != (stored.opted_out_at if stored else None):
-                changes["opted_out_at"] = facts.opted_out_at
-            if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
-                changes["resubscribe_refused"] = facts.resubscribe_refused
-            if facts.unsubscribed_by_syncd != (stored.unsubscribed_by_syncd if stored else False):
-                changes["unsubscribed_by_syncd"] = facts.unsubscribed_by_syncd
-            if subject.synced_email_key is not None and subject.synced_email_key != (
-                stored.synced_email_key if stored else None
+    """Write back what changed about each subject and each record (keys and times only).
+
+    The changes are gathered first and written in one transaction, a few
+    statements for all subjects (:meth:`~syncd.ledger.Ledger.upsert_subjects`).
+    A subject changed twice (as a record, then as a view) gets both sets of
+    columns, the later winning, exactly as two upserts in turn would leave it.
+    """
+    changed: dict[str, dict[str, Any]] = {}
+    links: list[tuple[str, str, str]] = []
+    kept: list[str] = []
+    for subject in subjects:
+        view, stored, facts = subject.view, subject.stored, subject.view.facts
+        for record in subject.records:
+            changes: dict[str, Any] = {}
+            held = record.stored
+            if record.consent is not None and (held is None or held.consent != record.consent):
+                changes.update(consent=record.consent, consent_at=record.consent_at)
+            if record.opted_in_at != (held.opted_in_at if held else None):
+                changes["opted_in_at"] = record.opted_in_at
+            if record.client_seen != (held.client_seen if held else None):
+                changes["client_seen"] = record.client_seen
+            if (held is not None and held.unsubscribed_by_syncd
+                    and not facts.unsubscribed_by_syncd
+                    and record.subject_key != view.subject_key):
+                # The mark may sit on a former primary's subject: it ends for all.
+                changes["unsubscribed_by_syncd"] = False
+            if changes or held is None:
+                changed.setdefault(record.subject_key, {}).update(changes)
+            if "client_seen" in changes and _member_kept(subject) and any(
+                dead.client_id == record.client_id for dead in subject.governance.kept
             ):
-                changes["synced_email_key"] = subject.synced_email_key
-            if changes:
-                ledger.upsert_subject(view.subject_key, **changes)
-                written += 1
-            if subject.link_email_key is not None:
-                ledger.link_identifier(subject.link_email_key, "email", view.subject_key)
-    (log.info if written else log.debug)("resync_facts_stored", subjects=written)
+                # R11: the choice not to erase is evidence too (once per record version).
+                kept.append(record.subject_key)
+        changes = {}
+        if facts.opted_out_at != (stored.opted_out_at if stored else None):
+            changes["opted_out_at"] = facts.opted_out_at
+        if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
+            changes["resubscribe_refused"] = facts.resubscribe_refused
+        if facts.unsubscribed_by_syncd != (stored.unsubscribed_by_syncd if stored else False):
+            changes["unsubscribed_by_syncd"] = facts.unsubscribed_by_syncd
+        if subject.synced_email_key is not None and subject.synced_email_key != (
+            stored.synced_email_key if stored else None
+        ):
+            changes["synced_email_key"] = subject.synced_email_key
+        if changes:
+            changed.setdefault(view.subject_key, {}).update(changes)
+        if subject.link_email_key is not None:
+            links.append((subject.link_email_key, "email", view.subject_key))
+    with ledger.transaction():
+        ledger.upsert_subjects(changed)
+        ledger.link_identifiers(links)
+        for subject_key in kept:
+            ledger.add_audit(subject_key, "mailchimp", "keep_shared_member",
+                             "R5:kept_for_another_client", "kept")
+    (log.info if changed else log.debug)("resync_facts_stored", subjects=len(changed))
 
 
 def _record_results(

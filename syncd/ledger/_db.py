@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -244,6 +244,15 @@ class LedgerBase:
     def _run(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
             return self._conn.execute(sql, params)
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread, closed ledger): a bug, not a ledger problem
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: {exc}") from exc
+
+    def _run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        """One statement for many rows (``executemany``)."""
+        try:
+            return self._conn.executemany(sql, rows)
         except sqlite3.ProgrammingError:
             raise  # misuse (wrong thread, closed ledger): a bug, not a ledger problem
         except sqlite3.DatabaseError as exc:
