@@ -29,8 +29,11 @@ hold HMAC keys and times; the result holds Phorest client ids, never emails.
 
 from __future__ import annotations
 
+import contextvars
+import queue
+import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +77,11 @@ MAILCHIMP_CURSOR = "mailchimp.members"
 # Past this many changed addresses (two lookups each), a poll reads everything.
 POLL_MAX_ADDRESSES = 300
 POLL_LOOKUP_WORKERS = 8
+# A full read: records handed from each side's reading thread at a time, and how
+# many such chunks a side may read ahead of the indexing (about one page each).
+READ_CHUNK_RECORDS = 200
+READ_AHEAD_CHUNKS = 8
+READ_AHEAD_POLL_SECONDS = 0.05
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
@@ -763,16 +771,124 @@ def _read(
     members: Iterable[Any],
     progress: Progress = _no_progress,
 ) -> None:
-    """Read every client, then every member, into ``index`` (a full read of both sides)."""
-    for stage, records, add in (("phorest", clients, index.add_client),
-                                ("mailchimp", members, index.add_member)):
-        count = 0
-        for record in records:
-            add(record)
-            count += 1
-            if count % PROGRESS_EVERY_RECORDS == 0:
-                progress(stage, count, None)
-        progress(stage, count, count)
+    """Read every client and every member into ``index`` (a full read of both sides).
+
+    Both sides are read at once, each on a thread of its own that runs ahead of
+    this one by at most :data:`READ_AHEAD_CHUNKS` chunks (each connector keeps
+    to its own vendor's limits), so a full read takes about as long as the
+    slower side, not both; the records are indexed here meanwhile. They are
+    indexed (and reported) as a sequential read would: every client, then every
+    member; members that arrive first wait, as they would in the index.
+    """
+    with _ReadAhead({"phorest": clients, "mailchimp": members}) as feed:
+        counts = {"phorest": 0, "mailchimp": 0}
+        waiting: list[list[Any]] = []
+        phorest_done = False
+
+        def take(stage: str, chunk: list[Any]) -> None:
+            add = index.add_client if stage == "phorest" else index.add_member
+            for record in chunk:
+                add(record)
+                counts[stage] += 1
+                if counts[stage] % PROGRESS_EVERY_RECORDS == 0:
+                    progress(stage, counts[stage], None)
+
+        for stage, chunk in feed:
+            if stage == "mailchimp" and not phorest_done:
+                if chunk is not None:
+                    waiting.append(chunk)
+                continue
+            if chunk is not None:
+                take(stage, chunk)
+                continue
+            progress(stage, counts[stage], counts[stage])  # this side is finished
+            if stage == "phorest":
+                phorest_done = True
+                for held in waiting:
+                    take("mailchimp", held)
+                waiting.clear()
+                if feed.finished("mailchimp"):
+                    progress("mailchimp", counts["mailchimp"], counts["mailchimp"])
+
+
+class _ReadAhead:
+    """Iterate several record streams at once, each on a daemon thread, in chunks.
+
+    Iterating yields ``(name, chunk)`` in arrival order, and ``(name, None)``
+    once a stream is finished; an exception a stream raised is raised here.
+    Leaving the ``with`` block (normally or not) stops the threads and waits
+    for them, so no connector is still in use afterwards.
+    """
+
+    def __init__(self, streams: Mapping[str, Iterable[Any]]) -> None:
+        self._streams = dict(streams)
+        self._queue: queue.Queue[tuple[str, list[Any] | None, BaseException | None]] = (
+            queue.Queue(maxsize=READ_AHEAD_CHUNKS * len(self._streams)))
+        self._stop = threading.Event()
+        self._finished: set[str] = set()
+        self._threads = [
+            threading.Thread(target=contextvars.copy_context().run,
+                             args=(self._produce, name, records),
+                             name=f"syncd-read-{name}", daemon=True)
+            for name, records in self._streams.items()
+        ]
+
+    def __enter__(self) -> _ReadAhead:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        while any(thread.is_alive() for thread in self._threads):
+            try:  # unblock a producer waiting for room
+                self._queue.get(timeout=READ_AHEAD_POLL_SECONDS)
+            except queue.Empty:
+                pass
+        for thread in self._threads:
+            thread.join()
+
+    def finished(self, name: str) -> bool:
+        """Whether the stream ``name`` has been read to its end (and that was yielded)."""
+        return name in self._finished
+
+    def __iter__(self) -> Iterator[tuple[str, list[Any] | None]]:
+        while len(self._finished) < len(self._streams):
+            name, chunk, error = self._queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                self._finished.add(name)
+            yield name, chunk
+
+    def _produce(self, name: str, records: Iterable[Any]) -> None:
+        try:
+            chunk: list[Any] = []
+            for record in records:
+                chunk.append(record)
+                if len(chunk) >= READ_CHUNK_RECORDS:
+                    if not self._put((name, chunk, None)):
+                        return
+                    chunk = []
+            if chunk and not self._put((name, chunk, None)):
+                return
+            self._put((name, None, None))
+        except BaseException as error:  # handed to the reading thread, raised there
+            self._put((name, None, error))
+        finally:
+            close = getattr(records, "close", None)
+            if callable(close):
+                close()
+
+    def _put(self, item: tuple[str, list[Any] | None, BaseException | None]) -> bool:
+        """Queue ``item`` unless stopped first; whether it was queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=READ_AHEAD_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def _views(
@@ -904,51 +1020,61 @@ def _moved_members(
 
 
 def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
-    """Write back what changed about each subject and each record (keys and times only)."""
-    written = 0
-    with ledger.transaction():
-        for subject in subjects:
-            view, stored, facts = subject.view, subject.stored, subject.view.facts
-            for record in subject.records:
-                changes: dict[str, Any] = {}
-                held = record.stored
-                if record.consent is not None and (held is None or held.consent != record.consent):
-                    changes.update(consent=record.consent, consent_at=record.consent_at)
-                if record.opted_in_at != (held.opted_in_at if held else None):
-                    changes["opted_in_at"] = record.opted_in_at
-                if record.client_seen != (held.client_seen if held else None):
-                    changes["client_seen"] = record.client_seen
-                if (held is not None and held.unsubscribed_by_syncd
-                        and not facts.unsubscribed_by_syncd
-                        and record.subject_key != view.subject_key):
-                    # The mark may sit on a former primary's subject: it ends for all.
-                    changes["unsubscribed_by_syncd"] = False
-                if changes or held is None:
-                    ledger.upsert_subject(record.subject_key, **changes)
-                    written += 1
-                if "client_seen" in changes and _member_kept(subject) and any(
-                    dead.client_id == record.client_id for dead in subject.governance.kept
-                ):
-                    # R11: the choice not to erase is evidence too (once per record version).
-                    ledger.add_audit(record.subject_key, "mailchimp", "keep_shared_member",
-                                     "R5:kept_for_another_client", "kept")
-            changes = {}
-            if facts.opted_out_at != (stored.opted_out_at if stored else None):
-                changes["opted_out_at"] = facts.opted_out_at
-            if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
-                changes["resubscribe_refused"] = facts.resubscribe_refused
-            if facts.unsubscribed_by_syncd != (stored.unsubscribed_by_syncd if stored else False):
-                changes["unsubscribed_by_syncd"] = facts.unsubscribed_by_syncd
-            if subject.synced_email_key is not None and subject.synced_email_key != (
-                stored.synced_email_key if stored else None
+    """Write back what changed about each subject and each record (keys and times only).
+
+    The changes are gathered first and written in one transaction, a few
+    statements for all subjects (:meth:`~syncd.ledger.Ledger.upsert_subjects`).
+    A subject changed twice (as a record, then as a view) gets both sets of
+    columns, the later winning, exactly as two upserts in turn would leave it.
+    """
+    changed: dict[str, dict[str, Any]] = {}
+    links: list[tuple[str, str, str]] = []
+    kept: list[str] = []
+    for subject in subjects:
+        view, stored, facts = subject.view, subject.stored, subject.view.facts
+        for record in subject.records:
+            changes: dict[str, Any] = {}
+            held = record.stored
+            if record.consent is not None and (held is None or held.consent != record.consent):
+                changes.update(consent=record.consent, consent_at=record.consent_at)
+            if record.opted_in_at != (held.opted_in_at if held else None):
+                changes["opted_in_at"] = record.opted_in_at
+            if record.client_seen != (held.client_seen if held else None):
+                changes["client_seen"] = record.client_seen
+            if (held is not None and held.unsubscribed_by_syncd
+                    and not facts.unsubscribed_by_syncd
+                    and record.subject_key != view.subject_key):
+                # The mark may sit on a former primary's subject: it ends for all.
+                changes["unsubscribed_by_syncd"] = False
+            if changes or held is None:
+                changed.setdefault(record.subject_key, {}).update(changes)
+            if "client_seen" in changes and _member_kept(subject) and any(
+                dead.client_id == record.client_id for dead in subject.governance.kept
             ):
-                changes["synced_email_key"] = subject.synced_email_key
-            if changes:
-                ledger.upsert_subject(view.subject_key, **changes)
-                written += 1
-            if subject.link_email_key is not None:
-                ledger.link_identifier(subject.link_email_key, "email", view.subject_key)
-    (log.info if written else log.debug)("resync_facts_stored", subjects=written)
+                # R11: the choice not to erase is evidence too (once per record version).
+                kept.append(record.subject_key)
+        changes = {}
+        if facts.opted_out_at != (stored.opted_out_at if stored else None):
+            changes["opted_out_at"] = facts.opted_out_at
+        if facts.resubscribe_refused != (stored.resubscribe_refused if stored else False):
+            changes["resubscribe_refused"] = facts.resubscribe_refused
+        if facts.unsubscribed_by_syncd != (stored.unsubscribed_by_syncd if stored else False):
+            changes["unsubscribed_by_syncd"] = facts.unsubscribed_by_syncd
+        if subject.synced_email_key is not None and subject.synced_email_key != (
+            stored.synced_email_key if stored else None
+        ):
+            changes["synced_email_key"] = subject.synced_email_key
+        if changes:
+            changed.setdefault(view.subject_key, {}).update(changes)
+        if subject.link_email_key is not None:
+            links.append((subject.link_email_key, "email", view.subject_key))
+    with ledger.transaction():
+        ledger.upsert_subjects(changed)
+        ledger.link_identifiers(links)
+        for subject_key in kept:
+            ledger.add_audit(subject_key, "mailchimp", "keep_shared_member",
+                             "R5:kept_for_another_client", "kept")
+    (log.info if changed else log.debug)("resync_facts_stored", subjects=len(changed))
 
 
 def _record_results(

@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -249,14 +249,12 @@ class LedgerBase:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
 
-    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """One statement for each of ``rows`` (``executemany``), errors as :meth:`_run`."""
-        if not rows:
-            return
+    def _run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        """One statement for many rows (``executemany``)."""
         try:
-            self._conn.executemany(sql, rows)
+            return self._conn.executemany(sql, rows)
         except sqlite3.ProgrammingError:
-            raise
+            raise  # misuse (wrong thread, closed ledger): a bug, not a ledger problem
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
 

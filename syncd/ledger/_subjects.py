@@ -9,7 +9,8 @@ change feed's high-water mark.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,13 @@ from syncd.ledger._db import KEYS_PER_QUERY, LedgerBase, _columns, _from_row, _t
 from syncd.ledger._records import IDENTIFIER_KINDS, Subject, SubjectFacts
 
 _KEEP: Any = object()  # "leave this column as it is" in upsert_subject
+_SUBJECT_COLUMNS = frozenset({
+    "consent", "consent_at", "restricted", "opted_out_at", "opted_in_at", "resubscribe_refused",
+    "synced_email_key", "client_seen", "unsubscribed_by_syncd", "analytics_erased_at",
+})
+# What a subject created by an upsert holds in the columns not set.
+_NEW_SUBJECT: dict[str, Any] = {
+    "restricted": False, "resubscribe_refused": False, "unsubscribed_by_syncd": False}
 
 
 class SubjectsMixin(LedgerBase):
@@ -52,21 +60,45 @@ class SubjectsMixin(LedgerBase):
             "analytics_erased_at": analytics_erased_at,
         }  # fmt: skip
         given = {name: value for name, value in given.items() if value is not _KEEP}
-        for name, value in given.items():
-            if isinstance(value, datetime):
-                given[name] = _to_text(value)
-        row = {"restricted": False, "resubscribe_refused": False,
-               "unsubscribed_by_syncd": False, **given}
-        # Column names are literals from this method, never input.
-        names = list(row)
-        updates = "".join(f"{name} = excluded.{name}, " for name in given)
+        self.upsert_subjects({subject_key: given})
+
+    def upsert_subjects(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """:meth:`upsert_subject` for many subjects: one statement per set of columns set.
+
+        Call it inside :meth:`transaction` to make the whole write one commit.
+
+        Args:
+            changes: subject key -> the columns to set (any of :meth:`upsert_subject`'s
+                keyword arguments; an empty mapping only creates a missing subject).
+
+        Raises:
+            ValueError: a column :meth:`upsert_subject` does not take.
+            LedgerError: SQLite failed.
+        """
+        # (columns set, defaults a new row takes) -> rows: one statement each.
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[Any, ...]]] = {}
         now = self._now()
-        self._run(
-            f"INSERT INTO subjects (subject_key, {', '.join(names)}, created_at, updated_at)"
-            f" VALUES ({', '.join('?' * (len(names) + 3))}) ON CONFLICT (subject_key) DO UPDATE"
-            f" SET {updates}updated_at = excluded.updated_at",
-            (subject_key, *row.values(), now, now),
-        )
+        for subject_key, given in changes.items():
+            unknown = set(given) - _SUBJECT_COLUMNS
+            if unknown:
+                raise ValueError(f"unknown subject columns {sorted(unknown)}")
+            defaults = tuple(name for name in _NEW_SUBJECT if name not in given)
+            values = (*given.values(), *(_NEW_SUBJECT[name] for name in defaults))
+            groups.setdefault((tuple(given), defaults), []).append(
+                (subject_key, *(_to_text(v) if isinstance(v, datetime) else v for v in values),
+                 now, now))
+        with self.transaction() if len(groups) > 1 else nullcontext():
+            for (names, defaults), rows in groups.items():
+                # Column names are literals from this module, never input.
+                columns = ", ".join((*names, *defaults))
+                updates = "".join(f"{name} = excluded.{name}, " for name in names)
+                self._run_many(
+                    f"INSERT INTO subjects (subject_key, {columns}, created_at, updated_at)"
+                    f" VALUES ({', '.join('?' * (len(names) + len(defaults) + 3))})"
+                    f" ON CONFLICT (subject_key) DO UPDATE SET {updates}"
+                    "updated_at = excluded.updated_at",
+                    rows,
+                )
 
     def subject_facts(self, subject_keys: Sequence[str]) -> dict[str, SubjectFacts]:
         """The marketing facts of every known subject among ``subject_keys``.
@@ -134,6 +166,36 @@ class SubjectsMixin(LedgerBase):
                 (identifier_key, kind, subject_key, now),
             )
         return previous if previous != subject_key else None
+
+    def link_identifiers(self, links: Sequence[tuple[str, str, str]]) -> None:
+        """:meth:`link_identifier` for many (identifier key, kind, subject key) at once.
+
+        Unlike :meth:`link_identifier` it does not say what each identifier pointed
+        at before. Call it inside :meth:`transaction` to make it one commit.
+
+        Raises:
+            ValueError: a kind is not one of ``IDENTIFIER_KINDS``.
+            LedgerError: SQLite failed.
+        """
+        unknown = {kind for _, kind, _ in links} - set(IDENTIFIER_KINDS)
+        if unknown:
+            raise ValueError(f"unknown identifier kinds {sorted(unknown)}")
+        if not links:
+            return
+        now = self._now()
+        with self.transaction():
+            self._run_many(
+                "INSERT INTO subjects (subject_key, restricted, created_at, updated_at)"
+                " VALUES (?, 0, ?, ?) ON CONFLICT (subject_key) DO NOTHING",
+                [(subject_key, now, now) for _, _, subject_key in links],
+            )
+            self._run_many(
+                "INSERT INTO identifiers (identifier_key, kind, subject_key, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (identifier_key) DO UPDATE SET"
+                " kind = excluded.kind, subject_key = excluded.subject_key",
+                [(identifier_key, kind, subject_key, now)
+                 for identifier_key, kind, subject_key in links],
+            )
 
     def subject_for(self, identifier_key: str) -> str | None:
         """The subject key an identifier key belongs to, or None.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import unicodedata
 from contextlib import AbstractContextManager, nullcontext
 
 import pytest
@@ -295,6 +296,27 @@ def test_normalise_email_is_idempotent_or_rejects(raw: str) -> None:
     except IdentifierError:
         return
     assert normalise_email(once) == once
+
+
+@given(st.characters(), st.sampled_from(["{}jane@example.com", "ja{}ne@example.com",
+                                          "jane@exam{}ple.com"]))
+def test_normalise_email_rejects_a_whitespace_or_category_c_character_and_only_that(
+    ch: str, template: str,
+) -> None:
+    invisible = ch.isspace() or unicodedata.category(ch).startswith("C")
+    raw = template.format(ch).lower()
+    if invisible and template.startswith("{}") and ch.strip() == "":
+        return  # leading whitespace is trimmed, not refused
+    try:
+        normalise_email(raw)
+    except IdentifierError:
+        refused = True
+    else:
+        refused = False
+    if invisible:
+        assert refused
+    elif ch not in "@." and not ch.isspace():
+        assert not refused
 
 
 @given(email=st.emails(), before=_PADDING, after=_PADDING, data=st.data())

@@ -609,6 +609,40 @@ def test_identifiers_map_to_one_subject_and_relinking_reports_the_old_one(ledger
         ledger.link_identifier("hmac-x", "postcode", "s1")
 
 
+def test_upsert_subjects_matches_one_upsert_per_subject(ledger: Ledger, clock: FakeClock) -> None:
+    ledger.upsert_subject("old", consent=True, restricted=True, synced_email_key="k-old")
+    changes = {
+        "old": {"consent": False, "consent_at": START},  # others keep their value
+        "new": {},  # created with the defaults
+        "opted": {"opted_out_at": START, "unsubscribed_by_syncd": True},
+        "synced": {"synced_email_key": "k-1", "client_seen": "3|x|active"},
+    }
+    with ledger.transaction():
+        ledger.upsert_subjects(changes)
+    facts = ledger.subject_facts(list(changes))
+    old, new, opted, synced = (facts.get(k) for k in changes)
+    assert old is not None and (old.consent, old.restricted, old.synced_email_key) == (
+        False, True, "k-old")
+    subject = ledger.subject("old")
+    assert subject is not None and subject.consent_at == START
+    assert new is not None and (new.consent, new.restricted, new.unsubscribed_by_syncd) == (
+        None, False, False)
+    assert opted is not None and (opted.opted_out_at, opted.unsubscribed_by_syncd) == (START, True)
+    assert synced is not None and (synced.synced_email_key, synced.client_seen) == (
+        "k-1", "3|x|active")
+    with pytest.raises(ValueError):
+        ledger.upsert_subjects({"s": {"no_such_column": 1}})
+
+
+def test_link_identifiers_links_many_and_relinks(ledger: Ledger) -> None:
+    ledger.link_identifier("e1", "email", "s1")
+    ledger.link_identifiers([("e1", "email", "s2"), ("e2", "email", "s3"), ("p3", "phone", "s3")])
+    assert ledger.subjects_for(["e1", "e2", "p3"]) == {"e1": "s2", "e2": "s3", "p3": "s3"}
+    assert ledger.subject("s3") is not None
+    with pytest.raises(ValueError):
+        ledger.link_identifiers([("x", "postcode", "s1")])
+
+
 def test_digests_round_trip_per_processor(ledger: Ledger) -> None:
     ledger.upsert_subject("s1")
     ledger.set_digest("s1", "mailchimp", "d1")
