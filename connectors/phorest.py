@@ -15,6 +15,9 @@ GET: no record, a record read longer ago than ``FRESH_RECORD``, an answer that
 does not show the change or whose version moved by more than our own write, or
 an error that may mean a stale version (409, 412, a 400 naming the version).
 
+A 429, or any answer with a Retry-After, pauses the shared rate limiter: every
+thread sending through this connector waits, not only the one that was told.
+
 Phorest has no batch write, so :meth:`PhorestConnector.apply` runs withdrawals on
 up to ``MAX_CONCURRENT_WRITES`` threads; all of them share one rate limiter and
 one connection pool, and actions on the same client run one after another.
@@ -75,6 +78,8 @@ STALE_VERSION_TRIES = 2  # the first PUT, then one more after re-reading
 # A record read longer ago than the poll's overlap is not trusted for a blind PUT:
 # re-read it first (the version check catches most staleness; this bounds the rest).
 FRESH_RECORD = CHANGES_OVERLAP
+# How long every lane pauses after a 429 that names no Retry-After (§6: from 1 s).
+RATE_LIMITED_PAUSE_SECONDS = 1.0
 # Withdrawals in flight at once, each sending one request at a time. At ~20 ms a
 # call two or three already fill 90 requests/s; the rest absorb slow answers.
 MAX_CONCURRENT_WRITES = 8
@@ -645,6 +650,8 @@ class PhorestConnector:
             # Every Phorest request, retries and check() included, is sent from here.
             report_attempt(self.name, result)
             status = getattr(result, "status_code", None)
+            if isinstance(result, requests.Response):
+                self._pause_if_told(result)
             log.debug("phorest_request", method=method, path=template, status=status)
             return self._raise_for(method, template, result)
 
@@ -696,6 +703,16 @@ class PhorestConnector:
         except ValueError:
             message = f"{where}: HTTP {status} with a body that is not JSON"
             raise PermanentError(message, status=status, title="bad_response") from None
+
+    def _pause_if_told(self, response: requests.Response) -> None:
+        """A 429 or a Retry-After pauses every thread sharing the rate limiter."""
+        told = _retry_after(response.headers.get("Retry-After"))
+        if response.status_code != 429 and told is None:
+            return
+        seconds = RATE_LIMITED_PAUSE_SECONDS if told is None else told
+        seconds = min(seconds, self._retry.max_retry_after_seconds)
+        self._limiter.pause(seconds)
+        log.info("phorest_paused", status=response.status_code, seconds=round(seconds, 3))
 
     def _throttle(self) -> None:
         """Space requests at least 1/max_requests_per_second apart, across threads."""
@@ -749,6 +766,18 @@ class RateLimiter:
         if slot > now:
             self._sleep(slot - now)
         return slot
+
+    def pause(self, seconds: float) -> None:
+        """Hand out no slot for ``seconds`` from now, to any thread (a 429 was seen).
+
+        A slot already handed out is kept (its holder may be asleep waiting for
+        it); every later ``acquire`` starts after the pause. A pause never
+        shortens one already in force.
+        """
+        with self._lock:
+            until = self._clock() + max(0.0, seconds)
+            if self._next_slot is None or until > self._next_slot:
+                self._next_slot = until
 
 
 def appointment_windows(first: date, last: date) -> list[tuple[date, date]]:

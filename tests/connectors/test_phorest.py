@@ -1597,3 +1597,78 @@ def test_a_scanned_record_withdraws_in_one_call_on_the_emulator_and_a_stale_one_
     after = {record.client_id: record for record in connector.scan()}
     assert not after[quiet].email_consent and not after[edited].email_consent
     assert phorest.client(edited)["notes"] == "changed by staff after the scan"  # kept
+
+
+# -- One back-off for every lane --------------------------------------------------------
+
+
+def test_a_pause_holds_back_every_later_slot_from_any_thread() -> None:
+    time = SharedFakeTime()
+    limiter = RateLimiter(10, clock=time.clock, sleep=time.sleep)
+    first = limiter.acquire()
+    limiter.pause(3.0)
+    slots: list[float] = []
+    others = [threading.Thread(target=lambda: slots.append(limiter.acquire())) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    assert sorted(slots) == pytest.approx([first + 3.0, first + 3.1, first + 3.2])
+
+
+def test_a_pause_never_shortens_one_in_force() -> None:
+    time = SharedFakeTime()
+    limiter = RateLimiter(10, clock=time.clock, sleep=time.sleep)
+    limiter.pause(5.0)
+    limiter.pause(1.0)
+    assert limiter.acquire() == pytest.approx(time.now + 5.0)
+
+
+@pytest.mark.parametrize(
+    ("headers", "pause"),
+    [
+        pytest.param({"Retry-After": "4"}, 4.0, id="retry-after"),
+        pytest.param({}, 1.0, id="no-retry-after"),
+    ],
+)
+def test_a_429_seen_by_one_lane_pauses_the_other_lanes(
+    script: responses.RequestsMock, headers: dict[str, str], pause: float
+) -> None:
+    time = SharedFakeTime()
+    waits: dict[str, list[float]] = {}
+
+    def sleep(seconds: float) -> None:
+        waits.setdefault(threading.current_thread().name, []).append(seconds)
+
+    connector = PhorestConnector(
+        make_settings(max_requests_per_second=100), retry=RetryPolicy(attempts=2),
+        session=requests.Session(), clock=time.clock, sleep=sleep,
+    )
+    script.add(responses.GET, CLIENT_URL, status=429, headers=headers)
+    script.add(responses.GET, CLIENT_URL, json=client_json())
+    script.add(responses.GET, f"{CLIENTS_URL}/other", json=client_json("other"))
+    told = threading.Thread(target=connector.client, args=(CLIENT_ID,), name="told")
+    told.start()
+    told.join()
+    other = threading.Thread(target=connector.client, args=("other",), name="other")
+    other.start()
+    other.join()
+    assert methods(script) == ["GET", "GET", "GET"]
+    # The lane that was never told waits out the pause too (the clock stood still; the
+    # told lane's own retry took the first slot after the pause).
+    assert max(waits["other"]) >= pause
+
+
+def test_a_retry_after_on_a_server_error_pauses_every_lane_too(
+    script: responses.RequestsMock,
+) -> None:
+    time = SharedFakeTime()
+    connector = PhorestConnector(
+        make_settings(max_requests_per_second=100), retry=RetryPolicy(attempts=2),
+        session=requests.Session(), clock=time.clock, sleep=time.sleep,
+    )
+    script.add(responses.GET, CLIENT_URL, status=503, headers={"Retry-After": "2"})
+    script.add(responses.GET, CLIENT_URL, json=client_json())
+    told_at = time.now
+    connector.client(CLIENT_ID)
+    assert connector._limiter.acquire() >= told_at + 2.0
