@@ -63,6 +63,10 @@ class ClientRecord:
         updated_at: Phorest's ``updatedAt``, the time of the last change.
         created_at: Phorest's ``createdAt``.
         last_visit: the last paid visit, if any.
+        raw: the client's whole JSON object exactly as read (compact), kept only
+            for a client with email-marketing consent: what a withdrawal PUTs
+            back with only the flag changed. Personal data: never logged.
+        read_at: when syncd read this record from Phorest (UTC).
     """
 
     client_id: str
@@ -77,6 +81,8 @@ class ClientRecord:
     created_at: datetime | None = None
     last_visit: date | None = None
     merged_into: str | None = None
+    raw: str | None = field(default=None, compare=False, repr=False)
+    read_at: datetime | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,10 @@ class Action:
         client_id: for Phorest actions.
         first_name / last_name: for ``subscribe`` and ``update_names``.
         fields: merge-field names for ``clear_extra_fields``.
+        record: for ``withdraw_consent``, the client's whole JSON as last read
+            (with its ``version``), so the write can be one PUT — personal data,
+            scrubbed with the rest of the payload; never logged.
+        read_at: when ``record`` was read (ISO-8601 UTC).
     """
 
     kind: ActionKind
@@ -141,6 +151,8 @@ class Action:
     first_name: str = ""
     last_name: str = ""
     fields: tuple[str, ...] = ()
+    record: str | None = field(default=None, compare=False, repr=False)
+    read_at: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,17 @@ the current ``version``, no erase endpoint. Every call is treated as idempotent,
 the PUT too: a replay after a lost answer meets a stale version (409), re-reads
 and finds the flag already false.
 
+A withdrawal is one call in the common case: the action carries the client's
+whole record as the scan or a lookup read it, with its ``version``; it is PUT
+back with only ``emailMarketingConsent`` changed and checked against the PUT's
+answer (200 with the updated client, §4). Any doubt falls back to GET → PUT →
+GET: no record, a record read longer ago than ``FRESH_RECORD``, an answer that
+does not show the change or whose version moved by more than our own write, or
+an error that may mean a stale version (409, 412, a 400 naming the version).
+
+A 429, or any answer with a Retry-After, pauses the shared rate limiter: every
+thread sending through this connector waits, not only the one that was told.
+
 Phorest has no batch write, so :meth:`PhorestConnector.apply` runs withdrawals on
 up to ``MAX_CONCURRENT_WRITES`` threads; all of them share one rate limiter and
 one connection pool, and actions on the same client run one after another.
@@ -15,6 +26,7 @@ one connection pool, and actions on the same client run one after another.
 from __future__ import annotations
 
 import contextvars
+import json
 import threading
 import time
 from collections import Counter
@@ -63,16 +75,22 @@ LIST_FLAGS: Mapping[str, str] = {"includeArchived": "true", "includeDeleted": "t
 # can carry an updatedAt older than the newest one we saw (DATAHUB does this).
 CHANGES_OVERLAP = timedelta(minutes=2)
 STALE_VERSION_TRIES = 2  # the first PUT, then one more after re-reading
+# A record read longer ago than the poll's overlap is not trusted for a blind PUT:
+# re-read it first (the version check catches most staleness; this bounds the rest).
+FRESH_RECORD = CHANGES_OVERLAP
+# How long every lane pauses after a 429 that names no Retry-After (§6: from 1 s).
+RATE_LIMITED_PAUSE_SECONDS = 1.0
 # Withdrawals in flight at once, each sending one request at a time. At ~20 ms a
 # call two or three already fill 90 requests/s; the rest absorb slow answers.
 MAX_CONCURRENT_WRITES = 8
 APPLY_SECONDS = 5.0  # how long one apply should take at the configured rate limit
-CALLS_PER_WITHDRAWAL = 3  # GET, PUT, GET
+CALLS_PER_WITHDRAWAL = 1  # one PUT from the record read (GET, PUT, GET only in doubt)
 FORGOTTEN_FIRST_NAMES = frozenset({"anonymous", ""})
 # Fields of a client's JSON that describe the record, not the person (left out of exports).
 TECHNICAL_FIELDS = frozenset({"version", "_links"})
 _BODY_READ_ERRORS = requests.exceptions.ChunkedEncodingError
-_TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "stale_version"}
+_TITLES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "stale_version",
+           412: "stale_version"}
 
 PAGE_KEYS = ("number", "totalPages", "totalElements")
 Page = tuple[list[Any], dict[str, int]]  # the rows, and PAGE_KEYS from the envelope's page
@@ -125,13 +143,14 @@ class PhorestConnector:
             connections. By default a new one whose pool does.
         clock: monotonic seconds, for the client-side rate limit.
         sleep: how to wait (rate limit and retries); tests pass a recorder.
+        now: the wall clock (UTC), stamped on every record read (its ``read_at``).
 
     Raises:
         ConfigError: the password is not set.
     """
 
     name = "phorest"
-    # Writes are one record at a time (no bulk endpoint), 3 calls each: an apply is sized
+    # Writes are one record at a time (no bulk endpoint), 1 call each: an apply is sized
     # to last about APPLY_SECONDS at the rate limit, so progress stays fine and a stopping
     # daemon (which stops between applies) exits promptly. Set per instance in __init__.
     apply_batch_size = MAX_CONCURRENT_WRITES
@@ -144,6 +163,7 @@ class PhorestConnector:
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if settings.password is None:
             raise ConfigError("phorest.password is not set")
@@ -154,6 +174,7 @@ class PhorestConnector:
         password = settings.password.get_secret_value().encode()
         self._auth = HTTPBasicAuth(settings.username.encode(), password)
         self._sleep = sleep
+        self._now = now
         # One limiter per connector, shared by every thread that sends through it.
         self._limiter = RateLimiter(settings.max_requests_per_second, clock=clock, sleep=sleep)
         self.apply_batch_size = max(MAX_CONCURRENT_WRITES, int(
@@ -178,7 +199,7 @@ class PhorestConnector:
             PermanentError: credentials refused, or an answer we cannot trust.
         """
         for rows, _page in self._pages({}):
-            yield from (_record(row) for row in rows)
+            yield from self._records(rows)
 
     def find_by_email(self, email: str) -> list[ClientRecord]:
         """Clients holding ``email`` (archived and deleted included), via the ``email`` filter.
@@ -194,7 +215,7 @@ class PhorestConnector:
         return [
             record
             for rows, _page in self._pages({"email": email})
-            for record in map(_record, rows)
+            for record in self._records(rows)
             if record.email and record.email.strip().casefold() == wanted
         ]
 
@@ -219,7 +240,7 @@ class PhorestConnector:
         found: dict[str, ClientRecord] = {}
         for spelling in dict.fromkeys((phone, *spellings)):
             for rows, _page in self._pages({"phone": spelling}):
-                for record in map(_record, rows):
+                for record in self._records(rows):
                     if record.mobile and _same_number(record.mobile, phone):
                         found.setdefault(record.client_id, record)
         return list(found.values())
@@ -232,7 +253,7 @@ class PhorestConnector:
             PermanentError: credentials refused, or an answer we cannot trust.
         """
         try:
-            return _record(self._client(client_id))
+            return _record(self._client(client_id), self._now())
         except PermanentError as error:
             if error.title == "not_found":
                 return None
@@ -280,13 +301,18 @@ class PhorestConnector:
         for rows, page in self._pages({"updatedAfter": _format_instant(after)}):
             if page["number"] == 0 and page["totalElements"] > 0:
                 everything = page["totalElements"] >= self._list({"size": 1})[1]["totalElements"]
-            found.extend(_record(row) for row in rows)
+            found.extend(self._records(rows))
         # Everything came back *and* some of it is older than asked: the filter was
         # ignored. (If every record is newer, every client really changed: a normal answer.)
         full = everything and any(record.updated_at <= after for record in found)
         if full:
             log.warning("phorest_filter_ignored", path=CLIENTS_PATH, records=len(found))
         return Changes(tuple(found), _cursor(found, since), full=full)
+
+    def _records(self, rows: Sequence[Any]) -> list[ClientRecord]:
+        """One page's clients, stamped with the time they were read."""
+        read_at = self._now()
+        return [_record(row, read_at) for row in rows]
 
     def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
         """Carry out ``withdraw_consent`` actions concurrently; never raises.
@@ -349,6 +375,10 @@ class PhorestConnector:
         """One withdrawal whose failure, even an unexpected one, becomes its outcome."""
         client_id = cast(str, action.client_id)
         try:
+            if not dry_run:
+                done = self._withdraw_from_record(action)
+                if done is not None:
+                    return Outcome(action, "done", done)
             return Outcome(action, "done", self._withdraw_consent(client_id, dry_run))
         except RetriableError as error:
             wait = error.retry_after_seconds
@@ -359,6 +389,66 @@ class PhorestConnector:
             # The type only: a message could quote a request or an answer.
             log.error("phorest_apply_failed", path=CLIENT_PATH, error=type(error).__name__)
             return Outcome(action, "retriable", "unexpected_error")
+
+    def _withdraw_from_record(self, action: Action) -> str | None:
+        """One PUT of the record the action carries, with only the consent flag changed.
+
+        Returns:
+            ``"withdrawn"`` when the PUT's answer shows the change at the next
+            version; None when there is doubt (see the module docstring) and
+            the caller must fall back to GET → PUT → GET. A doubt after a PUT
+            that was accepted is settled by that fallback too: its re-read
+            then finds the flag false (reported ``"withdrawn"``, not already).
+
+        Raises:
+            RetriableError: Phorest stayed unavailable through the in-call retries.
+            PermanentError: not_found, or any refusal that cannot mean a stale version.
+        """
+        client_id = cast(str, action.client_id)
+        client, doubt = self._usable_record(action)
+        if client is None:
+            log.debug("phorest_put_from_record_skipped", path=CLIENT_PATH, doubt=doubt)
+            return None
+        sent_version = client["version"]
+        try:
+            answer = self._request("PUT", CLIENT_PATH, client_id=client_id,
+                                   body={**client, "emailMarketingConsent": False})
+        except PermanentError as error:
+            if error.title not in ("stale_version", "bad_response"):
+                raise
+            # A stale version, or a 2xx we could not read: re-read and decide from that.
+            log.info("phorest_put_doubt", path=CLIENT_PATH, doubt=error.title)
+            return None if error.title == "stale_version" else self._after_doubt(client_id)
+        doubt = _answer_doubt(answer, client_id, sent_version)
+        if doubt is None:
+            log.info("phorest_put", path=CLIENT_PATH, field="emailMarketingConsent", calls=1)
+            return "withdrawn"
+        log.info("phorest_put_doubt", path=CLIENT_PATH, doubt=doubt)
+        return self._after_doubt(client_id)
+
+    def _after_doubt(self, client_id: str) -> str:
+        """GET → PUT → GET after a PUT that was accepted but not shown to have worked."""
+        done = self._withdraw_consent(client_id, False)
+        return "withdrawn" if done == "already" else done
+
+    def _usable_record(self, action: Action) -> tuple[dict[str, Any] | None, str]:
+        """The action's record if a blind PUT of it is safe, else (None, why not)."""
+        if not action.record:
+            return None, "no_record"
+        read_at = _parse_instant(action.read_at)
+        if read_at is None or self._now() - read_at > FRESH_RECORD:
+            return None, "record_too_old"
+        try:
+            client = json.loads(action.record)
+        except ValueError:
+            return None, "record_unreadable"
+        if not isinstance(client, dict) or client.get("clientId") != action.client_id:
+            return None, "record_not_this_client"
+        if type(client.get("version")) is not int:
+            return None, "record_without_version"
+        if client.get("emailMarketingConsent") is not True:
+            return None, "record_without_consent"
+        return client, ""
 
     def _withdraw_consent(self, client_id: str, dry_run: bool) -> str:
         """GET, flip only ``emailMarketingConsent``, PUT it back with its version, re-GET.
@@ -560,6 +650,8 @@ class PhorestConnector:
             # Every Phorest request, retries and check() included, is sent from here.
             report_attempt(self.name, result)
             status = getattr(result, "status_code", None)
+            if isinstance(result, requests.Response):
+                self._pause_if_told(result)
             log.debug("phorest_request", method=method, path=template, status=status)
             return self._raise_for(method, template, result)
 
@@ -603,12 +695,24 @@ class PhorestConnector:
             )
         if not 200 <= status < 300:
             title = _TITLES.get(status, "rejected")
+            if status == 400 and method == "PUT" and _mentions_version(result):
+                title = "stale_version"  # how a stale version might be refused: re-read
             raise PermanentError(f"{where}: HTTP {status}", status=status, title=title)
         try:
             return result.json()
         except ValueError:
             message = f"{where}: HTTP {status} with a body that is not JSON"
             raise PermanentError(message, status=status, title="bad_response") from None
+
+    def _pause_if_told(self, response: requests.Response) -> None:
+        """A 429 or a Retry-After pauses every thread sharing the rate limiter."""
+        told = _retry_after(response.headers.get("Retry-After"))
+        if response.status_code != 429 and told is None:
+            return
+        seconds = RATE_LIMITED_PAUSE_SECONDS if told is None else told
+        seconds = min(seconds, self._retry.max_retry_after_seconds)
+        self._limiter.pause(seconds)
+        log.info("phorest_paused", status=response.status_code, seconds=round(seconds, 3))
 
     def _throttle(self) -> None:
         """Space requests at least 1/max_requests_per_second apart, across threads."""
@@ -662,6 +766,18 @@ class RateLimiter:
         if slot > now:
             self._sleep(slot - now)
         return slot
+
+    def pause(self, seconds: float) -> None:
+        """Hand out no slot for ``seconds`` from now, to any thread (a 429 was seen).
+
+        A slot already handed out is kept (its holder may be asleep waiting for
+        it); every later ``acquire`` starts after the pause. A pause never
+        shortens one already in force.
+        """
+        with self._lock:
+            until = self._clock() + max(0.0, seconds)
+            if self._next_slot is None or until > self._next_slot:
+                self._next_slot = until
 
 
 def appointment_windows(first: date, last: date) -> list[tuple[date, date]]:
@@ -721,8 +837,31 @@ def _pooled_session(connections: int) -> requests.Session:
     return session
 
 
-def _record(raw: Any) -> ClientRecord:
+def _answer_doubt(answer: Any, client_id: str, sent_version: int) -> str | None:
+    """Why a PUT's answer does not show our withdrawal as the one new write, or None."""
+    if not isinstance(answer, dict) or answer.get("clientId") != client_id:
+        return "answer_not_the_client"
+    if answer.get("emailMarketingConsent") is not False:
+        return "answer_shows_consent"
+    version = answer.get("version")
+    if type(version) is not int or version != sent_version + 1:
+        return "version_moved"
+    return None
+
+
+def _mentions_version(response: requests.Response) -> bool:
+    """Whether a refusal's body names the version (read, never logged)."""
+    try:
+        return "version" in response.text.casefold()
+    except (ValueError, _BODY_READ_ERRORS):
+        return False
+
+
+def _record(raw: Any, read_at: datetime | None = None) -> ClientRecord:
     """Map one client's JSON (the forgotten shape is the sandbox emulator's).
+
+    A client with email-marketing consent keeps its whole JSON (compact) as
+    ``raw``, for a one-call withdrawal; the others do not need it.
 
     Raises:
         PermanentError: bad_response, no clientId, version or updatedAt.
@@ -760,7 +899,17 @@ def _record(raw: Any) -> ClientRecord:
         created_at=_parse_instant(raw.get("createdAt")),
         last_visit=last_visit.date() if last_visit else None,
         merged_into=merged_into,
+        raw=_compact(raw) if raw.get("emailMarketingConsent") is True else None,
+        read_at=read_at,
     )
+
+
+def _compact(raw: dict[str, Any]) -> str | None:
+    """The client's JSON as one compact string, or None if it cannot be written back."""
+    try:
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return None
 
 
 def _parse_instant(value: Any) -> datetime | None:

@@ -366,7 +366,12 @@ class PhorestSettings(Section):
         default=100, ge=1, le=200, description="Clients per page when scanning (Phorest max 200)."
     )
     max_requests_per_second: float = Field(
-        default=20, ge=0.1, le=100, description="Client-side rate limit (Phorest allows 100/s)."
+        default=20, ge=0.1, le=100,
+        description=(
+            "Client-side limit on all Phorest calls. Default 20: a fifth of Phorest's"
+            " 100 requests/s, leaving room for the business's other integrations;"
+            " a 429 pauses every thread."
+        ),
     )
     poll_interval_seconds: int = Field(
         default=60, ge=5, le=86_400, description="How often the daemon asks Phorest for changes."

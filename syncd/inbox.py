@@ -166,7 +166,9 @@ def _process_one(
     why = WHY[event.kind]
     planned = [
         Planned("phorest", Action("withdraw_consent", keys.client_id(c.client_id),
-                                  client_id=c.client_id), "R2", why)
+                                  client_id=c.client_id, record=c.raw,
+                                  read_at=c.read_at.isoformat() if c.read_at else None),
+                "R2", why)
         for c in live if c.email_consent
     ]  # fmt: skip
     link = (keys.email(email), keys.client_id(primary.client_id))

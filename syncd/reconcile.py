@@ -349,7 +349,10 @@ def plan(view: SubjectView) -> list[Planned]:
         record_key, opted_in_at = view.own(record)
         against = _standing_opt_out(member, facts, opted_in_at)
         if against is not None and record.email_consent:
-            action = Action("withdraw_consent", record_key, client_id=record.client_id)
+            # The record as read travels with the action: one PUT in the common case.
+            read_at = record.read_at.isoformat() if record.read_at else None
+            action = Action("withdraw_consent", record_key, client_id=record.client_id,
+                            record=record.raw, read_at=read_at)
             planned.append(Planned("phorest", action, "R2", against))
         if against is not None and record in governance.governing:
             opt_out = opt_out or against

@@ -37,7 +37,9 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCHES_PER_RUN = 1000  # 500 x 1000: a 100k-task resync finishes in one run_due
-PAYLOAD_FIELDS = ("email", "new_email", "client_id", "first_name", "last_name", "fields")
+PAYLOAD_FIELDS = (
+    "email", "new_email", "client_id", "first_name", "last_name", "fields", "record", "read_at",
+)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -1296,7 +1296,7 @@ def test_find_by_email_keeps_only_rows_whose_address_matches(
     assert wire.calls[0].request.params["email"] == SEEDED_EMAIL
 
 
-@pytest.mark.parametrize(("rate", "size"), [(20, 33), (100, 166), (1, 8)])
+@pytest.mark.parametrize(("rate", "size"), [(20, 100), (100, 500), (1, 8)])
 def test_an_apply_is_sized_to_last_about_five_seconds_at_the_rate_limit(
     rate: float, size: int
 ) -> None:
@@ -1402,3 +1402,273 @@ def test_same_number_compares_the_last_nine_digits(stored: str, same: bool) -> N
     from connectors.phorest import _same_number
 
     assert _same_number(stored, "+447700900123") is same
+
+
+# -- apply(): one PUT from the record the action carries -----------------------------
+
+READ_AT = datetime(2026, 1, 2, 3, 10, tzinfo=UTC)
+
+
+def carried(client: dict[str, Any] | None = None, *, read_at: datetime = READ_AT) -> Action:
+    """A withdrawal carrying the client's whole record as the scan read it."""
+    return Action(
+        "withdraw_consent", "k" * 64, client_id=CLIENT_ID,
+        record=json.dumps(client or client_json()), read_at=read_at.isoformat(),
+    )
+
+
+def connector_at(
+    time: FakeTime, now: datetime = READ_AT + timedelta(seconds=30), **settings: Any
+) -> PhorestConnector:
+    """A connector whose wall clock reads ``now`` (30 s after the record was read)."""
+    return PhorestConnector(
+        make_settings(**settings), retry=RetryPolicy(attempts=3), session=requests.Session(),
+        clock=time.clock, sleep=time.sleep, now=lambda: now,
+    )
+
+
+def test_a_carried_record_is_put_back_once_and_checked_from_the_answer(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    expected_put = {**client_json(), "emailMarketingConsent": False}
+    script.add(
+        responses.PUT, CLIENT_URL, match=[matchers.json_params_matcher(expected_put)],
+        json={**expected_put, "version": 5},
+    )
+    [outcome] = connector_at(fake_time).apply([carried()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["PUT"]  # version 4 travels back, everything else untouched
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"json": client_json(version=5)}, id="answer-still-shows-consent"),
+        pytest.param({"json": client_json(version=9, emailMarketingConsent=False)},
+                     id="version-moved-by-more-than-our-write"),
+        pytest.param({"json": client_json(version=4, emailMarketingConsent=False)},
+                     id="version-did-not-move"),
+        pytest.param({"json": client_json("someone-else", version=5,
+                                          emailMarketingConsent=False)}, id="another-client"),
+        pytest.param({"body": "OK", "content_type": "text/plain"}, id="answer-not-json"),
+    ],
+)
+def test_an_accepted_put_whose_answer_leaves_doubt_is_settled_by_a_re_read(
+    script: responses.RequestsMock, fake_time: FakeTime, answer: dict[str, Any]
+) -> None:
+    script.add(responses.PUT, CLIENT_URL, **answer)
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=9, emailMarketingConsent=False))
+    [outcome] = connector_at(fake_time).apply([carried()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["PUT", "GET"]
+
+
+def test_an_accepted_put_that_did_not_stick_falls_back_to_get_put_get(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    script.add(responses.PUT, CLIENT_URL, json=client_json(version=5))
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=5))
+    script.add(responses.PUT, CLIENT_URL,
+               match=[matchers.json_params_matcher(
+                   client_json(version=5, emailMarketingConsent=False))],
+               json=client_json(version=6, emailMarketingConsent=False))
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=6, emailMarketingConsent=False))
+    [outcome] = connector_at(fake_time).apply([carried()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["PUT", "GET", "PUT", "GET"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pytest.param({"status": 409}, id="409"),
+        pytest.param({"status": 412}, id="412"),
+        pytest.param({"status": 400, "json": {"message": "Version 4 is out of date"}},
+                     id="400-naming-the-version"),
+    ],
+)
+def test_a_put_refused_as_maybe_stale_falls_back_to_get_put_get(
+    script: responses.RequestsMock, fake_time: FakeTime, refusal: dict[str, Any]
+) -> None:
+    edited = client_json(version=5, notes="edited by staff")
+    script.add(responses.PUT, CLIENT_URL, **refusal)
+    script.add(responses.GET, CLIENT_URL, json=edited)
+    script.add(responses.PUT, CLIENT_URL,
+               match=[matchers.json_params_matcher({**edited, "emailMarketingConsent": False})],
+               json={**edited, "version": 6, "emailMarketingConsent": False})
+    script.add(responses.GET, CLIENT_URL,
+               json={**edited, "version": 6, "emailMarketingConsent": False})
+    [outcome] = connector_at(fake_time).apply([carried()])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["PUT", "GET", "PUT", "GET"]
+
+
+def test_a_400_that_does_not_name_the_version_is_permanent_without_a_re_read(
+    script: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    script.add(responses.PUT, CLIENT_URL, status=400,
+               json={"message": "firstName must not be empty"})
+    [outcome] = connector_at(fake_time).apply([carried()])
+    assert (outcome.status, outcome.reason) == ("permanent", "rejected")
+    assert methods(script) == ["PUT"]
+
+
+@pytest.mark.parametrize(
+    ("action_", "now"),
+    [
+        pytest.param(carried(), READ_AT + timedelta(minutes=2, seconds=1),
+                     id="read-longer-ago-than-the-overlap"),
+        pytest.param(Action("withdraw_consent", "k" * 64, client_id=CLIENT_ID,
+                            record=json.dumps(client_json())), READ_AT, id="no-read-time"),
+        pytest.param(carried(client_json(version=None)), READ_AT, id="no-version"),
+        pytest.param(carried(client_json("another")), READ_AT, id="another-clients-record"),
+        pytest.param(carried(client_json(emailMarketingConsent=False)), READ_AT,
+                     id="record-without-consent"),
+        pytest.param(Action("withdraw_consent", "k" * 64, client_id=CLIENT_ID,
+                            record="{not json", read_at=READ_AT.isoformat()), READ_AT,
+                     id="record-unreadable"),
+    ],
+)
+def test_a_record_in_doubt_is_not_put_blindly(
+    script: responses.RequestsMock, fake_time: FakeTime, action_: Action, now: datetime
+) -> None:
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=7))
+    script.add(responses.PUT, CLIENT_URL,
+               match=[matchers.json_params_matcher(
+                   client_json(version=7, emailMarketingConsent=False))],
+               json=client_json(version=8, emailMarketingConsent=False))
+    script.add(responses.GET, CLIENT_URL, json=client_json(version=8, emailMarketingConsent=False))
+    [outcome] = connector_at(fake_time, now=now).apply([action_])
+    assert (outcome.status, outcome.reason) == ("done", "withdrawn")
+    assert methods(script) == ["GET", "PUT", "GET"]
+
+
+def test_a_dry_run_with_a_carried_record_still_reads_and_writes_nothing(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    wire.add(responses.GET, CLIENT_URL, json=client_json())
+    [outcome] = connector_at(fake_time).apply([carried()], dry_run=True)
+    assert (outcome.status, outcome.reason) == ("done", "dry_run")
+    assert methods(wire) == ["GET"]
+
+
+def test_a_scan_keeps_the_whole_record_of_consenting_clients_only(
+    wire: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    rows = [client_json(), client_json("no-consent", emailMarketingConsent=False)]
+    wire.add(responses.GET, CLIENTS_URL, json=envelope(rows, total=2))
+    consenting, other = connector_at(fake_time).scan()
+    assert consenting.raw is not None and json.loads(consenting.raw) == client_json()
+    assert other.raw is None
+    assert consenting.read_at == other.read_at == READ_AT + timedelta(seconds=30)
+
+
+def test_a_scanned_record_withdraws_in_one_call_on_the_emulator_and_a_stale_one_ends_right(
+    emulator: tuple[PhorestEmulator, SandboxServer],
+) -> None:
+    phorest, server = emulator
+    quiet, edited = (
+        phorest.add_client(firstName="Client", lastName=f"N{n}", email=f"c{n}@example.org",
+                           emailMarketingConsent=True, notes="first")["clientId"]
+        for n in range(2)
+    )
+    connector = PhorestConnector(
+        make_settings(base_url=f"{server.base_url}/third-party-api-server",
+                      business_id=EMULATOR_BUSINESS, page_size=200, max_requests_per_second=100),
+        retry=RetryPolicy(attempts=1), sleep=lambda _seconds: None,
+    )
+    by_id = {record.client_id: record for record in connector.scan()}
+    phorest.edit_client(edited, notes="changed by staff after the scan")  # a new version
+    actions = [
+        Action("withdraw_consent", f"{n:064d}", client_id=record.client_id, record=record.raw,
+               read_at=record.read_at.isoformat() if record.read_at else None)
+        for n, record in enumerate((by_id[quiet], by_id[edited]))
+    ]
+    server.traffic.reset_counts()
+    outcomes = connector.apply(actions)
+
+    assert {(o.status, o.reason) for o in outcomes} == {("done", "withdrawn")}
+    routes = server.traffic.summary()["phorest"]["routes"]
+    put_route = next(route for route in routes if route.startswith("PUT"))
+    get_route = next(route for route in routes if route.startswith("GET"))
+    # Fresh: one PUT. Stale: a PUT refused (409), then GET, PUT, GET.
+    assert routes[put_route] == {"200": 2, "409": 1}
+    assert routes[get_route] == {"200": 2}
+    after = {record.client_id: record for record in connector.scan()}
+    assert not after[quiet].email_consent and not after[edited].email_consent
+    assert phorest.client(edited)["notes"] == "changed by staff after the scan"  # kept
+
+
+# -- One back-off for every lane --------------------------------------------------------
+
+
+def test_a_pause_holds_back_every_later_slot_from_any_thread() -> None:
+    time = SharedFakeTime()
+    limiter = RateLimiter(10, clock=time.clock, sleep=time.sleep)
+    first = limiter.acquire()
+    limiter.pause(3.0)
+    slots: list[float] = []
+    others = [threading.Thread(target=lambda: slots.append(limiter.acquire())) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    assert sorted(slots) == pytest.approx([first + 3.0, first + 3.1, first + 3.2])
+
+
+def test_a_pause_never_shortens_one_in_force() -> None:
+    time = SharedFakeTime()
+    limiter = RateLimiter(10, clock=time.clock, sleep=time.sleep)
+    limiter.pause(5.0)
+    limiter.pause(1.0)
+    assert limiter.acquire() == pytest.approx(time.now + 5.0)
+
+
+@pytest.mark.parametrize(
+    ("headers", "pause"),
+    [
+        pytest.param({"Retry-After": "4"}, 4.0, id="retry-after"),
+        pytest.param({}, 1.0, id="no-retry-after"),
+    ],
+)
+def test_a_429_seen_by_one_lane_pauses_the_other_lanes(
+    script: responses.RequestsMock, headers: dict[str, str], pause: float
+) -> None:
+    time = SharedFakeTime()
+    waits: dict[str, list[float]] = {}
+
+    def sleep(seconds: float) -> None:
+        waits.setdefault(threading.current_thread().name, []).append(seconds)
+
+    connector = PhorestConnector(
+        make_settings(max_requests_per_second=100), retry=RetryPolicy(attempts=2),
+        session=requests.Session(), clock=time.clock, sleep=sleep,
+    )
+    script.add(responses.GET, CLIENT_URL, status=429, headers=headers)
+    script.add(responses.GET, CLIENT_URL, json=client_json())
+    script.add(responses.GET, f"{CLIENTS_URL}/other", json=client_json("other"))
+    told = threading.Thread(target=connector.client, args=(CLIENT_ID,), name="told")
+    told.start()
+    told.join()
+    other = threading.Thread(target=connector.client, args=("other",), name="other")
+    other.start()
+    other.join()
+    assert methods(script) == ["GET", "GET", "GET"]
+    # The lane that was never told waits out the pause too (the clock stood still; the
+    # told lane's own retry took the first slot after the pause).
+    assert max(waits["other"]) >= pause
+
+
+def test_a_retry_after_on_a_server_error_pauses_every_lane_too(
+    script: responses.RequestsMock,
+) -> None:
+    time = SharedFakeTime()
+    connector = PhorestConnector(
+        make_settings(max_requests_per_second=100), retry=RetryPolicy(attempts=2),
+        session=requests.Session(), clock=time.clock, sleep=time.sleep,
+    )
+    script.add(responses.GET, CLIENT_URL, status=503, headers={"Retry-After": "2"})
+    script.add(responses.GET, CLIENT_URL, json=client_json())
+    told_at = time.now
+    connector.client(CLIENT_ID)
+    assert connector._limiter.acquire() >= told_at + 2.0

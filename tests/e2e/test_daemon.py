@@ -334,10 +334,11 @@ def test_sigterm_during_a_long_run_of_withdrawals_exits_promptly_and_loses_none(
     sandbox = running.sandbox
     running.process.send_signal(signal.SIGTERM)
     assert running.process.wait(timeout=10) == 0
-    # Restart throttled to 6 Phorest requests a second: applies of 10 withdrawals, ~5 s each.
+    # Restart throttled to 2 Phorest requests a second: applies of 10 withdrawals (one PUT
+    # each), ~5 s each.
     running.notifications()
     running.process = _start(running.config_path, running.port, tmp_path / "notify.sock",
-                             running.log_path, SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND="6")
+                             running.log_path, SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND="2")
     _wait(lambda: any("READY=1" in m for m in running.notifications()), 30, "READY=1")
     secret = config.load(running.config_path).mailchimp.webhook_secret  # type: ignore[union-attr]
     assert secret is not None

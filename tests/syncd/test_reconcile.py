@@ -336,6 +336,13 @@ def test_withdraw_consent_carries_the_client_id_and_no_address() -> None:
     assert withdraw.action == Action("withdraw_consent", KEY, client_id="c1")
 
 
+def test_withdraw_consent_carries_the_record_as_read_for_a_one_call_write() -> None:
+    raw = '{"clientId":"c1","version":1,"emailMarketingConsent":true}'
+    read = client(raw=raw, read_at=at(2))
+    [withdraw] = plan(view(read, member(status="unsubscribed")))
+    assert (withdraw.action.record, withdraw.action.read_at) == (raw, at(2).isoformat())
+
+
 def test_a_member_at_a_foreign_address_is_refused_without_naming_it() -> None:
     with pytest.raises(ValueError, match="neither") as raised:
         view(client(), member(email="someone.else@example.com"), synced_email=OLD_EMAIL)

@@ -206,6 +206,36 @@ def test_withdraw_consent_reaches_phorest(
     assert ledger.task(task_id).state == "done"  # type: ignore[union-attr]
 
 
+def test_a_scanned_record_travels_in_the_task_and_is_scrubbed_once_done(
+    sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
+    clock: FakeClock,
+) -> None:  # fmt: skip
+    phorest: Any = live["phorest"]
+    record = next(c for c in phorest.scan() if c.email_consent and c.state == "active"
+                  and c.email)  # fmt: skip
+    action = Action("withdraw_consent", keys.client_id(record.client_id),
+                    client_id=record.client_id, record=record.raw,
+                    read_at=record.read_at.isoformat())
+    [task_id] = enqueue(ledger, [Planned("phorest", action, "R2", "mailchimp_opt_out")])
+    pending = ledger.task(task_id)
+    assert pending is not None and pending.payload is not None
+    assert (pending.payload["record"], pending.payload["read_at"]) == (record.raw,
+                                                                       action.read_at)
+    sandbox.traffic.reset_counts()
+
+    assert run(ledger, live, keys, clock).counts == {"phorest": {"done": 1}, "mailchimp": {}}
+
+    routes = sandbox.traffic.summary()["phorest"]["routes"]
+    assert [(route.split()[0], sum(by.values())) for route, by in routes.items()] == [("PUT", 1)]
+    stored = sandbox.phorest.client(record.client_id)
+    assert stored is not None and stored["emailMarketingConsent"] is False
+    task = ledger.task(task_id)
+    assert task is not None and task.state == "done" and task.payload is None
+    assert ledger.checkpoint()
+    data = b"".join(p.read_bytes() for p in Path(ledger.path).parent.glob("ledger.sqlite3*"))
+    assert record.email is not None and record.email.encode() not in data
+
+
 def test_dry_run_changes_nothing(
     sandbox: Sandbox, ledger: Ledger, live: dict[str, Connector], keys: SubjectKeys,
     clock: FakeClock,
