@@ -176,6 +176,11 @@ def render(rows: Sequence[Row], fmt: Format, *, request_id: int, now: datetime) 
 _EXPORT_NAME = re.compile(r"^syncd-export-([1-9][0-9]{0,17})\.(csv|json)$")
 
 
+def file_name(request_id: int, fmt: str) -> str:
+    """The default name of an export's file: ``syncd-export-<request id>.<format>``."""
+    return f"syncd-export-{request_id}.{fmt}"
+
+
 def refuse_existing(path: Path) -> None:
     """Refuse a path that exists (a dangling link too), before anything is read.
 
@@ -257,7 +262,7 @@ def file_export(
             ledger.add_audit(person.subject_key, None, "request_export", f"{RULE}:request",
                              "filed", request_id=request_id, actor=filed_by,
                              detail=f"filed with {person.source}; format {fmt}")  # fmt: skip
-            path = output or (directory or Path()) / f"syncd-export-{request_id}.{fmt}"
+            path = output or (directory or Path()) / file_name(request_id, fmt)
             write_new(path, render(rows, fmt, request_id=request_id, now=now))
             created = path
             for processor, count in _counts(rows).items():

@@ -378,7 +378,7 @@ def register(app: Flask) -> None:
     def _export_file(request_id: int) -> Path | None:
         directory = export_directory(current_settings(), create=False)
         for fmt in ("csv", "json"):
-            path = directory / f"syncd-export-{request_id}.{fmt}"
+            path = directory / export.file_name(request_id, fmt)
             if path.is_file() and not path.is_symlink():
                 return path
         return None

@@ -242,17 +242,16 @@ class LedgerBase:
     # -- plumbing -----------------------------------------------------------
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        try:
-            return self._conn.execute(sql, params)
-        except sqlite3.ProgrammingError:
-            raise  # misuse (wrong thread, closed ledger): a bug, not a ledger problem
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{self.path}: {exc}") from exc
+        return self._call(self._conn.execute, sql, params)
 
     def _run_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
         """One statement for many rows (``executemany``)."""
+        return self._call(self._conn.executemany, sql, rows)
+
+    def _call(self, method: Callable[[str, Any], sqlite3.Cursor], sql: str,
+              arguments: Any) -> sqlite3.Cursor:
         try:
-            return self._conn.executemany(sql, rows)
+            return method(sql, arguments)
         except sqlite3.ProgrammingError:
             raise  # misuse (wrong thread, closed ledger): a bug, not a ledger problem
         except sqlite3.DatabaseError as exc:
