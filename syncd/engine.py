@@ -22,21 +22,30 @@ client holds any more gets that member as the view's member, so :func:`plan`
 moves it (``move_email``) rather than subscribing a new one and unsubscribing
 the old as an orphan. The key moves to the new address once the move is done.
 
-Personal data: addresses and names live only in memory while the engine runs
-and in pending task payloads (scrubbed when final). The ledger's subject rows
-hold HMAC keys and times; the result holds Phorest client ids, never emails.
+Memory stays flat whatever the audience: what both systems hold goes into a
+scratch store (:class:`~syncd.ledger.Scratch`, an anonymous temporary SQLite
+database that leaves nothing on disk, even when the process is killed) keyed
+by each address's keyed hash, and is planned from there a batch of addresses
+at a time, in key order (:func:`_subject_batches`); a poll's few addresses
+take the same path.
+
+Personal data: addresses and names live only in memory and in the scratch
+store while the engine runs, and in pending task payloads (scrubbed when
+final). The ledger's subject rows hold HMAC keys and times; the result holds
+Phorest client ids, never emails.
 """
 
 from __future__ import annotations
 
 import contextvars
+import marshal
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import structlog
@@ -45,7 +54,7 @@ import connectors as registry
 from connectors.base import ClientRecord, MemberRecord, ReadableConnector
 from syncd.errors import ConfigError, IdentifierError
 from syncd.identity import SubjectKeys, normalise_email
-from syncd.ledger import Ledger, SubjectFacts
+from syncd.ledger import Ledger, Scratch, SubjectFacts
 from syncd.reconcile import (
     ERASED_CLIENT_STATES,
     KEPT_FOR_ANOTHER_CLIENT,
@@ -82,6 +91,8 @@ POLL_LOOKUP_WORKERS = 8
 READ_CHUNK_RECORDS = 200
 READ_AHEAD_CHUNKS = 8
 READ_AHEAD_POLL_SECONDS = 0.05
+# Addresses planned (and their facts stored and tasks queued) at a time.
+PLAN_BATCH_ADDRESSES = 500
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
@@ -292,14 +303,14 @@ def resync(
     """
     del settings  # the engine has no options of its own yet
     report_progress = progress or _no_progress
-    index = _Index(keys)
-    _read(index, connectors["phorest"].scan(), connectors["mailchimp"].scan(), report_progress)
-    result = _reconcile(ledger, connectors, keys, index, dry_run=dry_run, now=now or datetime.now(UTC),
-                        progress=report_progress, processors=processors, policy=policy,
-                        event="resync")
-    if not dry_run and processors is None:
-        # Everything was read: the next poll needs only what changed since.
-        _set_cursors(ledger, index.cursors())
+    with _Store(keys) as store:
+        _read(store, connectors["phorest"].scan(), connectors["mailchimp"].scan(), report_progress)
+        result = _reconcile(ledger, connectors, store, dry_run=dry_run, now=now or datetime.now(UTC),
+                            progress=report_progress, processors=processors, policy=policy,
+                            event="resync")
+        if not dry_run and processors is None:
+            # Everything was read: the next poll needs only what changed since.
+            _set_cursors(ledger, store.cursors())
     return result
 
 
@@ -350,25 +361,26 @@ def poll(
     phorest, mailchimp = connectors["phorest"], connectors["mailchimp"]
     clients = phorest.changes(ledger.get_cursor(PHOREST_CURSOR))
     members = mailchimp.changes(ledger.get_cursor(MAILCHIMP_CURSOR))
-    index = _Index(keys)
-    full_read = clients.full or members.full
-    if not full_read:
-        wanted, blank = _needs_look(ledger, keys, clients.records, members.records)
-        full_read = len(wanted) > POLL_MAX_ADDRESSES
+    with _Store(keys) as store:
+        full_read = clients.full or members.full
+        if not full_read:
+            wanted, blank = _needs_look(ledger, keys, clients.records, members.records)
+            full_read = len(wanted) > POLL_MAX_ADDRESSES
+            if full_read:
+                log.info("poll_many_changes", changed_addresses=len(wanted))
+            else:
+                _look_up(store, ledger, connectors, wanted, blank)
         if full_read:
-            log.info("poll_many_changes", changed_addresses=len(wanted))
-        else:
-            _look_up(index, ledger, keys, connectors, wanted, blank)
-    if full_read:
-        log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
-        # A feed that answered with everything is already the full read of its side.
-        _read(index, clients.records if clients.full else phorest.scan(),
-              members.records if members.full else mailchimp.scan(), report_progress)
-    result = _reconcile(ledger, connectors, keys, index, dry_run=False, now=now,
-                        progress=report_progress, processors=None, policy=policy, event="poll")
-    # After a full read, the newest times seen; the feeds' own cursors otherwise
-    # (a looked-up record may be older than the last poll: never move back to it).
-    cursors = index.cursors() if full_read else {}
+            log.info("poll_full", phorest_full=clients.full, mailchimp_full=members.full)
+            # A feed that answered with everything is already the full read of its side.
+            _read(store, clients.records if clients.full else phorest.scan(),
+                  members.records if members.full else mailchimp.scan(), report_progress)
+        result = _reconcile(ledger, connectors, store, dry_run=False, now=now,
+                            progress=report_progress, processors=None, policy=policy,
+                            event="poll")
+        # After a full read, the newest times seen; the feeds' own cursors otherwise
+        # (a looked-up record may be older than the last poll: never move back to it).
+        cursors = store.cursors() if full_read else {}
     cursors.update({name: value for name, value in (
         (PHOREST_CURSOR, clients.cursor), (MAILCHIMP_CURSOR, members.cursor)) if value})
     _set_cursors(ledger, cursors)
@@ -453,14 +465,13 @@ def _needs_look(
 
 
 def _look_up(
-    index: _Index,
+    store: _Store,
     ledger: Ledger,
-    keys: SubjectKeys,
     connectors: Mapping[str, ReadableConnector],
     wanted: Mapping[str, _Change],
     blank: Iterable[ClientRecord],
 ) -> None:
-    """Read both sides of each wanted address into ``index``.
+    """Read both sides of each wanted address into ``store``.
 
     Phorest: every client holding the address (``find_by_email``), so it is
     governed exactly as in a full resync; a changed client the feed showed
@@ -472,8 +483,7 @@ def _look_up(
     """
     phorest: Any = connectors["phorest"]
     mailchimp: Any = connectors["mailchimp"]
-    for client in blank:
-        index.add_client(client)
+    store.add_clients(blank)
 
     def read(item: tuple[str, _Change]) -> tuple[list[Any], MemberRecord | None]:
         email, change = item
@@ -484,30 +494,24 @@ def _look_up(
 
     with ThreadPoolExecutor(max_workers=POLL_LOOKUP_WORKERS) as pool:
         for clients, member in pool.map(read, wanted.items()):
-            for client in clients:
-                index.add_client(client)
+            store.add_clients(clients)
             if member is not None:
-                index.add_member(member)
+                store.add_members((member,))
     by_key: set[str] = set()
-    moved = [(keys.client_id(primary.client_id), email)
-             for email, slot in index.addresses.items()
-             if slot.member is None and (primary := _live_primary(slot)) is not None]
-    facts = ledger.subject_facts([subject_key for subject_key, _ in moved])
-    for subject_key, email in moved:
-        stored = facts.get(subject_key)
-        if stored and stored.synced_email_key and stored.synced_email_key != keys.email(email):
-            by_key.add(stored.synced_email_key)  # the client's previous address
-    for dead_key in index.dead_by_key:
-        by_key.update(ledger.identifier_keys(dead_key, "email"))
-    by_key -= {keys.email(email) for email in index.addresses}
+    for pairs in _move_candidates(store, ledger):
+        by_key.update(old_key for old_key, _new_key in pairs)  # the clients' previous addresses
+    for chunk in store.scratch.dead_batches():
+        for dead_key, _record in chunk:
+            by_key.update(ledger.identifier_keys(dead_key, "email"))
+    by_key -= {email_key for email_key, _clients, _member in store.scratch.at(sorted(by_key))}
     if not by_key:
         return
     log.info("poll_member_search", keys=len(by_key))
     for member in mailchimp.scan():
         email = _normalised(member.email)
-        if email is not None and keys.email(email) in by_key:
-            by_key.discard(keys.email(email))
-            index.add_member(member)
+        if email is not None and store.keys.email(email) in by_key:
+            by_key.discard(store.keys.email(email))
+            store.add_members((member,))
             if not by_key:
                 return
 
@@ -515,8 +519,7 @@ def _look_up(
 def _reconcile(
     ledger: Ledger,
     connectors: Mapping[str, ReadableConnector],
-    keys: SubjectKeys,
-    index: _Index,
+    store: _Store,
     *,
     dry_run: bool,
     now: datetime,
@@ -528,51 +531,79 @@ def _reconcile(
     """Plan what the addresses read need; unless a dry run, queue and run it.
 
     Shared by :func:`resync` (every address) and :func:`poll` (the changed ones).
-    The index is emptied once the plan is queued: the records it held are not
-    needed while the tasks run, and at 100,000 people they are most of the memory.
+    The addresses are planned a batch at a time in key order (see
+    :func:`_subject_batches`), each batch's facts stored and its tasks queued
+    before the next is read, so memory holds one batch, whatever the audience.
     """
     wanted = set(processors) if processors is not None else set(connectors)
-    stats = dict(index.stats)
-    subjects = _views(index.addresses, index.dead_by_key, ledger, keys)
-    planned: list[Planned] = []
-    for subject in subjects:
-        planned.extend(p for p in plan(subject.view) if p.processor in wanted)
+    tally = _Tally()
+    pending: set[str] | None = None
+    for subjects in _subject_batches(store, ledger):
+        planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
+        tally.add(planned, subjects)
+        if not dry_run:
+            _store_facts(ledger, subjects)
+            store.add_followups(planned, enqueue(ledger, planned))
+            if pending is None:
+                pending = {request.subject_key for request in ledger.open_requests()
+                           if request.kind == "erase"}  # fmt: skip
+            _alert_suppressed_consent(ledger, subjects, pending)
+        progress("planned", tally.planned, None)
     if ANALYTICS in connectors and ANALYTICS in wanted:
-        planned.extend(_analytics_erasures(ledger, keys, index, connectors[ANALYTICS]))
-    progress("planned", len(planned), len(planned))
+        for planned in _analytics_erasures(ledger, store, connectors[ANALYTICS]):
+            tally.add(planned)
+            if not dry_run:
+                store.add_followups(planned, enqueue(ledger, planned))
+    progress("planned", tally.planned, tally.planned)
 
-    counts = Counter((p.processor, p.action.kind, p.rule, p.why) for p in planned)
-    rows = [
-        PlannedRow(p.action.client_id or "-", p.processor, p.action.kind, p.rule, p.why)
-        for p in planned
-    ]
-    shared = Counter(s.governance.describe() for s in subjects if s.governance.shared)
-    kept = [PlannedRow(dead.client_id, "mailchimp", "keep", "R5", KEPT_FOR_ANOTHER_CLIENT)
-            for s in subjects if _member_kept(s) for dead in s.governance.kept]  # fmt: skip
+    stats = dict(store.stats)
     # A quiet poll every minute is not news: only work done is logged at info.
-    quiet = log.debug if not planned and event == "poll" else log.info
-    quiet(f"{event}_planned", planned=len(planned), dry_run=dry_run,
-          shared_addresses=sum(shared.values()), kept_for_another_client=len(kept), **stats)
-    extra = {"shared": dict(shared), "kept": kept}
+    quiet = log.debug if not tally.planned and event == "poll" else log.info
+    quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
+          shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
+          facts_stored=tally.stored, **stats)
+    extra = {"shared": dict(tally.shared), "kept": tally.kept}
     if dry_run:
-        return ResyncResult(dict(counts), rows, None, 0, True, **stats, **extra)
+        return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats, **extra)
 
-    _store_facts(ledger, subjects)
-    task_ids = enqueue(ledger, planned)
-    _suppress_dead(ledger, index.dead_by_key)
-    _alert_suppressed_consent(ledger, subjects)
-    del subjects
-    index.release()
+    _suppress_dead(ledger, store)
     runners = {name: connector for name, connector in connectors.items() if name in wanted}
-    progress("applied", 0, len(planned))
-    report = run_due(ledger, runners, policy or RetryPolicy(), keys, now=now,
-                     on_batch=lambda done: progress("applied", done, len(planned)))
-    _record_results(ledger, planned, task_ids, keys)
-    unfinished = ledger.count_open(task_ids)
-    quiet(f"{event}_done", planned=len(planned), failed=report.failed, counts=report.counts,
+    progress("applied", 0, tally.planned)
+    report = run_due(ledger, runners, policy or RetryPolicy(), store.keys, now=now,
+                     on_batch=lambda done: progress("applied", done, tally.planned))
+    unfinished = _record_results(ledger, store)
+    quiet(f"{event}_done", planned=tally.planned, failed=report.failed, counts=report.counts,
           unfinished=unfinished)
-    return ResyncResult(dict(counts), rows, report, report.failed, False, **stats, **extra,
-                        unfinished=unfinished)
+    return ResyncResult(dict(tally.counts), tally.rows, report, report.failed, False, **stats,
+                        **extra, unfinished=unfinished)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What a run planned, batch by batch: the counts and rows of its :class:`ResyncResult`."""
+
+    counts: Counter[CountKey] = field(default_factory=Counter)
+    rows: list[PlannedRow] = field(default_factory=list)
+    shared: Counter[tuple[str, str]] = field(default_factory=Counter)
+    kept: list[PlannedRow] = field(default_factory=list)
+    stored: int = 0
+
+    @property
+    def planned(self) -> int:
+        return len(self.rows)
+
+    def add(self, planned: Iterable[Planned], subjects: Iterable[_Subject] = ()) -> None:
+        for p in planned:
+            self.counts[(p.processor, p.action.kind, p.rule, p.why)] += 1
+            self.rows.append(PlannedRow(p.action.client_id or "-", p.processor, p.action.kind,
+                                        p.rule, p.why))
+        for s in subjects:
+            if s.governance.shared:
+                self.shared[s.governance.describe()] += 1
+            if _member_kept(s):
+                self.kept.extend(PlannedRow(dead.client_id, "mailchimp", "keep", "R5",
+                                            KEPT_FOR_ANOTHER_CLIENT)
+                                 for dead in s.governance.kept)  # fmt: skip
 
 
 def plan_addresses(
@@ -600,88 +631,94 @@ def plan_addresses(
 
     Returns:
         A function that plans, stores the facts learned and queues the tasks,
-        returning each planned Mailchimp or Phorest action with its task id.
+        returning each planned Mailchimp or Phorest action with its task id
+        (call it once: what was read is dropped then).
 
     Raises:
         ConnectorError: a lookup could not be read.
     """
-    index = _Index(keys)
+    store = _Store(keys)
     held = known or {}
     wanted = {email: _Change(list(held[email]), all_clients=True) if email in held else _Change()
               for address in emails if (email := _normalised(address))}
-    if wanted:
-        _look_up(index, ledger, keys, connectors, wanted, ())
+    try:
+        if wanted:
+            _look_up(store, ledger, connectors, wanted, ())
+    except BaseException:
+        store.close()
+        raise
 
     def queue() -> list[tuple[Planned, int]]:
-        with ledger.transaction():
-            subjects = _views(index.addresses, index.dead_by_key, ledger, keys)
-            planned = [p for s in subjects for p in plan(s.view) if p.processor in PROCESSORS]
-            _store_facts(ledger, subjects)
-            return list(zip(planned, enqueue(ledger, planned)))
+        queued: list[tuple[Planned, int]] = []
+        with store, ledger.transaction():
+            for subjects in _subject_batches(store, ledger):
+                planned = [p for s in subjects for p in plan(s.view) if p.processor in PROCESSORS]
+                _store_facts(ledger, subjects)
+                queued.extend(zip(planned, enqueue(ledger, planned)))
+        return queued
 
     return queue
 
 
-def _analytics_erasures(
-    ledger: Ledger, keys: SubjectKeys, index: _Index, analytics: Any
-) -> list[Planned]:
+def _analytics_erasures(ledger: Ledger, store: _Store, analytics: Any) -> Iterator[list[Planned]]:
     """One GA deletion per client Phorest shows deleted, forgotten or merged away (R5).
 
     GA cannot be read, so the ledger remembers each subject GA was asked to
     delete (``analytics_erased_at``) and each is asked once. With ``identity =
     "email"`` a client whose address a live client still uses is left alone
     (the deletion would reach that client's data), and a forgotten client no
-    longer shows the address GA knows them by.
+    longer shows the address GA knows them by. Yields the deletions a batch
+    of erased clients at a time.
     """
     identity = getattr(analytics, "identity", "user_id")
-    dead = list(index.dead_by_key.items())
-    facts = ledger.subject_facts([subject_key for subject_key, _ in dead])
-    live_addresses = {email for email, slot in index.addresses.items()
-                      if any(c.state not in ERASED_CLIENT_STATES for c in slot.clients.values())}
-    planned: list[Planned] = []
-    for subject_key, client in dead:
-        stored = facts.get(subject_key)
-        email = _normalised(client.email) if client.email else None
-        shared = email is not None and email in live_addresses
-        item = plan_analytics_erasure(
-            subject_key, client, identity=identity,
-            erased_before=stored is not None and stored.analytics_erased_at is not None,
-            email=email, shared=shared,
-        )  # fmt: skip
-        if item is not None:
-            planned.append(item)
-    return planned
+    keys = store.keys
+    for chunk in store.scratch.dead_batches():
+        dead = [(subject_key, _unpack_client(record)) for subject_key, record in chunk]
+        emails = [_normalised(client.email) if client.email else None for _, client in dead]
+        live = store.scratch.live_among([keys.email(email) for email in emails if email])
+        facts = ledger.subject_facts([subject_key for subject_key, _ in dead])
+        planned: list[Planned] = []
+        for (subject_key, client), email in zip(dead, emails):
+            stored = facts.get(subject_key)
+            item = plan_analytics_erasure(
+                subject_key, client, identity=identity,
+                erased_before=stored is not None and stored.analytics_erased_at is not None,
+                email=email, shared=email is not None and keys.email(email) in live,
+            )  # fmt: skip
+            if item is not None:
+                planned.append(item)
+        yield planned
 
 
-def _suppress_dead(ledger: Ledger, dead_by_key: Mapping[str, ClientRecord]) -> None:
+def _suppress_dead(ledger: Ledger, store: _Store) -> None:
     """Put the client-id key of every client Phorest deleted, forgot or merged away on
     the suppression list (R5), so that no later change re-adds them anywhere.
 
     Their erasure downstream is planned like any other (with its evidence);
     this makes it stick, as an erasure request's suppression does.
     """
-    keys = list(dead_by_key)
-    if not keys:
-        return
-    already = ledger.suppressed_among(keys)
-    fresh = [key for key in keys if key not in already]
-    with ledger.transaction():
-        for key in fresh:
-            ledger.suppress(key, f"phorest_{dead_by_key[key].state}")
-    if fresh:
-        log.info("dead_clients_suppressed", count=len(fresh))
+    count = 0
+    for chunk in store.scratch.dead_batches():
+        already = ledger.suppressed_among([key for key, _record in chunk])
+        fresh = [(key, _unpack_client(record).state) for key, record in chunk if key not in already]
+        with ledger.transaction():
+            for key, state in fresh:
+                ledger.suppress(key, f"phorest_{state}")
+        count += len(fresh)
+    if count:
+        log.info("dead_clients_suppressed", count=count)
 
 
-def _alert_suppressed_consent(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
+def _alert_suppressed_consent(ledger: Ledger, subjects: Iterable[_Subject],
+                              pending: Collection[str]) -> None:
     """Tell the manager once when Phorest shows an erased person with consent again (R3).
 
     syncd keeps such a person off every processor; only a person can tell
     whether it is a new sign-up to honour with a fresh record or a mistake.
     A client whose own erasure request is still open is not news: Phorest
-    keeps the record, consent included, until staff press Forget.
+    keeps the record, consent included, until staff press Forget (``pending``:
+    the subject keys of the open erasure requests).
     """
-    pending = {request.subject_key for request in ledger.open_requests()
-               if request.kind == "erase"}  # fmt: skip
     for subject in subjects:
         view = subject.view
         if not view.facts.suppressed:
@@ -705,18 +742,33 @@ def _member_kept(subject: _Subject) -> bool:
     return bool(subject.governance.kept) and member is not None and member.status != "absent"
 
 
-class _Index:
-    """Per normalised address, only the records that can govern it, as they are read."""
+class _Store:
+    """What a run read, in a :class:`~syncd.ledger.Scratch` keyed by each address's keyed hash.
+
+    Only records that can govern an address are kept per address: every client
+    at it (its newest version) and the last member read there; erased clients
+    are kept by client-id key too (a forgotten client's blanked record no longer
+    shows its address, but the ledger linked that address to it). Counts and
+    the newest change time of each system stay in memory. Use it as a context
+    manager: the scratch store and every address in it go when it closes.
+    """
 
     def __init__(self, keys: SubjectKeys) -> None:
         self.keys = keys
-        self.addresses: dict[str, _Address] = {}
-        # Dead clients by client-id key: a forgotten client's blanked record no
-        # longer shows its address, but the ledger linked that address to it.
-        self.dead_by_key: dict[str, ClientRecord] = {}
+        self.scratch = Scratch()
         self.stats = {"clients": 0, "members": 0, "unusable_addresses": 0}
         # The newest change time each system showed: where the next poll starts.
         self.newest: dict[str, datetime] = {}
+
+    def __enter__(self) -> _Store:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the scratch store."""
+        self.scratch.close()
 
     def _seen(self, processor: str, moment: datetime | None) -> None:
         if moment is not None and (processor not in self.newest or moment > self.newest[processor]):
@@ -727,38 +779,106 @@ class _Index:
         names = {"phorest": PHOREST_CURSOR, "mailchimp": MAILCHIMP_CURSOR}
         return {names[p]: moment.isoformat() for p, moment in self.newest.items()}
 
-    def release(self) -> None:
-        """Drop the records (counts and change times stay)."""
-        self.addresses.clear()
-        self.dead_by_key.clear()
+    def add_clients(self, clients: Iterable[ClientRecord]) -> None:
+        """Store a chunk of Phorest records."""
+        rows: list[tuple[str, str, str, int, bool, bytes]] = []
+        dead: list[tuple[str, bytes]] = []
+        for client in clients:
+            self.stats["clients"] += 1
+            self._seen("phorest", client.updated_at)
+            record = _pack_client(client)
+            live = client.state not in ERASED_CLIENT_STATES
+            if not live:
+                dead.append((self.keys.client_id(client.client_id), record))
+            if not client.email:
+                continue
+            email = _normalised(client.email)
+            if email is None:
+                self.stats["unusable_addresses"] += 1
+                continue
+            rows.append((self.keys.email(email), client.client_id, _utc_text(client.updated_at),
+                         client.version, live, record))
+        self.scratch.add_dead(dead)
+        self.scratch.add_clients(rows)
 
-    def add_client(self, client: ClientRecord) -> None:
-        self.stats["clients"] += 1
-        self._seen("phorest", client.updated_at)
-        dead = client.state in ERASED_CLIENT_STATES
-        if dead:
-            self.dead_by_key[self.keys.client_id(client.client_id)] = client
-        if not client.email:
-            return
-        email = _normalised(client.email)
-        if email is None:
-            self.stats["unusable_addresses"] += 1
-            return
-        held = self.addresses.setdefault(email, _Address()).clients
-        current = held.get(client.client_id)
-        if current is None or (client.updated_at, client.version) > (
-            current.updated_at, current.version
-        ):
-            held[client.client_id] = client
+    def add_members(self, members: Iterable[MemberRecord]) -> None:
+        """Store a chunk of Mailchimp members (a later one at an address wins)."""
+        rows: list[tuple[str, str, bytes]] = []
+        for member in members:
+            self.stats["members"] += 1
+            self._seen("mailchimp", member.last_changed)
+            email = _normalised(member.email)
+            if email is None:
+                self.stats["unusable_addresses"] += 1
+                continue
+            rows.append((self.keys.email(email), member.status, _pack_member(member)))
+        self.scratch.add_members(rows)
 
-    def add_member(self, member: MemberRecord) -> None:
-        self.stats["members"] += 1
-        self._seen("mailchimp", member.last_changed)
-        email = _normalised(member.email)
-        if email is None:
-            self.stats["unusable_addresses"] += 1
-            return
-        self.addresses.setdefault(email, _Address()).member = member
+    def dead_client(self, client_key: str | None) -> ClientRecord | None:
+        """The erased client with this client-id key, if the run read one."""
+        record = self.scratch.dead(client_key) if client_key else None
+        return _unpack_client(record) if record is not None else None
+
+    def add_followups(self, planned: Sequence[Planned], task_ids: Sequence[int]) -> None:
+        """Remember each queued task, and what :func:`_record_results` must learn from it."""
+        self.scratch.add_followups(
+            (task_id, marshal.dumps(_followup(self.keys, item.action)))
+            for item, task_id in zip(planned, task_ids))
+
+
+def _followup(keys: SubjectKeys, action: Any) -> tuple[str, str, str | None] | None:
+    """(kind, subject key, email key) of an action whose outcome the ledger learns from."""
+    if action.kind == "withdraw_consent":
+        return (action.kind, action.subject_key, None)
+    if action.kind in ("subscribe", "move_email"):
+        address = action.new_email if action.kind == "move_email" else action.email
+        return (action.kind, action.subject_key, _email_key(keys, address))
+    return None
+
+
+def _pack_client(client: ClientRecord) -> bytes:
+    """A client record as bytes for the scratch store (every field, in field order)."""
+    return marshal.dumps((
+        client.client_id, client.email, client.mobile, client.first_name, client.last_name,
+        client.email_consent, client.state, client.version, client.updated_at.isoformat(),
+        _iso(client.created_at), _iso(client.last_visit), client.merged_into, client.raw,
+        _iso(client.read_at),
+    ))  # fmt: skip
+
+
+def _unpack_client(record: bytes) -> ClientRecord:
+    """The client :func:`_pack_client` packed."""
+    (client_id, email, mobile, first_name, last_name, consent, state, version, updated_at,
+     created_at, last_visit, merged_into, raw, read_at) = marshal.loads(record)
+    return ClientRecord(
+        client_id, email, mobile, first_name, last_name, consent, state, version,
+        datetime.fromisoformat(updated_at),
+        datetime.fromisoformat(created_at) if created_at else None,
+        date.fromisoformat(last_visit) if last_visit else None, merged_into, raw,
+        datetime.fromisoformat(read_at) if read_at else None,
+    )  # fmt: skip
+
+
+def _pack_member(member: MemberRecord) -> bytes:
+    """A member record as bytes for the scratch store."""
+    return marshal.dumps((member.email, member.status, member.first_name, member.last_name,
+                          tuple(member.extra_fields), _iso(member.last_changed)))
+
+
+def _unpack_member(record: bytes) -> MemberRecord:
+    """The member :func:`_pack_member` packed."""
+    email, status, first_name, last_name, extra_fields, last_changed = marshal.loads(record)
+    return MemberRecord(email, status, first_name, last_name, extra_fields,
+                        datetime.fromisoformat(last_changed) if last_changed else None)
+
+
+def _iso(moment: date | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _utc_text(moment: datetime) -> str:
+    """Fixed-width UTC text, so that comparing the strings orders the times."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _no_progress(_stage: str, _done: int, _total: int | None) -> None:
@@ -766,49 +886,33 @@ def _no_progress(_stage: str, _done: int, _total: int | None) -> None:
 
 
 def _read(
-    index: _Index,
+    store: _Store,
     clients: Iterable[Any],
     members: Iterable[Any],
     progress: Progress = _no_progress,
 ) -> None:
-    """Read every client and every member into ``index`` (a full read of both sides).
+    """Read every client and every member into ``store`` (a full read of both sides).
 
     Both sides are read at once, each on a thread of its own that runs ahead of
     this one by at most :data:`READ_AHEAD_CHUNKS` chunks (each connector keeps
     to its own vendor's limits), so a full read takes about as long as the
-    slower side, not both; the records are indexed here meanwhile. They are
-    indexed (and reported) as a sequential read would: every client, then every
-    member; members that arrive first wait, as they would in the index.
+    slower side, not both; each chunk goes to the scratch store as it comes,
+    so memory holds a few chunks, whatever the audience. What the store holds
+    afterwards does not depend on how the two sides interleaved.
     """
     with _ReadAhead({"phorest": clients, "mailchimp": members}) as feed:
         counts = {"phorest": 0, "mailchimp": 0}
-        waiting: list[list[Any]] = []
-        phorest_done = False
-
-        def take(stage: str, chunk: list[Any]) -> None:
-            add = index.add_client if stage == "phorest" else index.add_member
-            for record in chunk:
-                add(record)
-                counts[stage] += 1
-                if counts[stage] % PROGRESS_EVERY_RECORDS == 0:
-                    progress(stage, counts[stage], None)
-
         for stage, chunk in feed:
-            if stage == "mailchimp" and not phorest_done:
-                if chunk is not None:
-                    waiting.append(chunk)
+            if chunk is None:
+                progress(stage, counts[stage], counts[stage])  # this side is finished
                 continue
-            if chunk is not None:
-                take(stage, chunk)
-                continue
-            progress(stage, counts[stage], counts[stage])  # this side is finished
             if stage == "phorest":
-                phorest_done = True
-                for held in waiting:
-                    take("mailchimp", held)
-                waiting.clear()
-                if feed.finished("mailchimp"):
-                    progress("mailchimp", counts["mailchimp"], counts["mailchimp"])
+                store.add_clients(chunk)
+            else:
+                store.add_members(chunk)
+            before, counts[stage] = counts[stage], counts[stage] + len(chunk)
+            if counts[stage] // PROGRESS_EVERY_RECORDS > before // PROGRESS_EVERY_RECORDS:
+                progress(stage, counts[stage], None)
 
 
 class _ReadAhead:
@@ -891,50 +995,113 @@ class _ReadAhead:
         return False
 
 
+def _subject_batches(store: _Store, ledger: Ledger) -> Iterator[list[_Subject]]:
+    """Every address the store holds, in key order, as subjects, a batch at a time.
+
+    First the moves (R6) are settled over the whole store (:func:`_claim_moves`):
+    a client's new address and the member at its previous one are usually in
+    different batches. A claimed member's address is then planned with its
+    client's new one and skipped in its own place. Facts the caller writes
+    for one batch never concern another's addresses, so planning a batch after
+    the previous one was stored decides what planning them all at once would.
+    """
+    _claim_moves(store, ledger)
+    scratch = store.scratch
+    for batch in scratch.addresses(size=PLAN_BATCH_ADDRESSES):
+        here = [email_key for email_key, _clients, _member in batch]
+        claimed = scratch.claimed(here)
+        moves = scratch.moves(here)
+        rows = [row for row in batch if row[0] not in claimed]
+        if moves:
+            rows.extend(scratch.at(sorted(moves.values())))
+        addresses = {email_key: _Address(
+            {client.client_id: client for client in map(_unpack_client, clients)},
+            _unpack_member(member) if member is not None else None,
+        ) for email_key, clients, member in rows}  # fmt: skip
+        yield _views(addresses, moves, store, ledger)
+
+
+def _move_candidates(store: _Store, ledger: Ledger) -> Iterator[list[tuple[str, str]]]:
+    """(previous key, new key) of every live client whose address holds no member and
+    whose subject was last synced at another address, in new-key order, a batch at a time."""
+    keys = store.keys
+    for batch in store.scratch.addresses(memberless=True, size=PLAN_BATCH_ADDRESSES):
+        primaries: list[tuple[str, str]] = []
+        for email_key, clients, _member in batch:
+            primary = govern(map(_unpack_client, clients)).primary
+            if primary is not None and primary.state not in ERASED_CLIENT_STATES:
+                primaries.append((email_key, keys.client_id(primary.client_id)))
+        facts = ledger.subject_facts([subject_key for _, subject_key in primaries])
+        yield [(old_key, email_key) for email_key, subject_key in primaries
+               if (stored := facts.get(subject_key)) is not None
+               and (old_key := stored.synced_email_key) and old_key != email_key]  # fmt: skip
+
+
+def _claim_moves(store: _Store, ledger: Ledger) -> None:
+    """Match each moved client to the member left at its previous address (R6).
+
+    The member must be one no client holds (no record at that address, nor an
+    erased client the ledger linked it to); when two clients claim the same
+    member, the one whose new address comes first in key order gets it.
+    """
+    for pairs in _move_candidates(store, ledger):
+        if not pairs:
+            continue
+        orphans = store.scratch.unclaimed_members([old_key for old_key, _ in pairs])
+        store.scratch.claim(
+            (old_key, new_key) for old_key, new_key in pairs if old_key in orphans
+            and store.dead_client(ledger.subject_for(old_key)) is None)
+
+
 def _views(
     addresses: Mapping[str, _Address],
-    dead_by_key: Mapping[str, ClientRecord],
+    moves: Mapping[str, str],
+    store: _Store,
     ledger: Ledger,
-    keys: SubjectKeys,
 ) -> list[_Subject]:
-    """One subject per address, with the ledger's facts brought up to date in memory."""
-    governed: list[tuple[str, str, Governance, ClientRecord | None, MemberRecord | None]] = []
-    for email, slot in addresses.items():
-        email_key = keys.email(email)
+    """One subject per address (keyed by its email key), with the ledger's facts
+    brought up to date in memory; ``moves`` maps a moved client's new key to its
+    previous one (both among ``addresses``)."""
+    keys = store.keys
+    governed: list[tuple[str, Governance, ClientRecord | None, MemberRecord | None]] = []
+    for email_key, slot in addresses.items():
         governance = govern(slot.clients.values())
         client = governance.primary
         if client is None and slot.member is not None:
             # An address no client shows any more: it may be a forgotten client's.
-            client = dead_by_key.get(ledger.subject_for(email_key) or "")
-        governed.append((email, email_key, governance, client, slot.member))
+            client = store.dead_client(ledger.subject_for(email_key))
+        governed.append((email_key, governance, client, slot.member))
 
-    subject_keys = [keys.client_id(c.client_id) if c else ek for _, ek, _, c, _ in governed]
+    subject_keys = [keys.client_id(c.client_id) if c else ek for ek, _, c, _ in governed]
     record_keys = {c.client_id: keys.client_id(c.client_id)
-                   for _, _, g, _, _ in governed for c in g.others}  # fmt: skip
+                   for _, g, _, _ in governed for c in g.others}  # fmt: skip
     stored_by_key = ledger.subject_facts([*subject_keys, *record_keys.values()])
     # A primary client's mobile counts too: an erased person back under a new address.
     # (Parsing every number costs time: only when anyone is suppressed at all.)
     anyone = ledger.suppression_size() > 0
     phone_keys = [_phone_key(keys, c.mobile if c and anyone else None)
-                  for _, _, _, c, _ in governed]  # fmt: skip
+                  for _, _, c, _ in governed]  # fmt: skip
     suppressed = ledger.suppressed_among(
-        [ek for _, ek, _, _, _ in governed] + [sk for sk, (_, _, _, c, _) in
+        [ek for ek, _, _, _ in governed] + [sk for sk, (_, _, c, _) in
                                                 zip(subject_keys, governed) if c]
         + [pk for pk in phone_keys if pk]
     )
-    linked = ledger.subjects_for([ek for _, ek, g, _, _ in governed if g.live])
-    moved = _moved_members(governed, subject_keys, stored_by_key)
+    linked = ledger.subjects_for([ek for ek, g, _, _ in governed if g.live])
+    position = {email_key: index for index, (email_key, _, _, _) in enumerate(governed)}
+    moved = {position[new_key]: position[old_key] for new_key, old_key in moves.items()
+             if new_key in position and old_key in position}  # fmt: skip
+    moved_from = set(moved.values())
     subjects: list[_Subject] = []
-    for index, (subject_key, (email, email_key, governance, client, member)) in enumerate(
+    for index, (subject_key, (email_key, governance, client, member)) in enumerate(
         zip(subject_keys, governed)
     ):
-        if index in moved.values():
+        if index in moved_from:
             continue  # the member of a client whose address changed: that client's view
         stored = stored_by_key.get(subject_key)
         live = client is not None and client.state not in ERASED_CLIENT_STATES
         synced_email = synced_key = None
         if index in moved:
-            member = governed[moved[index]][4]
+            member = governed[moved[index]][3]
             synced_email = member.email if member else None
             synced_key = stored.synced_email_key if stored else None
         elif live and member is not None and member.status != "absent":
@@ -991,32 +1158,6 @@ def _record(client: ClientRecord, subject_key: str,
                    consent=client.email_consent if live else None,
                    consent_at=client.updated_at if live else None, opted_in_at=opted_in_at,
                    client_seen=_seen(client))
-
-
-def _moved_members(
-    governed: list[tuple[str, str, Governance, ClientRecord | None, MemberRecord | None]],
-    subject_keys: list[str],
-    stored_by_key: Mapping[str, SubjectFacts],
-) -> dict[int, int]:
-    """Live clients whose member is still at their previous address (R6).
-
-    Returns:
-        governed index of the client -> governed index of the member no client
-        holds, matched through the subject's ``synced_email_key``.
-    """
-    unclaimed = {ek: i for i, (_, ek, _, client, member) in enumerate(governed)
-                 if client is None and member is not None and member.status != "absent"}
-    moved: dict[int, int] = {}
-    for index, (_, email_key, _, client, member) in enumerate(governed):
-        if client is None or client.state in ERASED_CLIENT_STATES:
-            continue
-        if member is not None and member.status != "absent":
-            continue
-        stored = stored_by_key.get(subject_keys[index])
-        old_key = stored.synced_email_key if stored else None
-        if old_key and old_key != email_key and old_key in unclaimed:
-            moved[index] = unclaimed.pop(old_key)
-    return moved
 
 
 def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
@@ -1077,36 +1218,39 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
     (log.info if changed else log.debug)("resync_facts_stored", subjects=len(changed))
 
 
-def _record_results(
-    ledger: Ledger, planned: list[Planned], task_ids: list[int], keys: SubjectKeys
-) -> None:
-    """Learn from the finished Mailchimp tasks what the next run must know.
+def _record_results(ledger: Ledger, store: _Store) -> int:
+    """Learn from the finished tasks what the next run must know.
 
     A ``subscribe`` or ``move_email`` that is done puts the member under the
     client's address: that address becomes the subject's synced one (R6). A
     ``subscribe`` Mailchimp refused (compliance state) waits for the person (R2).
     A ``withdraw_consent`` that is done leaves the client without consent.
+
+    Returns:
+        How many of the run's tasks are still pending or in flight.
     """
-    with ledger.transaction():
-        for item, task_id in zip(planned, task_ids):
-            action = item.action
-            if action.kind not in ("subscribe", "move_email", "withdraw_consent"):
-                continue
-            task = ledger.task(task_id)
-            if task is None:
-                continue
-            if action.kind == "withdraw_consent":
-                if task.state == "done":  # what Phorest holds now
-                    ledger.upsert_subject(action.subject_key, consent=False)
-                continue
-            if task.state == "done":
-                address = action.new_email if action.kind == "move_email" else action.email
-                email_key = _email_key(keys, address)
-                if email_key is not None:
-                    ledger.upsert_subject(action.subject_key, synced_email_key=email_key)
-                    ledger.link_identifier(email_key, "email", action.subject_key)
-            elif task.state == "needs_person" and task.last_error == RESUBSCRIBE_REFUSED_REASON:
-                ledger.upsert_subject(action.subject_key, resubscribe_refused=True)
+    unfinished = 0
+    for chunk in store.scratch.followups():
+        unfinished += ledger.count_open([task_id for task_id, _item in chunk])
+        with ledger.transaction():
+            for task_id, item in chunk:
+                followup = marshal.loads(item)
+                if followup is None:
+                    continue
+                kind, subject_key, email_key = followup
+                task = ledger.task(task_id)
+                if task is None:
+                    continue
+                if kind == "withdraw_consent":
+                    if task.state == "done":  # what Phorest holds now
+                        ledger.upsert_subject(subject_key, consent=False)
+                elif task.state == "done":
+                    if email_key is not None:
+                        ledger.upsert_subject(subject_key, synced_email_key=email_key)
+                        ledger.link_identifier(email_key, "email", subject_key)
+                elif task.state == "needs_person" and task.last_error == RESUBSCRIBE_REFUSED_REASON:
+                    ledger.upsert_subject(subject_key, resubscribe_refused=True)
+    return unfinished
 
 
 def _email_key(keys: SubjectKeys, address: str | None) -> str | None:
@@ -1133,12 +1277,6 @@ def _seen(client: ClientRecord) -> str:
 def _seen_state(client_seen: str | None) -> str | None:
     """The client state a :func:`_seen` value recorded."""
     return client_seen.rsplit("|", 1)[-1] if client_seen else None
-
-
-def _live_primary(slot: _Address) -> ClientRecord | None:
-    """The address's primary record when a live record governs it, else None."""
-    primary = govern(slot.clients.values()).primary
-    return primary if primary is not None and primary.state not in ERASED_CLIENT_STATES else None
 
 
 def _normalised(email: str) -> str | None:

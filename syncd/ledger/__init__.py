@@ -27,7 +27,8 @@ Layout: :mod:`._db` opens the file, migrates it (:mod:`._schema`) and holds
 the plumbing; each area's methods sit in a mixin of their own (tasks, audit,
 subjects and suppression, requests, alerts and processor health, commands and
 the inbox, retention runs, staff accounts), all returning the records of :mod:`._records`. :class:`Ledger`
-combines them and is the one entry point; import everything from here.
+combines them and is the one entry point; import everything from here. :class:`Scratch`
+(:mod:`._scratch`) is not the ledger: a resync's own temporary store, gone with the run.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from syncd.ledger._records import (
 )
 from syncd.ledger._requests import RequestsMixin
 from syncd.ledger._retention import RetentionMixin
+from syncd.ledger._scratch import Scratch
 from syncd.ledger._staff import StaffMixin
 from syncd.ledger._schema import MIGRATIONS, SCHEMA_VERSION
 from syncd.ledger._subjects import SubjectsMixin
@@ -84,7 +86,7 @@ __all__ = [
     "LEDGER_FILE_MODE", "MAX_EXTENSION_MONTHS", "MIGRATIONS", "OPEN_TASK_STATES", "REQUEST_FINAL_STATES",
     "REQUEST_KINDS", "RETENTION_RUN_STATES", "SCHEMA_VERSION", "STAFF_ROLES", "TASK_STATES", "WAL_SIZE_LIMIT_BYTES",
     "WAL_SWITCH_RETRY_SECONDS", "Alert", "AuditEvent", "Clock", "Command", "InboxEvent",
-    "Ledger", "ProcessorHealth", "Request", "RequestStep", "RetentionRun", "StaffMember", "Subject", "SubjectFacts", "Task",
+    "Ledger", "ProcessorHealth", "Request", "RequestStep", "RetentionRun", "Scratch", "StaffMember", "Subject", "SubjectFacts", "Task",
     "TaskOutcome",
 ]
 
