@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import pytest
 
 import connectors
 from connectors.base import ClientRecord, Connector, MemberRecord
-from syncd import config
+from syncd import config, engine
 from syncd.engine import ResyncResult, poll, resync
 from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger
@@ -221,6 +221,44 @@ def test_an_email_change_in_phorest_moves_the_same_member(world: World) -> None:
         ("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 1}
     again = world.sandbox.mailchimp.member("moved.again@example.org")
     assert again is not None and again["unique_email_id"] == old["unique_email_id"]
+
+
+def _plan_of(result: ResyncResult) -> tuple[object, ...]:
+    """Everything a resync decided, in an order that does not depend on batching."""
+    return (result.counts, sorted(map(astuple, result.rows)), result.shared,
+            sorted(map(astuple, result.kept)), result.clients, result.members)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_planning_in_small_batches_decides_exactly_what_one_batch_does(
+    world: World, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Addresses are planned a batch at a time in key order: moves (whose old and new
+    address fall in different batches), shared addresses and erasures come out the same."""
+    default = engine.PLAN_BATCH_ADDRESSES
+    whole = world.resync(dry_run=True)
+    monkeypatch.setattr(engine, "PLAN_BATCH_ADDRESSES", batch)
+    assert _plan_of(world.resync(dry_run=True)) == _plan_of(whole)
+    assert whole.shared and whole.planned > 20
+
+    assert world.resync().failed == 0  # in batches of ``batch`` addresses
+    monkeypatch.setattr(engine, "PLAN_BATCH_ADDRESSES", default)
+    assert world.resync(dry_run=True).planned == 0
+    members, clients = _members(world), _clients(world)
+    movable = [c for c in clients if c.state == "active" and c.email_consent and c.email
+               and getattr(members.get(normalise_email(c.email)), "status", None) == "subscribed"
+               and sum(1 for o in clients if o.email == c.email) == 1][:2]  # fmt: skip
+    for n, client in enumerate(movable):
+        world.sandbox.phorest.edit_client(client.client_id, email=f"moved.{n}@example.net")
+    whole = world.resync(dry_run=True)
+    assert whole.counts == {("mailchimp", "move_email", "R6", "email_changed_in_phorest"): 2}
+    monkeypatch.setattr(engine, "PLAN_BATCH_ADDRESSES", batch)
+    assert _plan_of(world.resync(dry_run=True)) == _plan_of(whole)
+    assert world.resync().counts == whole.counts
+    assert world.resync(dry_run=True).planned == 0
+    for n in range(2):
+        member = world.sandbox.mailchimp.member(f"moved.{n}@example.net")
+        assert member is not None and member["status"] == "subscribed"
 
 
 # -- poll: the change feeds -------------------------------------------------
