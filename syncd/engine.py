@@ -70,7 +70,7 @@ from syncd.reconcile import (
     plan_analytics_erasure,
 )
 from syncd.retry import RetryPolicy
-from syncd.tasks import RunReport, enqueue, run_due
+from syncd.tasks import BackgroundRun, RunReport, enqueue, run_due
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +93,10 @@ READ_AHEAD_CHUNKS = 8
 READ_AHEAD_POLL_SECONDS = 0.05
 # Addresses planned (and their facts stored and tasks queued) at a time.
 PLAN_BATCH_ADDRESSES = 500
+# Processors whose tasks run while the rest of the plan is made (one call per
+# write: the longest part of a large resync). Mailchimp's wait for the whole
+# plan, so that its batches are full.
+RUN_WHILE_PLANNING = ("phorest",)
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
@@ -536,41 +540,62 @@ def _reconcile(
     before the next is read, so memory holds one batch, whatever the audience.
     """
     wanted = set(processors) if processors is not None else set(connectors)
+    runners = {name: connector for name, connector in connectors.items() if name in wanted}
+    early = {name: runners[name] for name in RUN_WHILE_PLANNING
+             if name in runners and not dry_run}  # fmt: skip
+    policy = policy or RetryPolicy()
     tally = _Tally()
     pending: set[str] | None = None
-    for subjects in _subject_batches(store, ledger):
-        planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
-        tally.add(planned, subjects)
-        if not dry_run:
-            _store_facts(ledger, subjects)
-            store.add_followups(planned, enqueue(ledger, planned))
-            if pending is None:
-                pending = {request.subject_key for request in ledger.open_requests()
-                           if request.kind == "erase"}  # fmt: skip
-            _alert_suppressed_consent(ledger, subjects, pending)
-        progress("planned", tally.planned, None)
-    if ANALYTICS in connectors and ANALYTICS in wanted:
-        for planned in _analytics_erasures(ledger, store, connectors[ANALYTICS]):
-            tally.add(planned)
+    with BackgroundRun(ledger, early, policy, store.keys, now=now) as background:
+        for subjects in _subject_batches(store, ledger):
+            planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
+            tally.add(planned, subjects)
             if not dry_run:
+                _store_facts(ledger, subjects)
                 store.add_followups(planned, enqueue(ledger, planned))
-    progress("planned", tally.planned, tally.planned)
+                if any(p.processor in early for p in planned):
+                    background.wake()
+                if pending is None:
+                    pending = {request.subject_key for request in ledger.open_requests()
+                               if request.kind == "erase"}  # fmt: skip
+                _alert_suppressed_consent(ledger, subjects, pending)
+            progress("planned", tally.planned, None)
+        if ANALYTICS in connectors and ANALYTICS in wanted:
+            for planned in _analytics_erasures(ledger, store, connectors[ANALYTICS]):
+                tally.add(planned)
+                if not dry_run:
+                    store.add_followups(planned, enqueue(ledger, planned))
+        progress("planned", tally.planned, tally.planned)
 
-    stats = dict(store.stats)
-    # A quiet poll every minute is not news: only work done is logged at info.
-    quiet = log.debug if not tally.planned and event == "poll" else log.info
-    quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
-          shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
-          facts_stored=tally.stored, **stats)
-    extra = {"shared": dict(tally.shared), "kept": tally.kept}
-    if dry_run:
-        return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats, **extra)
+        stats = dict(store.stats)
+        # A quiet poll every minute is not news: only work done is logged at info.
+        quiet = log.debug if not tally.planned and event == "poll" else log.info
+        quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
+              shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
+              **stats)
+        extra = {"shared": dict(tally.shared), "kept": tally.kept}
+        if dry_run:
+            return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats, **extra)
 
-    _suppress_dead(ledger, store)
-    runners = {name: connector for name, connector in connectors.items() if name in wanted}
-    progress("applied", 0, tally.planned)
-    report = run_due(ledger, runners, policy or RetryPolicy(), store.keys, now=now,
-                     on_batch=lambda done: progress("applied", done, tally.planned))
+        _suppress_dead(ledger, store)
+        total = tally.planned
+        if background.running:
+            # The early processors' tasks are being run already: the others run meanwhile.
+            rest = {name: c for name, c in runners.items() if name not in early}
+            done_here = 0
+
+            def applied(done: int) -> None:
+                nonlocal done_here
+                done_here = done
+                progress("applied", done_here + background.handled, total)
+
+            applied(0)
+            report = run_due(ledger, rest, policy, store.keys, now=now, on_batch=applied)
+            report = report.plus(background.finish(lambda: applied(done_here)))
+        else:
+            progress("applied", 0, total)
+            report = run_due(ledger, runners, policy, store.keys, now=now,
+                             on_batch=lambda done: progress("applied", done, total))
     unfinished = _record_results(ledger, store)
     quiet(f"{event}_done", planned=tally.planned, failed=report.failed, counts=report.counts,
           unfinished=unfinished)
@@ -586,7 +611,6 @@ class _Tally:
     rows: list[PlannedRow] = field(default_factory=list)
     shared: Counter[tuple[str, str]] = field(default_factory=Counter)
     kept: list[PlannedRow] = field(default_factory=list)
-    stored: int = 0
 
     @property
     def planned(self) -> int:
@@ -1215,7 +1239,7 @@ def _store_facts(ledger: Ledger, subjects: Iterable[_Subject]) -> None:
         for subject_key in kept:
             ledger.add_audit(subject_key, "mailchimp", "keep_shared_member",
                              "R5:kept_for_another_client", "kept")
-    (log.info if changed else log.debug)("resync_facts_stored", subjects=len(changed))
+    log.debug("resync_facts_stored", subjects=len(changed))
 
 
 def _record_results(ledger: Ledger, store: _Store) -> int:

@@ -18,6 +18,8 @@ alerts and log lines carry processors, reasons, counts and task ids.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +69,16 @@ class RunReport:
     def __bool__(self) -> bool:
         return self.ok
 
+    def plus(self, other: RunReport) -> RunReport:
+        """This report and ``other`` together (e.g. two processors run side by side)."""
+        counts = {p: dict(c) for p, c in self.counts.items()}
+        for processor, statuses in other.counts.items():
+            mine = counts.setdefault(processor, {})
+            for status, n in statuses.items():
+                mine[status] = mine.get(status, 0) + n
+        return RunReport(counts, self.failed + other.failed, self.skipped + other.skipped,
+                         self.dry_run and other.dry_run)
+
 
 def enqueue(
     ledger: Ledger, planned: Iterable[Planned], *, request_id: int | None = None
@@ -94,7 +106,8 @@ def enqueue(
                 dedupe_key=f"{item.processor}:{action.kind}:{action.subject_key}",
                 request_id=request_id,
             ))  # fmt: skip
-    (log.info if ids else log.debug)("tasks_enqueued", count=len(ids), unique=len(set(ids)))
+    # At debug: a resync queues a batch of addresses at a time and logs the total itself.
+    log.debug("tasks_enqueued", count=len(ids), unique=len(set(ids)))
     return ids
 
 
@@ -306,3 +319,110 @@ def _action(task: Task) -> Action:
     known = {name: payload[name] for name in PAYLOAD_FIELDS if name in payload}
     kind: Any = task.action  # an ActionKind: the ledger stores what enqueue was given
     return Action(kind=kind, subject_key=task.subject_key, task_id=task.id, **known)
+
+
+class _Stopped(Exception):
+    """A background run was told to stop (raised between batches, never past it)."""
+
+
+class BackgroundRun:
+    """Run some processors' due tasks on a thread of its own while more are being queued.
+
+    A large resync queues its tasks a batch of addresses at a time. Phorest has
+    no bulk write, so its tasks are one call each at the configured rate, the
+    longest part of the run: this runs them as they are queued, on a ledger
+    connection of its own (:meth:`~syncd.ledger.Ledger.another`) and through
+    the caller's connectors (so their rate limits hold across both threads),
+    while the caller goes on planning and then runs the other processors.
+
+    The thread starts on the second :meth:`wake` (work queued in one go runs as
+    before, by the caller: see :attr:`running`). :meth:`finish` waits until
+    everything queued before it was called has run. Leaving the ``with`` block
+    without :meth:`finish` (an error or an interruption while planning) stops
+    the thread after the batch in hand, whose outcomes are recorded.
+    """
+
+    def __init__(self, ledger: Ledger, connectors: Mapping[str, Connector], policy: RetryPolicy,
+                 keys: SubjectKeys, *, now: datetime) -> None:
+        self._ledger, self._connectors = ledger, dict(connectors)
+        self._policy, self._keys, self._now = policy, keys, now
+        self._wakes = 0
+        self._woken = threading.Event()
+        self._last_call = threading.Event()
+        self._abort = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._report = RunReport()
+        self.handled = 0  # tasks finished or rescheduled by the thread so far
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread was started (else the caller runs these processors itself)."""
+        return self._thread is not None
+
+    def __enter__(self) -> BackgroundRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._abort.set()
+        self._join()
+
+    def wake(self) -> None:
+        """Say that tasks were queued."""
+        self._wakes += 1
+        if self._thread is None and self._connectors and self._wakes >= 2:
+            self._thread = threading.Thread(
+                target=contextvars.copy_context().run, args=(self._run,),
+                name="syncd-background-run", daemon=True)  # fmt: skip
+            self._thread.start()
+        self._woken.set()
+
+    def finish(self, waiting: Callable[[], None] = lambda: None,
+               every: float = 0.5) -> RunReport:
+        """Run what is still due, wait for the thread, and return what it did.
+
+        Args:
+            waiting: called every ``every`` seconds while the thread works
+                (e.g. to report progress; it may raise to stop waiting).
+
+        Raises:
+            Exception: whatever the task runner raised on the thread.
+        """
+        self._last_call.set()
+        self._woken.set()
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(every)
+            waiting()
+        if self._error is not None:
+            raise self._error
+        return self._report
+
+    def _join(self) -> None:
+        self._last_call.set()
+        self._woken.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with self._ledger.another() as ledger:
+                while not self._abort.is_set():
+                    last = self._last_call.is_set()
+                    self._woken.clear()
+                    before = self.handled
+                    report = run_due(ledger, self._connectors, self._policy, self._keys,
+                                     now=self._now, on_batch=lambda n: self._batch_done(before + n))
+                    self._report = self._report.plus(report)
+                    if last:
+                        return
+                    if self.handled == before:
+                        self._woken.wait()
+        except _Stopped:
+            return
+        except BaseException as error:  # raised again by finish()
+            self._error = error
+
+    def _batch_done(self, handled: int) -> None:
+        self.handled = handled
+        if self._abort.is_set():
+            raise _Stopped

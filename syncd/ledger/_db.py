@@ -221,6 +221,14 @@ class LedgerBase:
             raise
         return cls(conn, path, clock or (lambda: datetime.now(UTC)))
 
+    def another(self) -> Self:
+        """A second connection to the same file with the same clock (for another thread).
+
+        Raises:
+            LedgerError: the file cannot be opened.
+        """
+        return self.open(self.path, clock=self._clock)
+
     def close(self) -> None:
         """Close the connection; uncommitted work is rolled back.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +21,13 @@ from syncd.ledger import Ledger
 from syncd.reconcile import Planned
 from syncd.retry import RetryPolicy
 from syncd.sandbox.app import Sandbox
-from syncd.tasks import RunReport, enqueue, run_due
-from tests.support import FakeClock
+from syncd.tasks import BackgroundRun, RunReport, enqueue, run_due
+from tests.support import FakeClock, wait_for
 
 POLICY = RetryPolicy(budget=3)
 _serial = itertools.count()
+# Long enough for a stuck thread to show as a failed assertion, not a hung test.
+WAIT_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
@@ -485,3 +489,94 @@ def test_mailchimp_write_calls_are_full_across_applies(
     # 2,500 / 500: each apply of 1,000 fills its last batch of updates with unsubscribes.
     assert sum(writes.values()) == 5, writes
     assert writes == {"POST /3.0/lists/{list_id}": 2, "POST /3.0/batches": 3}
+
+
+# -- BackgroundRun: a processor's tasks run while more are queued -------------------------
+
+
+class _Gated:
+    """A connector that says done to everything, each apply waiting for ``gate`` first."""
+
+    name = "google_analytics"
+    apply_batch_size = 2
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.applied: list[str] = []
+        self.threads: set[str] = set()
+
+    def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
+        assert self.gate.wait(WAIT_SECONDS), "the test never opened the gate"
+        self.threads.add(threading.current_thread().name)
+        self.applied.extend(a.client_id or "" for a in actions)
+        return [Outcome(action, "done") for action in actions]
+
+
+def test_a_background_run_carries_out_tasks_queued_in_several_goes(
+    ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    gated = _Gated()
+    gated.gate.set()
+    connectors_: Any = {"google_analytics": gated}
+    with BackgroundRun(ledger, connectors_, POLICY, keys, now=clock.now) as background:
+        ids = enqueue(ledger, [erase(keys, f"bg-{n}") for n in range(3)])
+        background.wake()
+        assert not background.running  # one go runs as before, by the caller
+        for go in range(3):
+            ids += enqueue(ledger, [erase(keys, f"bg-{go}-{n}") for n in range(5)])
+            background.wake()
+        assert background.running
+        report = background.finish()
+    assert report.counts == {"google_analytics": {"done": 18}} and report.ok
+    assert background.handled == 18
+    assert sorted(gated.applied) == sorted({f"bg-{n}" for n in range(3)}
+                                           | {f"bg-{g}-{n}" for g in range(3) for n in range(5)})
+    assert gated.threads == {"syncd-background-run"}
+    assert {ledger.task(i).state for i in ids} == {"done"}  # type: ignore[union-attr]
+
+
+def test_leaving_a_background_run_early_stops_it_after_the_batch_in_hand(
+    ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    gated = _Gated()
+    connectors_: Any = {"google_analytics": gated}
+    ids: list[int] = []
+
+    class Interrupted(Exception):
+        pass
+
+    with pytest.raises(Interrupted), BackgroundRun(ledger, connectors_, POLICY, keys,
+                                                   now=clock.now) as background:
+        for go in range(2):
+            ids += enqueue(ledger, [erase(keys, f"stop-{go}-{n}") for n in range(4)])
+            background.wake()
+        wait_for(lambda: ledger.count_tasks_by_state().get("in_flight", 0) == 2, WAIT_SECONDS,
+                 "the first batch to be claimed")
+        # The gate opens once the block is being left (and the run told to stop).
+        threading.Timer(0.5, gated.gate.set).start()
+        raise Interrupted
+    assert not [t for t in threading.enumerate() if t.name == "syncd-background-run"]
+    states = Counter(ledger.task(i).state for i in ids)  # type: ignore[union-attr]
+    assert states == {"done": 2, "pending": 6}  # the batch in hand, and nothing in flight
+
+
+def test_what_a_background_run_raised_is_raised_by_finish(
+    sandbox: Sandbox, ledger: Ledger, keys: SubjectKeys, clock: FakeClock
+) -> None:
+    exploding: Any = _Exploding()
+    with BackgroundRun(ledger, {"mailchimp": exploding}, POLICY, keys,
+                       now=clock.now) as background:
+        for _ in range(2):
+            enqueue(ledger, [mailchimp(keys, "unsubscribe", new_email(sandbox))])
+            background.wake()
+        with pytest.raises(RuntimeError, match="boom"):
+            background.finish()
+    assert ledger.due_tasks(10) == []  # pushed forward, as by run_due itself
+
+
+def test_reports_add_up() -> None:
+    one = RunReport({"phorest": {"done": 2}, "mailchimp": {"done": 1}}, failed=1, skipped=0)
+    two = RunReport({"phorest": {"done": 3, "retriable": 1}}, failed=0, skipped=2)
+    assert one.plus(two) == RunReport(
+        {"phorest": {"done": 5, "retriable": 1}, "mailchimp": {"done": 1}}, failed=1, skipped=2)
+    assert one.counts == {"phorest": {"done": 2}, "mailchimp": {"done": 1}}  # unchanged
