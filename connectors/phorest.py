@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
-from functools import partial
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any, cast
 from urllib.parse import quote
 
