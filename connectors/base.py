@@ -17,16 +17,22 @@ connectors never import the daemon.
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import requests
 import structlog
 
 log = structlog.get_logger(__name__)
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 ClientState = Literal["active", "archived", "deleted", "merged", "forgotten"]
 MemberStatus = Literal[
@@ -331,3 +337,51 @@ def report_attempt(vendor: str, result: requests.Response | BaseException) -> No
         return
     for answer in (*result.history, result):
         report_call(vendor, str(answer.status_code))
+
+
+def read_ahead(
+    fetch: Callable[[K], T], keys: Iterable[K], *, in_flight: int, thread_name: str
+) -> Iterator[T]:
+    """``fetch(key)`` for each key, up to ``in_flight`` at once on threads, yielded in key order.
+
+    For a paged full scan whose pages are known in advance: the next pages are read
+    while the caller works on this one. Each fetch runs in a copy of the caller's
+    context (bound log fields follow). At most ``in_flight`` results are held besides
+    the one just yielded, so memory stays bounded however slow the caller is.
+
+    A fetch's exception is raised here at its key's turn, after every earlier result
+    was yielded, and no further fetch is started. Leaving early (``close()``, or the
+    generator being collected) cancels the fetches not started and waits for the
+    running ones: no thread of the pool is left behind. Close the generator (e.g. with
+    ``contextlib.closing``) when stopping before its end, so that happens at once.
+
+    Args:
+        fetch: reads one key; called on a worker thread, so it must be thread-safe.
+        keys: what to fetch, in the order to yield; consumed lazily.
+        in_flight: the most fetches started and not yet yielded (at least 1).
+        thread_name: the prefix of the pool's thread names.
+    """
+    pending = iter(keys)
+    ahead: deque[Future[T]] = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix=thread_name)
+
+    def fill() -> None:
+        while len(ahead) < in_flight:
+            key = next(pending, _END)
+            if key is _END:
+                return
+            ahead.append(pool.submit(contextvars.copy_context().run, fetch, key))
+
+    try:
+        fill()
+        while ahead:
+            result = ahead.popleft().result()
+            fill()  # keep in_flight reads going while the caller works on this result
+            yield result
+    finally:
+        for future in ahead:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END: Any = object()  # the end of read_ahead's keys (a key may be None)

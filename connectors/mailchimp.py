@@ -10,6 +10,10 @@ Archived members are not asked for: the default listing leaves them out (sandbox
 and nothing needs them, since an erasure goes straight to the subscriber hash; should the real
 API list them, they arrive as ``status="archived"``.
 
+A full scan reads up to ``SCAN_PREFETCH_PAGES`` member pages ahead on threads (each call holds
+one of ``max_connections`` slots), yielding members in offset order; ``changes`` reads page by
+page.
+
 Writes on many members go as batch calls, two kinds of them, when a wave holds two or more:
 
 - Subscribes and unsubscribes go through ``POST /lists/{id}`` (500 members each, A2.8); the
@@ -52,7 +56,9 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 import mailchimp_marketing
@@ -68,6 +74,7 @@ from connectors.base import (
     MemberRecord,
     MemberStatus,
     Outcome,
+    read_ahead,
     report_attempt,
 )
 from syncd.config import MailchimpSettings
@@ -77,6 +84,10 @@ from syncd.retry import RetryPolicy
 log = structlog.get_logger(__name__)
 
 PAGE_COUNT = 1000  # the largest member page (A2.7)
+# Member pages a full scan reads ahead, on as many threads (capped by max_connections, since
+# each call holds one of its slots): page by page a 10,000-member scan waits out ten round
+# trips in a row; three at once leave slots for anything else using the connector.
+SCAN_PREFETCH_PAGES = 3
 BATCH_MEMBERS = 500  # the most members one POST /lists/{id} takes (A2.8)
 BATCH_OPERATIONS = 500  # the most operations we put in one POST /batches (A2.9)
 # How long the /batches of one wave may take before their actions are given back as
@@ -192,13 +203,18 @@ class MailchimpConnector:
         return CheckResult(True, "credentials accepted", {"members": str(members)})
 
     def scan(self) -> Iterator[MemberRecord]:
-        """Every member (archived ones aside), 1000 per page.
+        """Every member (archived ones aside), 1000 per page, in offset order.
+
+        After the first page, up to ``SCAN_PREFETCH_PAGES`` pages are read ahead on
+        threads (see :meth:`_pages_ahead`). Close the iterator when stopping early.
 
         Raises:
             RetriableError: a page could not be read after the in-call retries.
             PermanentError: credentials or list refused, or a page that is not a collection.
         """
-        yield from self._pages({})
+        # Closed explicitly, so a caller that stops early stops the read-ahead at once.
+        with closing(self._pages_ahead()) as members:
+            yield from members
 
     def member(self, email: str) -> MemberRecord | None:
         """The member at ``email`` (one GET by subscriber hash), or None when there is none.
@@ -600,28 +616,73 @@ class MailchimpConnector:
                 self._list_found = False
         return self._list_found
 
-    def _pages(self, query: Mapping[str, str]) -> Iterator[MemberRecord]:
-        """Members at offsets of 1000 until a short or empty page.
+    def _pages(self, query: Mapping[str, str], start: int = 0) -> Iterator[MemberRecord]:
+        """Members at offsets of 1000 from ``start`` until a short or empty page.
 
         Raises:
             RetriableError: a page could not be read after the in-call retries.
             PermanentError: refused, or a page that is not a member collection.
         """
-        offset = 0
+        offset = start
         while True:
-            page = self._call(self._lists.get_list_members_info, self._list_id,
-                              fields=MEMBER_FIELDS, count=PAGE_COUNT, offset=offset, **query)
-            rows = page.get("members") if isinstance(page, dict) else None
-            if not isinstance(rows, list):
-                raise PermanentError("GET /lists/{list_id}/members: not a member collection",
-                                     title="bad_response", reached_server=True)
-            total = page.get("total_items") if isinstance(page.get("total_items"), int) else 0
-            log.info("mailchimp_page", path=ROUTES["get_list_members_info"][1],
-                     offset=offset, rows=len(rows), total=total)
+            rows, total = self._page(offset, query)
             yield from (_record(row) for row in rows if isinstance(row, dict))
             offset += len(rows)
             if len(rows) < PAGE_COUNT or offset >= total:
                 return
+
+    def _pages_ahead(self) -> Iterator[MemberRecord]:
+        """Every member as :meth:`_pages` reads them, the following pages read ahead.
+
+        The first page's ``total_items`` says which offsets exist; they are read up to
+        ``SCAN_PREFETCH_PAGES`` at once (never more than ``max_connections``: each
+        call holds a slot) and yielded in order. A short or empty page ends the scan,
+        as does an error at its turn. If the last of them is full and reports more
+        members than the first did (members added during the scan), the rest is read
+        one page at a time as :meth:`_pages` does, so they are not missed.
+
+        Raises:
+            RetriableError: a page could not be read after the in-call retries.
+            PermanentError: refused, or a page that is not a member collection.
+        """
+        rows, total = self._page(0, {})
+        yield from (_record(row) for row in rows if isinstance(row, dict))
+        if len(rows) < PAGE_COUNT or PAGE_COUNT >= total:
+            return
+        offsets = range(PAGE_COUNT, total, PAGE_COUNT)
+        in_flight = min(SCAN_PREFETCH_PAGES, self._workers)
+        read = partial(self._page, query={})
+        with closing(read_ahead(read, offsets, in_flight=in_flight,
+                                thread_name="mailchimp-scan")) as pages:
+            for rows, total in pages:
+                yield from (_record(row) for row in rows if isinstance(row, dict))
+                if len(rows) < PAGE_COUNT:
+                    return
+        following = offsets[-1] + PAGE_COUNT
+        if total > following:
+            log.info("mailchimp_members_grew", path=ROUTES["get_list_members_info"][1],
+                     total=total, offset=following)
+            yield from self._pages({}, start=following)
+
+    def _page(self, offset: int, query: Mapping[str, str]) -> tuple[list[Any], int]:
+        """The members at ``offset`` (up to 1000) and the ``total_items`` the page reports.
+
+        Thread-safe: the call holds one of ``max_connections`` slots.
+
+        Raises:
+            RetriableError: the page could not be read after the in-call retries.
+            PermanentError: refused, or a page that is not a member collection.
+        """
+        page = self._call(self._lists.get_list_members_info, self._list_id,
+                          fields=MEMBER_FIELDS, count=PAGE_COUNT, offset=offset, **query)
+        rows = page.get("members") if isinstance(page, dict) else None
+        if not isinstance(rows, list):
+            raise PermanentError("GET /lists/{list_id}/members: not a member collection",
+                                 title="bad_response", reached_server=True)
+        total = page.get("total_items") if isinstance(page.get("total_items"), int) else 0
+        log.info("mailchimp_page", path=ROUTES["get_list_members_info"][1],
+                 offset=offset, rows=len(rows), total=total)
+        return rows, total
 
     def _call(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True,
               retried: bool = True, **kwargs: Any) -> Any:
