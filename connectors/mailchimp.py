@@ -150,9 +150,10 @@ class MailchimpConnector:
     """
 
     name = "mailchimp"
-    # One apply sees enough actions to fill 500-member batches of every kind at once, and
-    # is a multiple of 500: with _fill, every apply but a run's last fills its write calls.
-    apply_batch_size = 10_000
+    # A multiple of 500: with _fill, every apply but a run's last fills its write calls.
+    # Not larger: an apply holds its actions and their batch results (about 3.5 KB
+    # each) in memory, so 10,000 at a time cost a large resync some 35 MB of its peak.
+    apply_batch_size = 2_500
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ from syncd.identity import SubjectKeys, normalise_email
 from syncd.ledger import Ledger, Scratch, SubjectFacts
 from syncd.reconcile import (
     ERASED_CLIENT_STATES,
+    ERASURE_SUPPRESSION,
     KEPT_FOR_ANOTHER_CLIENT,
     MARKETED_STATUSES,
     OPTED_OUT_STATUSES,
@@ -91,6 +92,10 @@ POLL_LOOKUP_WORKERS = 8
 READ_CHUNK_RECORDS = 200
 READ_AHEAD_CHUNKS = 8
 READ_AHEAD_POLL_SECONDS = 0.05
+# Per-action rows a result keeps (the counts cover every action): a resync of a
+# million clients plans hundreds of thousands, and holding them all would make
+# memory grow with the audience again.
+ROWS_KEPT = 10_000
 # Addresses planned (and their facts stored and tasks queued) at a time.
 PLAN_BATCH_ADDRESSES = 500
 # Processors whose tasks run while the rest of the plan is made (one call per
@@ -174,7 +179,8 @@ class ResyncResult:
 
     Attributes:
         counts: (processor, action, rule, why) -> planned actions.
-        rows: one row per planned action, in plan order.
+        rows: one row per planned action, in plan order, the first
+            :data:`ROWS_KEPT` of them (``rows_left_out`` counts the rest).
         report: the task runner's report (None in a dry run).
         failed: tasks that failed for good in this run.
         dry_run: nothing was changed anywhere.
@@ -201,11 +207,12 @@ class ResyncResult:
     shared: dict[tuple[str, str], int] = field(default_factory=dict)
     kept: list[PlannedRow] = field(default_factory=list)
     unfinished: int = 0
+    rows_left_out: int = 0
 
     @property
     def planned(self) -> int:
         """How many actions were planned."""
-        return len(self.rows)
+        return sum(self.counts.values())
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready summary (client ids, counts and reasons only)."""
@@ -222,6 +229,7 @@ class ResyncResult:
                 for (p, a, r, w), n in sorted(self.counts.items())
             ],
             "rows": [asdict(row) for row in self.rows],
+            "rows_left_out": self.rows_left_out,
             "outcomes": self.report.counts if self.report is not None else None,
             "shared_addresses": [
                 {"records": records, "governed_by": tier, "count": n}
@@ -573,7 +581,7 @@ def _reconcile(
         quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
               shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
               **stats)
-        extra = {"shared": dict(tally.shared), "kept": tally.kept}
+        extra = tally.extra
         if dry_run:
             return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats, **extra)
 
@@ -611,16 +619,21 @@ class _Tally:
     rows: list[PlannedRow] = field(default_factory=list)
     shared: Counter[tuple[str, str]] = field(default_factory=Counter)
     kept: list[PlannedRow] = field(default_factory=list)
+    planned: int = 0
 
     @property
-    def planned(self) -> int:
-        return len(self.rows)
+    def extra(self) -> dict[str, Any]:
+        """The :class:`ResyncResult` fields besides the counts."""
+        return {"shared": dict(self.shared), "kept": self.kept[:ROWS_KEPT],
+                "rows_left_out": self.planned - len(self.rows)}
 
     def add(self, planned: Iterable[Planned], subjects: Iterable[_Subject] = ()) -> None:
         for p in planned:
+            self.planned += 1
             self.counts[(p.processor, p.action.kind, p.rule, p.why)] += 1
-            self.rows.append(PlannedRow(p.action.client_id or "-", p.processor, p.action.kind,
-                                        p.rule, p.why))
+            if len(self.rows) < ROWS_KEPT:  # memory stays flat however much is planned
+                self.rows.append(PlannedRow(p.action.client_id or "-", p.processor,
+                                            p.action.kind, p.rule, p.why))
         for s in subjects:
             if s.governance.shared:
                 self.shared[s.governance.describe()] += 1
@@ -805,7 +818,7 @@ class _Store:
 
     def add_clients(self, clients: Iterable[ClientRecord]) -> None:
         """Store a chunk of Phorest records."""
-        rows: list[tuple[str, str, str, int, bool, bytes]] = []
+        rows: list[tuple[str, str, float, int, bool, bytes]] = []
         dead: list[tuple[str, bytes]] = []
         for client in clients:
             self.stats["clients"] += 1
@@ -816,11 +829,12 @@ class _Store:
                 dead.append((self.keys.client_id(client.client_id), record))
             if not client.email:
                 continue
-            email = _normalised(client.email)
-            if email is None:
+            try:
+                email_key = self.keys.email(client.email)
+            except IdentifierError:
                 self.stats["unusable_addresses"] += 1
                 continue
-            rows.append((self.keys.email(email), client.client_id, _utc_text(client.updated_at),
+            rows.append((email_key, client.client_id, client.updated_at.timestamp(),
                          client.version, live, record))
         self.scratch.add_dead(dead)
         self.scratch.add_clients(rows)
@@ -831,11 +845,12 @@ class _Store:
         for member in members:
             self.stats["members"] += 1
             self._seen("mailchimp", member.last_changed)
-            email = _normalised(member.email)
-            if email is None:
+            try:
+                email_key = self.keys.email(member.email)
+            except IdentifierError:
                 self.stats["unusable_addresses"] += 1
                 continue
-            rows.append((self.keys.email(email), member.status, _pack_member(member)))
+            rows.append((email_key, member.status, _pack_member(member)))
         self.scratch.add_members(rows)
 
     def dead_client(self, client_key: str | None) -> ClientRecord | None:
@@ -898,11 +913,6 @@ def _unpack_member(record: bytes) -> MemberRecord:
 
 def _iso(moment: date | None) -> str | None:
     return moment.isoformat() if moment is not None else None
-
-
-def _utc_text(moment: datetime) -> str:
-    """Fixed-width UTC text, so that comparing the strings orders the times."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _no_progress(_stage: str, _done: int, _total: int | None) -> None:
@@ -1030,6 +1040,7 @@ def _subject_batches(store: _Store, ledger: Ledger) -> Iterator[list[_Subject]]:
     the previous one was stored decides what planning them all at once would.
     """
     _claim_moves(store, ledger)
+    phones = ledger.suppression_size(ERASURE_SUPPRESSION) > 0
     scratch = store.scratch
     for batch in scratch.addresses(size=PLAN_BATCH_ADDRESSES):
         here = [email_key for email_key, _clients, _member in batch]
@@ -1042,7 +1053,7 @@ def _subject_batches(store: _Store, ledger: Ledger) -> Iterator[list[_Subject]]:
             {client.client_id: client for client in map(_unpack_client, clients)},
             _unpack_member(member) if member is not None else None,
         ) for email_key, clients, member in rows}  # fmt: skip
-        yield _views(addresses, moves, store, ledger)
+        yield _views(addresses, moves, store, ledger, phones=phones)
 
 
 def _move_candidates(store: _Store, ledger: Ledger) -> Iterator[list[tuple[str, str]]]:
@@ -1082,10 +1093,13 @@ def _views(
     moves: Mapping[str, str],
     store: _Store,
     ledger: Ledger,
+    *,
+    phones: bool,
 ) -> list[_Subject]:
     """One subject per address (keyed by its email key), with the ledger's facts
     brought up to date in memory; ``moves`` maps a moved client's new key to its
-    previous one (both among ``addresses``)."""
+    previous one (both among ``addresses``); ``phones``: whether any phone may be
+    on the suppression list (only an erasure request puts one there)."""
     keys = store.keys
     governed: list[tuple[str, Governance, ClientRecord | None, MemberRecord | None]] = []
     for email_key, slot in addresses.items():
@@ -1101,9 +1115,8 @@ def _views(
                    for _, g, _, _ in governed for c in g.others}  # fmt: skip
     stored_by_key = ledger.subject_facts([*subject_keys, *record_keys.values()])
     # A primary client's mobile counts too: an erased person back under a new address.
-    # (Parsing every number costs time: only when anyone is suppressed at all.)
-    anyone = ledger.suppression_size() > 0
-    phone_keys = [_phone_key(keys, c.mobile if c and anyone else None)
+    # (Parsing every number costs time: only when a phone can be suppressed at all.)
+    phone_keys = [_phone_key(keys, c.mobile if c and phones else None)
                   for _, _, c, _ in governed]  # fmt: skip
     suppressed = ledger.suppressed_among(
         [ek for ek, _, _, _ in governed] + [sk for sk, (_, _, c, _) in

@@ -90,6 +90,9 @@ _TIER_RANK: Final = {TIER_ACTIVE: 0, TIER_ARCHIVED: 1, TIER_DEAD: 2}
 _NEVER: Final = datetime.max.replace(tzinfo=UTC)
 # The reason shown for a dead record whose member another record keeps (R5).
 KEPT_FOR_ANOTHER_CLIENT: Final = "shared address: kept for another client"
+# The suppression reason of an erasure request's identifiers: the only way a
+# phone number reaches the suppression list (R3).
+ERASURE_SUPPRESSION: Final = "erasure"
 
 
 @dataclass(frozen=True, slots=True)

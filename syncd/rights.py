@@ -50,7 +50,7 @@ from connectors.base import Action, ClientRecord
 from syncd.errors import IdentifierError, SyncdError
 from syncd.identity import SubjectKeys, normalise_client_id, normalise_email, normalise_phone
 from syncd.ledger import MAX_EXTENSION_MONTHS, Ledger, Request, RequestStep
-from syncd.reconcile import ERASED_CLIENT_STATES, Planned
+from syncd.reconcile import ERASED_CLIENT_STATES, ERASURE_SUPPRESSION, Planned
 from syncd.tasks import enqueue
 
 log = structlog.get_logger(__name__)
@@ -307,7 +307,7 @@ def file(
             ledger.link_identifier(key, id_kind, person.subject_key)
         if kind == "erase":
             for key, _ in identifiers:
-                ledger.suppress(key, "erasure", request_id)
+                ledger.suppress(key, ERASURE_SUPPRESSION, request_id)
         else:
             for subject_key in {person.subject_key, *(k for k, t in identifiers if t != "phone")}:
                 ledger.upsert_subject(subject_key, restricted=kind == "restrict")

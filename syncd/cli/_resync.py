@@ -194,9 +194,11 @@ def _print_resync(summary: dict[str, Any]) -> None:
             rows.add_row(row["client_id"], row["processor"], row["action"], row["rule"],
                          row["why"])
         console.print(rows)
-        more = len(summary["rows"]) - RESYNC_ROWS_SHOWN
+        listed, left_out = len(summary["rows"]), summary.get("rows_left_out", 0)
+        more = listed + left_out - RESYNC_ROWS_SHOWN
         if more > 0:
-            console.print(f"... and {more} more (use --json for every row)")
+            hint = f"--json lists the first {listed}" if left_out else "--json lists every row"
+            console.print(f"... and {more} more ({hint})")
         return
     outcomes = ", ".join(
         f"{processor}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))

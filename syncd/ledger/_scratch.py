@@ -35,10 +35,13 @@ CACHE_KIB = 16 * 1024
 Address = tuple[str, list[bytes], "bytes | None"]
 
 _SCHEMA = (
-    # Every Phorest record at an address, newest version per client id.
+    # Every Phorest record at an address, newest version per client id. A rowid
+    # table and an index, not WITHOUT ROWID: records are kilobytes, and a table
+    # ordered by random keys would move them around on every insert.
     "CREATE TABLE client (email_key TEXT NOT NULL, client_id TEXT NOT NULL,"
-    " updated TEXT NOT NULL, version INTEGER NOT NULL, live INTEGER NOT NULL,"
-    " record BLOB NOT NULL, PRIMARY KEY (email_key, client_id)) WITHOUT ROWID",
+    " updated REAL NOT NULL, version INTEGER NOT NULL, live INTEGER NOT NULL,"
+    " record BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX client_at ON client (email_key, client_id)",
     # The Mailchimp member at an address (the last one read).
     "CREATE TABLE member (email_key TEXT PRIMARY KEY, status TEXT NOT NULL,"
     " record BLOB NOT NULL) WITHOUT ROWID",
@@ -81,11 +84,12 @@ class Scratch:
 
     # Writing, a chunk of records at a time.
 
-    def add_clients(self, rows: Iterable[tuple[str, str, str, int, bool, bytes]]) -> None:
+    def add_clients(self, rows: Iterable[tuple[str, str, float, int, bool, bytes]]) -> None:
         """Store (email key, client id, updated, version, live, record) rows.
 
         A client id already held at the address is replaced only by a newer
-        version (``updated``, fixed-width UTC text, then ``version``).
+        version (``updated``, a POSIX timestamp, then ``version``); a tie keeps
+        the one stored first.
         """
         self._write(
             "INSERT INTO client VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (email_key, client_id)"

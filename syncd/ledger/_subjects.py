@@ -276,13 +276,16 @@ class SubjectsMixin(LedgerBase):
         )
         return cursor.rowcount == 1
 
-    def suppression_size(self) -> int:
-        """How many identifier keys are suppressed.
+    def suppression_size(self, reason: str | None = None) -> int:
+        """How many identifier keys are suppressed (for ``reason`` only, when given).
 
         Raises:
             LedgerError: SQLite failed.
         """
-        return int(self._run("SELECT COUNT(*) FROM suppression").fetchone()[0])
+        if reason is None:
+            return int(self._run("SELECT COUNT(*) FROM suppression").fetchone()[0])
+        return int(self._run("SELECT COUNT(*) FROM suppression WHERE reason = ?",
+                             (reason,)).fetchone()[0])
 
     def lift_suppression(self, request_id: int) -> int:
         """Remove the suppression entries a request added (it was cancelled unexecuted).

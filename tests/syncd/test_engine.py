@@ -261,6 +261,19 @@ def test_planning_in_small_batches_decides_exactly_what_one_batch_does(
         assert member is not None and member["status"] == "subscribed"
 
 
+def test_a_result_keeps_a_bounded_number_of_rows_and_counts_every_action(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every = world.resync(dry_run=True)
+    monkeypatch.setattr(engine, "ROWS_KEPT", 5)
+    few = world.resync(dry_run=True)
+    assert few.counts == every.counts and few.planned == every.planned > 5
+    assert few.rows == every.rows[:5] and few.rows_left_out == every.planned - 5
+    summary = few.as_json()
+    assert len(summary["rows"]) == 5 and summary["rows_left_out"] == every.planned - 5
+    assert every.rows_left_out == 0 and len(every.rows) == every.planned
+
+
 # -- poll: the change feeds -------------------------------------------------
 
 

@@ -12,25 +12,25 @@ from pathlib import Path
 from syncd.ledger import KEYS_PER_QUERY, Scratch
 
 
-def _client(key: str, client_id: str, updated: str, version: int, record: bytes,
-            live: bool = True) -> tuple[str, str, str, int, bool, bytes]:
+def _client(key: str, client_id: str, updated: float, version: int, record: bytes,
+            live: bool = True) -> tuple[str, str, float, int, bool, bytes]:
     return (key, client_id, updated, version, live, record)
 
 
 def test_a_client_id_keeps_its_newest_version_and_ties_keep_the_first() -> None:
     with Scratch() as scratch:
-        scratch.add_clients([_client("k1", "c1", "2026-01-02", 1, b"jan2"),
-                             _client("k1", "c1", "2026-01-01", 9, b"jan1-v9"),
-                             _client("k1", "c1", "2026-01-02", 1, b"tie")])
-        scratch.add_clients([_client("k1", "c1", "2026-01-02", 2, b"jan2-v2"),
-                             _client("k1", "c2", "2026-01-01", 1, b"other")])
+        scratch.add_clients([_client("k1", "c1", 1767312000.5, 1, b"jan2"),
+                             _client("k1", "c1", 1767225600.0, 9, b"jan1-v9"),
+                             _client("k1", "c1", 1767312000.5, 1, b"tie")])
+        scratch.add_clients([_client("k1", "c1", 1767312000.5, 2, b"jan2-v2"),
+                             _client("k1", "c2", 1767225600.0, 1, b"other")])
         assert scratch.at(["k1"]) == [("k1", [b"jan2-v2", b"other"], None)]
 
 
 def test_addresses_come_in_key_order_in_batches_with_their_member() -> None:
     with Scratch() as scratch:
         keys = [f"k{n:04d}" for n in range(1200)]
-        scratch.add_clients(_client(k, "c", "2026", 1, k.encode()) for k in keys[::2])
+        scratch.add_clients(_client(k, "c", 1.0, 1, k.encode()) for k in keys[::2])
         scratch.add_members((k, "subscribed", b"m" + k.encode()) for k in reversed(keys[::3]))
         scratch.add_members([("k0000", "unsubscribed", b"later")])  # a later member wins
         batches = list(scratch.addresses(size=100))
@@ -47,8 +47,8 @@ def test_addresses_come_in_key_order_in_batches_with_their_member() -> None:
 
 def test_memberless_addresses_unclaimed_members_and_live_clients() -> None:
     with Scratch() as scratch:
-        scratch.add_clients([_client("a", "c1", "t", 1, b"a"), _client("b", "c2", "t", 1, b"b"),
-                             _client("c", "c3", "t", 1, b"c", live=False)])
+        scratch.add_clients([_client("a", "c1", 1.0, 1, b"a"), _client("b", "c2", 1.0, 1, b"b"),
+                             _client("c", "c3", 1.0, 1, b"c", live=False)])
         scratch.add_members([("b", "subscribed", b"mb"), ("c", "absent", b"mc"),
                              ("d", "subscribed", b"md"), ("e", "absent", b"me")])
         memberless = [key for batch in scratch.addresses(memberless=True) for key, _, _ in batch]
