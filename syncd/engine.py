@@ -42,6 +42,7 @@ import marshal
 import queue
 import threading
 from collections import Counter
+from contextlib import ExitStack
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -98,10 +99,11 @@ READ_AHEAD_POLL_SECONDS = 0.05
 ROWS_KEPT = 10_000
 # Addresses planned (and their facts stored and tasks queued) at a time.
 PLAN_BATCH_ADDRESSES = 500
-# Processors whose tasks run while the rest of the plan is made (one call per
-# write: the longest part of a large resync). Mailchimp's wait for the whole
-# plan, so that its batches are full.
-RUN_WHILE_PLANNING = ("phorest",)
+# Processors whose tasks run while the rest of the plan is made, each on a
+# thread of its own (full batches only until the plan is complete): Phorest's
+# one call per write is the longest part of a large resync, and Mailchimp's
+# batches wait seconds for their results.
+RUN_WHILE_PLANNING = ("phorest", "mailchimp")
 # A refusal the Mailchimp connector reports when only the person can re-subscribe.
 RESUBSCRIBE_REFUSED_REASON = "needs_client_resubscribe"
 
@@ -554,15 +556,18 @@ def _reconcile(
     policy = policy or RetryPolicy()
     tally = _Tally()
     pending: set[str] | None = None
-    with BackgroundRun(ledger, early, policy, store.keys, now=now) as background:
+    with ExitStack() as stack:
+        background = {name: stack.enter_context(BackgroundRun(
+            ledger, {name: connector}, policy, store.keys, now=now))
+            for name, connector in early.items()}  # fmt: skip
         for subjects in _subject_batches(store, ledger):
             planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
             tally.add(planned, subjects)
             if not dry_run:
                 _store_facts(ledger, subjects)
                 store.add_followups(planned, enqueue(ledger, planned))
-                if any(p.processor in early for p in planned):
-                    background.wake()
+                for name in {p.processor for p in planned} & set(background):
+                    background[name].wake()
                 if pending is None:
                     pending = {request.subject_key for request in ledger.open_requests()
                                if request.kind == "erase"}  # fmt: skip
@@ -587,23 +592,21 @@ def _reconcile(
 
         _suppress_dead(ledger, store)
         total = tally.planned
-        if background.running:
-            # The early processors' tasks are being run already: the others run meanwhile.
-            rest = {name: c for name, c in runners.items() if name not in early}
-            done_here = 0
+        running = [run for run in background.values() if run.running]
+        # What runs in the background already goes on; the rest runs here meanwhile.
+        here = {name: c for name, c in runners.items()
+                if name not in background or not background[name].running}  # fmt: skip
+        done_here = 0
 
-            def applied(done: int) -> None:
-                nonlocal done_here
-                done_here = done
-                progress("applied", done_here + background.handled, total)
+        def applied(done: int) -> None:
+            nonlocal done_here
+            done_here = done
+            progress("applied", done_here + sum(run.handled for run in running), total)
 
-            applied(0)
-            report = run_due(ledger, rest, policy, store.keys, now=now, on_batch=applied)
-            report = report.plus(background.finish(lambda: applied(done_here)))
-        else:
-            progress("applied", 0, total)
-            report = run_due(ledger, runners, policy, store.keys, now=now,
-                             on_batch=lambda done: progress("applied", done, total))
+        applied(0)
+        report = run_due(ledger, here, policy, store.keys, now=now, on_batch=applied)
+        for run in running:
+            report = report.plus(run.finish(lambda: applied(done_here)))
     unfinished = _record_results(ledger, store)
     quiet(f"{event}_done", planned=tally.planned, failed=report.failed, counts=report.counts,
           unfinished=unfinished)

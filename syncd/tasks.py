@@ -121,6 +121,7 @@ def run_due(
     batch_size: int | None = None,
     dry_run: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    full_batches_only: bool = False,
 ) -> RunReport:
     """Carry out the due tasks of every processor that has a connector.
 
@@ -136,6 +137,8 @@ def run_due(
             processor); nothing is claimed or recorded.
         on_batch: called after each batch with the number of tasks finished
             or rescheduled so far in this run (for a progress bar).
+        full_batches_only: stop at a batch smaller than the batch size (its
+            tasks wait for a later run, when more may have been queued).
 
     Returns:
         The counts; falsy when a task failed.
@@ -152,7 +155,7 @@ def run_due(
         size = batch_size or getattr(connector, "apply_batch_size", DEFAULT_BATCH_SIZE)
         for _ in range(1 if dry_run else MAX_BATCHES_PER_RUN):
             due = [t for t in ledger.due_tasks(size, processor) if t.id not in seen]
-            if not due:
+            if not due or (full_batches_only and len(due) < size):
                 break
             seen.update(t.id for t in due)
             if dry_run:
@@ -330,10 +333,12 @@ class BackgroundRun:
 
     A large resync queues its tasks a batch of addresses at a time. Phorest has
     no bulk write, so its tasks are one call each at the configured rate, the
-    longest part of the run: this runs them as they are queued, on a ledger
-    connection of its own (:meth:`~syncd.ledger.Ledger.another`) and through
-    the caller's connectors (so their rate limits hold across both threads),
-    while the caller goes on planning and then runs the other processors.
+    longest part of the run, and Mailchimp's batches wait for their results:
+    this runs a processor's tasks as they are queued, full batches only until
+    :meth:`finish`, on a ledger connection of its own
+    (:meth:`~syncd.ledger.Ledger.another`) and through the caller's connectors
+    (so their rate limits hold across threads), while the caller goes on
+    planning and then runs the other processors.
 
     The thread starts on the second :meth:`wake` (work queued in one go runs as
     before, by the caller: see :attr:`running`). :meth:`finish` waits until
@@ -410,8 +415,11 @@ class BackgroundRun:
                     last = self._last_call.is_set()
                     self._woken.clear()
                     before = self.handled
+                    # Until the last call, only full batches: a processor that writes in
+                    # bulk (Mailchimp) makes no more calls than if it ran at the end.
                     report = run_due(ledger, self._connectors, self._policy, self._keys,
-                                     now=self._now, on_batch=lambda n: self._batch_done(before + n))
+                                     now=self._now, full_batches_only=not last,
+                                     on_batch=lambda n: self._batch_done(before + n))
                     self._report = self._report.plus(report)
                     if last:
                         return

@@ -504,11 +504,13 @@ class _Gated:
         self.gate = threading.Event()
         self.applied: list[str] = []
         self.threads: set[str] = set()
+        self.sizes: list[int] = []
 
     def apply(self, actions: Sequence[Action], *, dry_run: bool = False) -> list[Outcome]:
         assert self.gate.wait(WAIT_SECONDS), "the test never opened the gate"
         self.threads.add(threading.current_thread().name)
         self.applied.extend(a.client_id or "" for a in actions)
+        self.sizes.append(len(actions))
         return [Outcome(action, "done") for action in actions]
 
 
@@ -519,7 +521,7 @@ def test_a_background_run_carries_out_tasks_queued_in_several_goes(
     gated.gate.set()
     connectors_: Any = {"google_analytics": gated}
     with BackgroundRun(ledger, connectors_, POLICY, keys, now=clock.now) as background:
-        ids = enqueue(ledger, [erase(keys, f"bg-{n}") for n in range(3)])
+        ids = enqueue(ledger, [erase(keys, f"bg-{n}") for n in range(4)])
         background.wake()
         assert not background.running  # one go runs as before, by the caller
         for go in range(3):
@@ -527,9 +529,11 @@ def test_a_background_run_carries_out_tasks_queued_in_several_goes(
             background.wake()
         assert background.running
         report = background.finish()
-    assert report.counts == {"google_analytics": {"done": 18}} and report.ok
-    assert background.handled == 18
-    assert sorted(gated.applied) == sorted({f"bg-{n}" for n in range(3)}
+    assert report.counts == {"google_analytics": {"done": 19}} and report.ok
+    assert background.handled == 19
+    # Full batches while tasks were being queued; the one short batch at the end.
+    assert gated.sizes[:-1] == [2] * 9 and gated.sizes[-1] == 1
+    assert sorted(gated.applied) == sorted({f"bg-{n}" for n in range(4)}
                                            | {f"bg-{g}-{n}" for g in range(3) for n in range(5)})
     assert gated.threads == {"syncd-background-run"}
     assert {ledger.task(i).state for i in ids} == {"done"}  # type: ignore[union-attr]
