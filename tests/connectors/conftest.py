@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -39,3 +40,15 @@ def captured_log() -> Iterator[io.StringIO]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def pool_threads(prefix: str) -> list[str]:
+    """The live threads whose names start with ``prefix`` (a scan's read-ahead pool)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+@pytest.fixture
+def no_pool_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the test, no thread of the test module's ``POOL_PREFIX`` pool is left."""
+    yield
+    assert pool_threads(request.module.POOL_PREFIX) == []

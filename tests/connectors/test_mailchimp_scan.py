@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -20,6 +20,7 @@ import responses
 
 from connectors.mailchimp import PAGE_COUNT, SCAN_PREFETCH_PAGES
 from syncd.errors import PermanentError
+from tests.connectors.conftest import pool_threads
 from tests.connectors.test_mailchimp import (
     JSON,
     MEMBERS_URL,
@@ -75,16 +76,6 @@ class Members:
         finally:
             with self._lock:
                 self._in_progress -= 1
-
-
-def pool_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(POOL_PREFIX)]
-
-
-@pytest.fixture
-def no_pool_left() -> Iterator[None]:
-    yield
-    assert pool_threads() == []
 
 
 def test_a_scan_yields_every_member_in_offset_order_even_when_later_pages_answer_first(
@@ -162,7 +153,7 @@ def test_closing_a_scan_early_stops_its_threads_and_asks_for_nothing_more(
     taken = [next(records).email for _ in range(PAGE_COUNT + 1)]
     assert taken[-1] == emails(PAGE_COUNT, 1)[0]
     records.close()
-    assert pool_threads() == []
+    assert pool_threads(POOL_PREFIX) == []
     asked = list(audience.asked)
     assert max(asked) <= (1 + SCAN_PREFETCH_PAGES) * PAGE_COUNT
     assert sorted(asked) == sorted(set(asked))

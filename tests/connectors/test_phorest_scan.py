@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ import responses
 from connectors.phorest import SCAN_PREFETCH_PAGES, PhorestConnector
 from syncd.errors import PermanentError
 from syncd.retry import RetryPolicy
+from tests.connectors.conftest import pool_threads
 from tests.connectors.test_phorest import (
     CLIENTS_URL,
     SharedFakeTime,
@@ -81,16 +82,6 @@ def make_connector(**settings: Any) -> PhorestConnector:
                             session=requests.Session(), clock=fake.clock, sleep=fake.sleep)
 
 
-def pool_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(POOL_PREFIX)]
-
-
-@pytest.fixture
-def no_pool_left() -> Iterator[None]:
-    yield
-    assert pool_threads() == []
-
-
 def test_a_scan_yields_every_page_in_order_even_when_later_pages_answer_first(
     wire: responses.RequestsMock, no_pool_left: None
 ) -> None:
@@ -149,7 +140,7 @@ def test_closing_a_scan_early_stops_its_threads_and_asks_for_nothing_more(
     first_of_page_1 = [next(records).client_id for _ in range(ROWS_PER_PAGE + 1)][-1]
     assert first_of_page_1 == ids_of(1)[0]
     records.close()
-    assert pool_threads() == []
+    assert pool_threads(POOL_PREFIX) == []
     asked = list(pages.asked)
     # Page 0, then page 1 and the window behind it: nothing further.
     assert max(asked) <= 1 + SCAN_PREFETCH_PAGES
