@@ -554,64 +554,95 @@ def _reconcile(
     early = {name: runners[name] for name in RUN_WHILE_PLANNING
              if name in runners and not dry_run}  # fmt: skip
     policy = policy or RetryPolicy()
-    tally = _Tally()
-    pending: set[str] | None = None
     with ExitStack() as stack:
         background = {name: stack.enter_context(BackgroundRun(
             ledger, {name: connector}, policy, store.keys, now=now))
             for name, connector in early.items()}  # fmt: skip
-        for subjects in _subject_batches(store, ledger):
-            planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
-            tally.add(planned, subjects)
-            if not dry_run:
-                _store_facts(ledger, subjects)
-                store.add_followups(planned, enqueue(ledger, planned))
-                for name in {p.processor for p in planned} & set(background):
-                    background[name].wake()
-                if pending is None:
-                    pending = {request.subject_key for request in ledger.open_requests()
-                               if request.kind == "erase"}  # fmt: skip
-                _alert_suppressed_consent(ledger, subjects, pending)
-            progress("planned", tally.planned, None)
-        if ANALYTICS in connectors and ANALYTICS in wanted:
-            for planned in _analytics_erasures(ledger, store, connectors[ANALYTICS]):
-                tally.add(planned)
-                if not dry_run:
-                    store.add_followups(planned, enqueue(ledger, planned))
-        progress("planned", tally.planned, tally.planned)
-
+        tally = _plan_all(ledger, connectors, store, wanted, background, dry_run=dry_run,
+                          progress=progress)
         stats = dict(store.stats)
         # A quiet poll every minute is not news: only work done is logged at info.
         quiet = log.debug if not tally.planned and event == "poll" else log.info
         quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
               shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
               **stats)
-        extra = tally.extra
         if dry_run:
-            return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats, **extra)
-
+            return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats,
+                                **tally.extra)
         _suppress_dead(ledger, store)
-        total = tally.planned
-        running = [run for run in background.values() if run.running]
-        # What runs in the background already goes on; the rest runs here meanwhile.
-        here = {name: c for name, c in runners.items()
-                if name not in background or not background[name].running}  # fmt: skip
-        done_here = 0
-
-        def applied(done: int) -> None:
-            nonlocal done_here
-            done_here = done
-            progress("applied", done_here + sum(run.handled for run in running), total)
-
-        applied(0)
-        report = run_due(ledger, here, policy, store.keys, now=now, on_batch=applied)
-        for run in running:
-            report = report.plus(run.finish(lambda: applied(done_here)))
+        report = _apply(ledger, runners, background, policy, store.keys, now=now,
+                        progress=progress, total=tally.planned)
     unfinished = _record_results(ledger, store)
     quiet(f"{event}_done", planned=tally.planned, failed=report.failed, counts=report.counts,
           unfinished=unfinished)
     return ResyncResult(dict(tally.counts), tally.rows, report, report.failed, False, **stats,
-                        **extra, unfinished=unfinished)
+                        **tally.extra, unfinished=unfinished)
+
+
+def _plan_all(
+    ledger: Ledger,
+    connectors: Mapping[str, ReadableConnector],
+    store: _Store,
+    wanted: Collection[str],
+    background: Mapping[str, BackgroundRun],
+    *,
+    dry_run: bool,
+    progress: Progress,
+) -> _Tally:
+    """Plan every address in the store (and GA's erasures); unless a dry run, store the
+    facts learned and queue the tasks batch by batch, waking the background runs."""
+    tally = _Tally()
+    pending: set[str] | None = None
+    for subjects in _subject_batches(store, ledger):
+        planned = [p for s in subjects for p in plan(s.view) if p.processor in wanted]
+        tally.add(planned, subjects)
+        if not dry_run:
+            _store_facts(ledger, subjects)
+            store.add_followups(planned, enqueue(ledger, planned))
+            for name in {p.processor for p in planned} & set(background):
+                background[name].wake()
+            if pending is None:
+                pending = {request.subject_key for request in ledger.open_requests()
+                           if request.kind == "erase"}  # fmt: skip
+            _alert_suppressed_consent(ledger, subjects, pending)
+        progress("planned", tally.planned, None)
+    if ANALYTICS in connectors and ANALYTICS in wanted:
+        for planned in _analytics_erasures(ledger, store, connectors[ANALYTICS]):
+            tally.add(planned)
+            if not dry_run:
+                store.add_followups(planned, enqueue(ledger, planned))
+    progress("planned", tally.planned, tally.planned)
+    return tally
+
+
+def _apply(
+    ledger: Ledger,
+    runners: Mapping[str, Any],
+    background: Mapping[str, BackgroundRun],
+    policy: RetryPolicy,
+    keys: SubjectKeys,
+    *,
+    now: datetime,
+    progress: Progress,
+    total: int,
+) -> RunReport:
+    """Run the due tasks: what a background run started goes on there, the rest runs here
+    meanwhile; then wait for the background runs. Progress counts both."""
+    running = [run for run in background.values() if run.running]
+    here = {name: c for name, c in runners.items()
+            if name not in background or not background[name].running}  # fmt: skip
+    done_here = 0
+
+    def applied(done: int) -> None:
+        nonlocal done_here
+        done_here = done
+        progress("applied", done_here + sum(run.handled for run in running), total)
+
+    applied(0)
+    report = run_due(ledger, here, policy, keys, now=now, on_batch=applied)
+    for run in running:
+        report = report.plus(run.finish(lambda: applied(done_here)))
+    return report
 
 
 @dataclass(slots=True)
