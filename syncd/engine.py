@@ -194,7 +194,7 @@ class ResyncResult:
             ("active+archived", "active") -> 3).
         kept: one row per dead record whose member was kept because another
             client still governs its address (not an action: never counted
-            as planned).
+            as planned), the first :data:`ROWS_KEPT` of them.
         unfinished: planned actions whose task is still pending or in flight at the end.
     """
 
@@ -564,7 +564,7 @@ def _reconcile(
         # A quiet poll every minute is not news: only work done is logged at info.
         quiet = log.debug if not tally.planned and event == "poll" else log.info
         quiet(f"{event}_planned", planned=tally.planned, dry_run=dry_run,
-              shared_addresses=sum(tally.shared.values()), kept_for_another_client=len(tally.kept),
+              shared_addresses=sum(tally.shared.values()), kept_for_another_client=tally.kept_total,
               **stats)
         if dry_run:
             return ResyncResult(dict(tally.counts), tally.rows, None, 0, True, **stats,
@@ -653,6 +653,7 @@ class _Tally:
     rows: list[PlannedRow] = field(default_factory=list)
     shared: Counter[tuple[str, str]] = field(default_factory=Counter)
     kept: list[PlannedRow] = field(default_factory=list)
+    kept_total: int = 0
     planned: int = 0
 
     @property
@@ -672,6 +673,8 @@ class _Tally:
             if s.governance.shared:
                 self.shared[s.governance.describe()] += 1
             if _member_kept(s):
+                self.kept_total += len(s.governance.kept)
+            if _member_kept(s) and len(self.kept) < ROWS_KEPT:
                 self.kept.extend(PlannedRow(dead.client_id, "mailchimp", "keep", "R5",
                                             KEPT_FOR_ANOTHER_CLIENT)
                                  for dead in s.governance.kept)  # fmt: skip

@@ -584,3 +584,13 @@ def test_reports_add_up() -> None:
     assert one.plus(two) == RunReport(
         {"phorest": {"done": 5, "retriable": 1}, "mailchimp": {"done": 1}}, failed=1, skipped=2)
     assert one.counts == {"phorest": {"done": 2}, "mailchimp": {"done": 1}}  # unchanged
+
+
+def test_the_ids_a_run_handled_are_remembered_in_any_order() -> None:
+    from syncd.tasks import _Ids
+
+    ids = _Ids()
+    assert 5 not in ids
+    ids.add_all([100, 103, 7, 250_000, 100])
+    assert all(n in ids for n in (100, 103, 7, 250_000))
+    assert not any(n in ids for n in (0, 6, 8, 101, 102, 104, 249_999, 250_001, -1))
