@@ -21,8 +21,12 @@ from syncd.ledger import Ledger
 from syncd.sandbox.app import Sandbox
 from tests.support import SYNCD, seeded_values, wait_for
 
-# ~3 KB per client in the store: well past the 16 MiB page cache.
-CLIENTS = 8000
+# About 1.6 KB per client and member in the store: past its 16 MiB page cache
+# after about a quarter of them. At 20 Phorest requests/s the 200 pages take
+# 10 s, so the kill comes seconds before the streaming ends, even on a busy
+# machine.
+CLIENTS = 40_000
+PHOREST_REQUESTS_PER_SECOND = 20
 SPILL_WAIT_SECONDS = 120
 
 
@@ -45,7 +49,7 @@ def _files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()]
 
 
-@pytest.mark.slow  # about 20 s: seeding 8,000 clients and members, then a partial read
+@pytest.mark.slow  # about 20 s: seeding 40,000 clients and members, then a partial read
 def test_a_resync_killed_while_streaming_leaves_no_address_on_disk(tmp_path: Path) -> None:
     state, temporary = tmp_path / "state", tmp_path / "tmp"
     state.mkdir()
@@ -56,7 +60,7 @@ def test_a_resync_killed_while_streaming_leaves_no_address_on_disk(tmp_path: Pat
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SYNCD_") and k != "SQLITE_TMPDIR"}  # fmt: skip
         env.update(TMPDIR=str(temporary), SYNCD_PHOREST__PAGE_SIZE="200",
-                   SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND="40")
+                   SYNCD_PHOREST__MAX_REQUESTS_PER_SECOND=str(PHOREST_REQUESTS_PER_SECOND))
         process = subprocess.Popen([str(SYNCD), "--config", str(config_path), "resync"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env=env, cwd=state)
