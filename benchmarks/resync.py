@@ -22,7 +22,8 @@ Reported per size, as a table on stdout (``--json PATH`` also writes every figur
   ``ru_maxrss``: a child started from this process inherits the parent's
   high-water mark in ``ru_maxrss`` (the fork before exec maps the whole sandbox),
   so it would report the sandbox's memory, not syncd's. ``VmHWM`` starts again
-  at exec. Read once after the first resync and again at the end;
+  at exec. Read once after the first resync and again at the end. The child
+  runs with ``MALLOC_ARENA_MAX=2``, as the systemd unit runs syncd;
 - the one-subject-at-a-time baseline, in the same run: on a fresh sandbox with
   the same seed, the same changes made the way per-subject tools make them (for
   each subject that needs a change, one GET of the record per system and one
@@ -132,10 +133,18 @@ def _syncd(clients: int, members: int, latency_ms: float,
         # syncd runs in a process of its own (spawned: a fresh interpreter), which
         # reports its own VmHWM; the sandbox's memory is not in it.
         context = multiprocessing.get_context("spawn")
+        # As the systemd unit runs syncd (Environment=MALLOC_ARENA_MAX=2); glibc reads
+        # it when the spawned interpreter starts. Restored once the child has started.
+        arenas = os.environ.get("MALLOC_ARENA_MAX")
+        os.environ["MALLOC_ARENA_MAX"] = "2"
         results, go = context.Queue(), context.Queue()  # one direction each
         child = context.Process(target=_child,
                                 args=(str(config_path), str(plan_path), results, go))
         child.start()
+        if arenas is None:
+            del os.environ["MALLOC_ARENA_MAX"]
+        else:
+            os.environ["MALLOC_ARENA_MAX"] = arenas
         first = results.get()
         calls = _calls(sandbox.traffic.summary())
         sandbox.traffic.reset_counts()
