@@ -45,14 +45,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/console.py
 
 # The same resync table at 1,000,000 clients and members (see the README's
-# Benchmarks section). Not yet run: its needs are an ESTIMATE, the measured
-# 100,000-client run (syncd as of 5173ba1, on a busy 2-core host) scaled by
-# ten: the first resync ~75 min (450 s at 100k), the no-change resync ~9 min,
-# plus seeding the sandbox twice and the fixed 2,000-subject baseline: allow
-# 2 hours. Memory: syncd's own peak ~4.3 GB (434.8 MB at 100k; it grows with the
-# audience until the resync streams), the benchmark process holding the sandbox
-# ~2.5 GB (252.8 MB at 100k): allow 8 GB free. Disk: the ledger ~1.1 GB in
-# $TMPDIR (113 MB at 100k).
+# Benchmarks section). Measured once: about 50 minutes on a 2-core host; syncd's
+# own peak RSS 161 MB; the benchmark process (which holds the sandbox) 1.75 GB,
+# so allow 4 GB free; disk in $TMPDIR: the ledger 1.2 GB and syncd's scratch
+# store (an estimate: ~3 KB per client, some 3 GB).
 bench-large: $(STAMP)
 	$(BIN)/python benchmarks/resync.py --clients 1000000
 
