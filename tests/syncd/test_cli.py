@@ -186,6 +186,25 @@ def test_resync_progress_shows_a_bar_with_totals_on_a_terminal(
     assert "Applying actions" in text and "30/40" in text
 
 
+@pytest.mark.parametrize(("listed", "left_out", "hint"), [
+    (60, 0, "... and 10 more (--json lists every row)"),
+    (10_000, 2_500, "... and 12450 more (--json lists the first 10000)"),
+])
+def test_a_dry_run_says_how_many_rows_it_did_not_print_and_what_json_lists(
+    capsys: pytest.CaptureFixture[str], listed: int, left_out: int, hint: str
+) -> None:
+    from syncd.cli import _resync as cli
+
+    row = {"client_id": "c1", "processor": "mailchimp", "action": "subscribe", "rule": "R2",
+           "why": "consent_in_phorest"}
+    counts = [{**{k: row[k] for k in ("processor", "action", "rule", "why")},
+               "count": listed + left_out}]
+    cli._print_resync({"clients": 1, "members": 1, "unusable_addresses": 0, "dry_run": True,
+                       "planned": listed + left_out, "counts": counts, "rows": [row] * listed,
+                       "rows_left_out": left_out})
+    assert hint in capsys.readouterr().out
+
+
 def test_resync_progress_is_silent_off_a_terminal() -> None:
     from syncd.cli import _resync as cli
 
