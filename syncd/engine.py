@@ -522,9 +522,9 @@ def _look_up(
         return
     log.info("poll_member_search", keys=len(by_key))
     for member in mailchimp.scan():
-        email = _normalised(member.email)
-        if email is not None and store.keys.email(email) in by_key:
-            by_key.discard(store.keys.email(email))
+        email_key = _email_key(store.keys, member.email)
+        if email_key in by_key:
+            by_key.discard(email_key)
             store.add_members((member,))
             if not by_key:
                 return
@@ -672,9 +672,10 @@ class _Tally:
         for s in subjects:
             if s.governance.shared:
                 self.shared[s.governance.describe()] += 1
-            if _member_kept(s):
-                self.kept_total += len(s.governance.kept)
-            if _member_kept(s) and len(self.kept) < ROWS_KEPT:
+            if not _member_kept(s):
+                continue
+            self.kept_total += len(s.governance.kept)
+            if len(self.kept) < ROWS_KEPT:
                 self.kept.extend(PlannedRow(dead.client_id, "mailchimp", "keep", "R5",
                                             KEPT_FOR_ANOTHER_CLIENT)
                                  for dead in s.governance.kept)  # fmt: skip
@@ -749,15 +750,16 @@ def _analytics_erasures(ledger: Ledger, store: _Store, analytics: Any) -> Iterat
     for chunk in store.scratch.dead_batches():
         dead = [(subject_key, _unpack_client(record)) for subject_key, record in chunk]
         emails = [_normalised(client.email) if client.email else None for _, client in dead]
-        live = store.scratch.live_among([keys.email(email) for email in emails if email])
+        email_keys = [keys.email(email) if email else None for email in emails]
+        live = store.scratch.live_among([email_key for email_key in email_keys if email_key])
         facts = ledger.subject_facts([subject_key for subject_key, _ in dead])
         planned: list[Planned] = []
-        for (subject_key, client), email in zip(dead, emails):
+        for (subject_key, client), email, email_key in zip(dead, emails, email_keys):
             stored = facts.get(subject_key)
             item = plan_analytics_erasure(
                 subject_key, client, identity=identity,
                 erased_before=stored is not None and stored.analytics_erased_at is not None,
-                email=email, shared=email is not None and keys.email(email) in live,
+                email=email, shared=email_key in live,
             )  # fmt: skip
             if item is not None:
                 planned.append(item)
@@ -894,6 +896,11 @@ class _Store:
         """The erased client with this client-id key, if the run read one."""
         record = self.scratch.dead(client_key) if client_key else None
         return _unpack_client(record) if record is not None else None
+
+    def forgotten_client(self, ledger: Ledger, email_key: str) -> ClientRecord | None:
+        """The erased client the ledger linked this address to, if the run read one
+        (a forgotten client's blanked record no longer shows the address)."""
+        return self.dead_client(ledger.subject_for(email_key))
 
     def add_followups(self, planned: Sequence[Planned], task_ids: Sequence[int]) -> None:
         """Remember each queued task, and what :func:`_record_results` must learn from it."""
@@ -1122,7 +1129,7 @@ def _claim_moves(store: _Store, ledger: Ledger) -> None:
         orphans = store.scratch.unclaimed_members([old_key for old_key, _ in pairs])
         store.scratch.claim(
             (old_key, new_key) for old_key, new_key in pairs if old_key in orphans
-            and store.dead_client(ledger.subject_for(old_key)) is None)
+            and store.forgotten_client(ledger, old_key) is None)
 
 
 def _views(
@@ -1144,7 +1151,7 @@ def _views(
         client = governance.primary
         if client is None and slot.member is not None:
             # An address no client shows any more: it may be a forgotten client's.
-            client = store.dead_client(ledger.subject_for(email_key))
+            client = store.forgotten_client(ledger, email_key)
         governed.append((email_key, governance, client, slot.member))
 
     subject_keys = [keys.client_id(c.client_id) if c else ek for ek, _, c, _ in governed]

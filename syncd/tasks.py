@@ -421,8 +421,7 @@ class BackgroundRun:
         Raises:
             Exception: whatever the task runner raised on the thread.
         """
-        self._last_call.set()
-        self._woken.set()
+        self._release()
         while self._thread is not None and self._thread.is_alive():
             self._thread.join(every)
             waiting()
@@ -431,10 +430,14 @@ class BackgroundRun:
         return self._report
 
     def _join(self) -> None:
-        self._last_call.set()
-        self._woken.set()
+        self._release()
         if self._thread is not None:
             self._thread.join()
+
+    def _release(self) -> None:
+        """Let the thread make its last call (everything due) and end."""
+        self._last_call.set()
+        self._woken.set()
 
     def _run(self) -> None:
         try:
