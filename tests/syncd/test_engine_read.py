@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connectors.base import ClientRecord, MemberRecord
 from syncd import engine
@@ -153,3 +155,17 @@ def test_a_progress_callback_that_raises_stops_both_reads() -> None:
         engine._read(engine._Store(KEYS), endless("phorest"), endless("mailchimp"), progress)
     assert sorted(closed) == ["mailchimp", "phorest"]
     assert not [t for t in threading.enumerate() if t.name.startswith("syncd-read-")]
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                    timezones=st.just(UTC)),
+       st.dates())
+def test_instants_and_dates_survive_the_store_exactly(moment: datetime, day: date) -> None:
+    client = ClientRecord(client_id="c1", email=None, mobile=None, first_name="", last_name="",
+                          email_consent=False, state="active", version=1, updated_at=moment,
+                          created_at=moment, last_visit=day, read_at=moment)
+    back = engine._unpack_client(engine._pack_client(client))
+    assert back == client
+    assert back.updated_at.tzinfo is UTC and back.last_visit == day
+    member = MemberRecord(email="a@example.com", status="subscribed", last_changed=moment)
+    assert engine._unpack_member(engine._pack_member(member)).last_changed == moment
