@@ -31,6 +31,9 @@ from syncd.ledger._db import KEYS_PER_QUERY
 # The page cache of the store: the most memory it takes before it spills to its file.
 CACHE_KIB = 16 * 1024
 
+# Host parameters in one statement: SQLite's limit when built with its oldest default.
+_PARAMETERS_PER_STATEMENT = 999
+
 # One address: (email key, its client records, its member record or None).
 Address = tuple[str, list[bytes], "bytes | None"]
 
@@ -92,27 +95,27 @@ class Scratch:
         the one stored first.
         """
         self._write(
-            "INSERT INTO client VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (email_key, client_id)"
+            "INSERT INTO client VALUES {rows} ON CONFLICT (email_key, client_id)"
             " DO UPDATE SET updated = excluded.updated, version = excluded.version,"
             " live = excluded.live, record = excluded.record"
             " WHERE (excluded.updated, excluded.version) > (client.updated, client.version)",
-            rows)
+            6, rows)
 
     def add_members(self, rows: Iterable[tuple[str, str, bytes]]) -> None:
         """Store (email key, status, record) rows; a later member at an address wins."""
-        self._write("INSERT OR REPLACE INTO member VALUES (?, ?, ?)", rows)
+        self._write("INSERT OR REPLACE INTO member VALUES {rows}", 3, rows)
 
     def add_dead(self, rows: Iterable[tuple[str, bytes]]) -> None:
         """Store (client-id key, record) rows of erased clients; a later one wins."""
-        self._write("INSERT OR REPLACE INTO dead VALUES (?, ?)", rows)
+        self._write("INSERT OR REPLACE INTO dead VALUES {rows}", 2, rows)
 
     def claim(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Record (old key, new key) moves; an old key already claimed stays with its first claimant."""
-        self._write("INSERT OR IGNORE INTO moved VALUES (?, ?)", pairs)
+        self._write("INSERT OR IGNORE INTO moved VALUES {rows}", 2, pairs)
 
     def add_followups(self, rows: Iterable[tuple[int, bytes]]) -> None:
         """Store (task id, item) rows; a task id seen again keeps the later item."""
-        self._write("INSERT OR REPLACE INTO followup VALUES (?, ?)", rows)
+        self._write("INSERT OR REPLACE INTO followup VALUES {rows}", 2, rows)
 
     # Reading.
 
@@ -217,17 +220,38 @@ class Scratch:
         except sqlite3.Error as error:
             raise LedgerError(f"the resync's scratch store could not be read: {error}") from error
 
-    def _write(self, statement: str, rows: Iterable[Sequence[Any]]) -> None:
+    def _write(self, template: str, width: int, rows: Iterable[Sequence[Any]]) -> None:
+        """Run ``template`` with ``{rows}`` standing for many rows of ``width`` values each.
+
+        Many rows to a statement, not ``executemany``: SQLite's module lets go
+        of the GIL for every statement it steps, and while a page reader holds
+        it (parsing a page is one long call) each row would wait for it back.
+        A statement stays under SQLite's smallest host-parameter limit (999).
+        Rows are written in order, exactly as one statement each would write them.
+        """
+        group = "(" + ", ".join("?" * width) + ")"
+        per_statement = _PARAMETERS_PER_STATEMENT // width
         try:
             self._conn.execute("BEGIN")
             try:
-                self._conn.executemany(statement, rows)
+                batch: list[Sequence[Any]] = []
+                for row in rows:
+                    batch.append(row)
+                    if len(batch) == per_statement:
+                        self._insert(template, group, batch)
+                        batch = []
+                if batch:
+                    self._insert(template, group, batch)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
         except sqlite3.Error as error:
             raise LedgerError(f"the resync's scratch store could not be written: {error}") from error
+
+    def _insert(self, template: str, group: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.execute(template.format(rows=", ".join([group] * len(rows))),
+                           [value for row in rows for value in row])
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:

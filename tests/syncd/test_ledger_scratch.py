@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd.ledger import KEYS_PER_QUERY, Scratch
 
@@ -25,6 +27,33 @@ def test_a_client_id_keeps_its_newest_version_and_ties_keep_the_first() -> None:
         scratch.add_clients([_client("k1", "c1", 1767312000.5, 2, b"jan2-v2"),
                              _client("k1", "c2", 1767225600.0, 1, b"other")])
         assert scratch.at(["k1"]) == [("k1", [b"jan2-v2", b"other"], None)]
+
+
+_ROWS = st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from(["c1", "c2"]),
+                           st.integers(1, 3), st.integers(1, 3), st.binary(max_size=3)),
+                 max_size=400)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_ROWS, st.lists(st.tuples(st.sampled_from("abcdef"), st.sampled_from("uvwxyz")),
+                       max_size=600))
+def test_rows_written_together_store_what_one_at_a_time_would(
+        rows: list[tuple[str, str, int, int, bytes]], pairs: list[tuple[str, str]]) -> None:
+    # Many rows go to SQLite in one statement (up to its parameter limit, then
+    # the next): the order rows are applied in must not change.
+    clients = [_client(k, c, float(u), v, r) for k, c, u, v, r in rows]
+    members = [(k, "subscribed", r) for k, _, _, _, r in rows]
+    with Scratch() as together, Scratch() as one_by_one:
+        together.add_clients(clients)
+        together.add_members(members)
+        together.claim(pairs)
+        for client, member in zip(clients, members):
+            one_by_one.add_clients([client])
+            one_by_one.add_members([member])
+        for pair in pairs:
+            one_by_one.claim([pair])
+        assert together.at(list("abcd")) == one_by_one.at(list("abcd"))
+        assert together.moves(list("uvwxyz")) == one_by_one.moves(list("uvwxyz"))
 
 
 def test_addresses_come_in_key_order_in_batches_with_their_member() -> None:
