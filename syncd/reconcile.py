@@ -66,7 +66,7 @@ and every path (full resync, poll, webhook inbox) asks it:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -264,6 +264,9 @@ class SubjectView:
     member: MemberRecord | None
     facts: LedgerFacts = LedgerFacts()
     housemates: tuple[Housemate, ...] = ()
+    # What governance() found, worked out once (planning asks again; a resync plans
+    # every address). Not part of the view's value.
+    _governance: Governance | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         client, member = self.client, self.member
@@ -283,9 +286,12 @@ class SubjectView:
 
     def governance(self) -> Governance:
         """:func:`govern` over the client and its housemates."""
-        if self.client is None:
-            return Governance()
-        return govern((self.client, *(mate.client for mate in self.housemates)))
+        if self._governance is None:
+            governance = Governance() if self.client is None else govern(
+                (self.client, *(mate.client for mate in self.housemates)))
+            object.__setattr__(self, "_governance", governance)  # frozen: set once
+            return governance
+        return self._governance
 
     def own(self, client: ClientRecord) -> tuple[str, datetime | None]:
         """(subject key, opted_in_at) of the client or one of its housemates."""
